@@ -1,0 +1,38 @@
+"""Backend registry. Backends are imported by name only when asked for, so `import runtime` needs
+neither torch nor onnxruntime: a service serving an exported model installs just its backend."""
+from __future__ import annotations
+
+import importlib
+
+from runtime.backends.base import Backend, BackendError
+
+# name -> "module:Class"; adding a backend is one line here plus its module.
+_REGISTRY: dict[str, str] = {
+    "torch": "runtime.backends.torch_backend:TorchBackend",
+}
+
+# What to install when a backend's package is missing.
+_INSTALL_HINT = {
+    "torch": "pip install torch diffusers",
+    "onnxruntime": "pip install onnxruntime (CPU) or pip install 'at-diffusion-toolkit[gpu]' (CUDA)",
+    "tensorrt": "pip install 'at-diffusion-toolkit[tensorrt]' on a machine with an NVIDIA GPU",
+}
+
+
+def available_backends() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_backend_class(name: str) -> type[Backend]:
+    if name not in _REGISTRY:
+        raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join(available_backends())}")
+    module_name, cls_name = _REGISTRY[name].split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        hint = _INSTALL_HINT.get(name, "install its package")
+        raise BackendError(f"backend '{name}' needs the package '{exc.name}': {hint}") from None
+    return getattr(module, cls_name)
+
+
+__all__ = ["Backend", "BackendError", "available_backends", "get_backend_class"]

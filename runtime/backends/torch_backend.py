@@ -1,0 +1,106 @@
+"""PyTorch backend: the diffusers networks run eagerly (fp32 / fp16 / bf16, optional channels_last and
+torch.compile). The only place in runtime/ that imports torch or diffusers."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from runtime.backends.base import Backend, BackendError
+from runtime.model_spec import ModelSpec
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def torch_device(device: str) -> torch.device:
+    """Validate a device string; asking for CUDA without one is an error, never a silent CPU run."""
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise BackendError(f"device '{device}' asked for, but torch sees no CUDA GPU "
+                           f"(torch {torch.__version__}); pass --device cpu or install a CUDA build of torch")
+    if not (device == "cpu" or device.startswith("cuda")):
+        raise BackendError(f"unknown device '{device}' for the torch backend; use cpu, cuda or cuda:N")
+    return torch.device(device)
+
+
+def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype not in _DTYPES:
+        raise BackendError(f"unknown dtype '{dtype}'; choose one of {', '.join(_DTYPES)}")
+    if dtype == "float16" and device.type == "cpu":
+        raise BackendError("float16 inference needs a GPU; on CPU use --dtype float32 or bfloat16")
+    return _DTYPES[dtype]
+
+
+class TorchBackend(Backend):
+    name = "torch"
+
+    @classmethod
+    def default_device(cls) -> str:
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    @classmethod
+    def load(cls, source_dir, spec: ModelSpec, *, device: str, dtype: str, channels_last: bool = False,
+             compile: bool = False, **options: Any) -> "TorchBackend":
+        if options:
+            raise BackendError(f"the torch backend takes no options {sorted(options)}")
+        backend = cls(spec, device, dtype)
+        backend._load(Path(source_dir), channels_last, compile)
+        return backend
+
+    def _load(self, root: Path, channels_last: bool, compile: bool) -> None:
+        from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
+        self._device = torch_device(self.device)
+        self._dtype = torch_dtype(self.dtype, self._device)
+        unet_cls = UNet2DConditionModel if self.spec.is_latent else UNet2DModel
+        unet_dir = root / "unet" if (root / "unet").is_dir() else root
+        self.unet = self._prepare(unet_cls.from_pretrained(unet_dir, torch_dtype=self._dtype), channels_last)
+        if compile:
+            self.unet = torch.compile(self.unet)
+        self.text_encoder = self.vae = None
+        if self.spec.is_latent:
+            from transformers import CLIPTextModel
+            self.text_encoder = self._prepare(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self._dtype))
+            self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._dtype), channels_last)
+
+    def _prepare(self, module: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
+        module = module.to(self._device).eval().requires_grad_(False)
+        return module.to(memory_format=torch.channels_last) if channels_last else module
+
+    def session(self):
+        return torch.inference_mode()
+
+    def from_numpy(self, array: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.ascontiguousarray(array)).to(self._device)
+
+    def to_numpy(self, array: torch.Tensor) -> np.ndarray:
+        array = array.detach()
+        return (array.float() if array.is_floating_point() else array).cpu().numpy()
+
+    def encode_text(self, input_ids: np.ndarray) -> torch.Tensor:
+        if self.text_encoder is None:
+            return super().encode_text(input_ids)
+        return self.text_encoder(self.from_numpy(input_ids))[0].float()
+
+    def denoise(self, sample, timestep: int, *, encoder_hidden_states=None, timestep_cond=None,
+                class_labels=None) -> torch.Tensor:
+        t = torch.tensor(timestep, device=self._device)
+        if self.spec.is_latent:
+            out = self.unet(sample.to(self._dtype), t, encoder_hidden_states.to(self._dtype),
+                            timestep_cond=None if timestep_cond is None else timestep_cond.to(self._dtype)).sample
+        else:
+            out = self.unet(sample.to(self._dtype), t, class_labels=class_labels).sample
+        return out.float()
+
+    def decode(self, latents) -> torch.Tensor:
+        if self.vae is None:
+            return super().decode(latents)
+        return self.vae.decode(latents.to(self._dtype)).sample.float()
+
+    def close(self) -> None:
+        self.unet = self.text_encoder = self.vae = None
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def describe(self) -> str:
+        return f"torch {torch.__version__} on {self.device} ({self.dtype})"

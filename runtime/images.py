@@ -1,0 +1,31 @@
+"""Image conversion at the pipeline's edge: model range [-1, 1] -> uint8 HWC -> PIL / PNG with metadata."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """[N, C, H, W] float in about [-1, 1] -> [N, H, W, 3] uint8, rounded as diffusers' image processor does."""
+    images = np.clip(images.astype(np.float32) / 2 + 0.5, 0.0, 1.0)
+    images = (images * 255).round().astype(np.uint8).transpose(0, 2, 3, 1)
+    return np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+
+
+def to_pil(arrays: np.ndarray) -> list:
+    from PIL import Image
+    return [Image.fromarray(a) for a in arrays]
+
+
+def save_png(array: np.ndarray, path: Path, metadata: dict) -> Path:
+    """Write one image with its generation record (prompt, seed, model, versions) in a PNG text chunk,
+    via a temporary file so an interrupted run never leaves a truncated PNG."""
+    from PIL import Image, PngImagePlugin
+    info = PngImagePlugin.PngInfo()
+    info.add_text("at-diffusion-toolkit", json.dumps(metadata, sort_keys=True))
+    tmp = path.with_suffix(".png.tmp")
+    Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,36 @@
+"""Per-sample seeded noise, drawn on the host so every backend sees identical numbers.
+
+Sample i of a batch owns the generator ``numpy.random.Generator(PCG64(seeds[i]))`` and draws its initial
+noise and then each step's noise from it in order, so a batch of N gives the same images as N runs of
+one with the same seeds, and torch / ONNX Runtime / TensorRT outputs are comparable pixel for pixel.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from runtime.errors import ToolkitError
+
+
+def seeds_for(num: int, seed: int | None = None, seeds: Sequence[int] | None = None) -> list[int]:
+    """``seeds`` as given, or ``seed, seed+1, ...`` for ``num`` samples (seed defaults to 0)."""
+    if seeds is not None:
+        seeds = [int(s) for s in seeds]
+        if len(seeds) != num:
+            raise ToolkitError(f"got {len(seeds)} seeds for {num} images; pass one seed per image or a single --seed")
+        return seeds
+    base = 0 if seed is None else int(seed)
+    return [base + i for i in range(num)]
+
+
+class SeededNoise:
+    """Standard normal float32 noise of ``shape`` per sample, one independent stream per seed."""
+
+    def __init__(self, seeds: Sequence[int], shape: Sequence[int]):
+        self.shape = tuple(shape)
+        self._rngs = [np.random.Generator(np.random.PCG64(s)) for s in seeds]
+
+    def draw(self) -> np.ndarray:
+        """The next noise tensor [B, *shape] (each sample from its own stream)."""
+        return np.stack([rng.standard_normal(self.shape, dtype=np.float32) for rng in self._rngs])

@@ -1,0 +1,57 @@
+"""Prompt -> token ids, without torch.
+
+A directory with ``tokenizer.json`` (what ``save_pretrained`` and our exports write) is read with the
+``tokenizers`` library alone, which keeps the ONNX Runtime path free of torch and transformers. Hub
+Stable Diffusion repos ship only vocab.json + merges.txt, so those go through transformers' CLIPTokenizer.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ToolkitError
+
+
+class PromptTokenizer:
+    def __init__(self, tokenizer_dir: str | Path, max_length: int):
+        self.max_length = max_length
+        tokenizer_dir = Path(tokenizer_dir)
+        if not tokenizer_dir.is_dir():
+            raise ToolkitError(f"{tokenizer_dir} is missing: a text-to-image model needs its tokenizer/ directory")
+        if (tokenizer_dir / "tokenizer.json").exists():
+            self._encode = self._fast(tokenizer_dir)
+        else:
+            self._encode = self._transformers(tokenizer_dir)
+
+    def _fast(self, tokenizer_dir: Path):
+        from tokenizers import Tokenizer
+        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        pad_token = _pad_token(tokenizer_dir)
+        tok.enable_truncation(self.max_length)
+        tok.enable_padding(length=self.max_length, pad_id=tok.token_to_id(pad_token), pad_token=pad_token)
+        return lambda prompts: [e.ids for e in tok.encode_batch(list(prompts))]
+
+    def _transformers(self, tokenizer_dir: Path):
+        from transformers import CLIPTokenizer
+        tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        return lambda prompts: tok(list(prompts), padding="max_length", max_length=self.max_length,
+                                   truncation=True).input_ids
+
+    def __call__(self, prompts: Sequence[str]) -> np.ndarray:
+        """Token ids [B, max_length] int64, padded and truncated as Stable Diffusion's pipelines do."""
+        return np.asarray(self._encode(prompts), dtype=np.int64)
+
+
+def _pad_token(tokenizer_dir: Path) -> str:
+    for name in ("special_tokens_map.json", "tokenizer_config.json"):
+        path = tokenizer_dir / name
+        if path.exists():
+            pad = json.loads(path.read_text()).get("pad_token")
+            if isinstance(pad, dict):
+                pad = pad.get("content")
+            if pad:
+                return pad
+    return "<|endoftext|>"

@@ -1,0 +1,31 @@
+"""Shared fixtures: tiny random models saved once per test session (built from configs, offline)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# Tests never reach a model hub; fail fast instead of retrying network calls.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_dir(tmp_path_factory):
+    """A tiny LatentConsistencyModelPipeline directory (UNet with time_cond_proj_dim, LCMScheduler)."""
+    from train.tiny_models import build_tiny_text_to_image
+    return build_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-lcm", seed=0, lcm=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory):
+    """A tiny StableDiffusionPipeline-style directory (no guidance embedding; CFG; DDIMScheduler)."""
+    from train.tiny_models import build_tiny_text_to_image
+    return build_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0, lcm=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_uncond_dir(tmp_path_factory):
+    """A tiny ADM-style pixel UNet (16x16 RGB) as a DDPMPipeline directory."""
+    from train.tiny_models import build_tiny_unconditional
+    return build_tiny_unconditional(tmp_path_factory.mktemp("models") / "tiny-uncond", seed=0)

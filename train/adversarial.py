@@ -1,0 +1,50 @@
+"""The input perturbation machinery shared by ADM-AT and LCM-AT ("free" adversarial training).
+
+Free AT (Shafahi et al. 2019; Algorithm 1 of the seed paper): the perturbation ``delta`` is a leaf
+tensor that requires grad; ONE backward of the training loss fills both ``delta.grad`` and the
+parameters' ``.grad``. The caller then takes the optimizer step on the parameters and calls
+``ascend`` on delta, so K inner steps cost about K plain training steps, not 2K.
+
+Norms are per sample (over all non-batch dims), as in the paper's ``g / ||g||``.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def per_sample_norm(x: torch.Tensor) -> torch.Tensor:
+    """L2 norm of each sample, shaped [B, 1, ..., 1] so it broadcasts against ``x``."""
+    return x.flatten(1).norm(dim=1).view(-1, *([1] * (x.dim() - 1)))
+
+
+def radius_for(shape: torch.Size | tuple[int, ...], max_norm: float) -> float:
+    """The projection radius ``sqrt(C*H*W) * max_norm`` used by the open ADM-AT implementation:
+    ``max_norm`` is a per-element RMS budget, so the ball scales with the image size."""
+    return math.sqrt(math.prod(shape[1:])) * max_norm
+
+
+def init_delta(like: torch.Tensor) -> torch.Tensor:
+    """Algorithm 1, line 5: delta <- 0, as a float32 leaf that collects its gradient."""
+    return torch.zeros_like(like, dtype=torch.float32).requires_grad_(True)
+
+
+@torch.no_grad()
+def ascend(delta: torch.Tensor, step_size: float, radius: float | None, eps: float = 1e-12) -> None:
+    """Algorithm 1, line 8, in place: ``delta += step_size * g / ||g||`` per sample, then project
+    onto ``{||delta|| <= radius}`` (no projection when ``radius`` is None). Clears delta.grad."""
+    g = delta.grad
+    if g is None:
+        raise RuntimeError("delta has no gradient: run backward on a loss that depends on delta first")
+    delta.add_(g / (per_sample_norm(g) + eps), alpha=step_size)
+    if radius is not None:
+        project_(delta, radius)
+    delta.grad = None
+
+
+@torch.no_grad()
+def project_(delta: torch.Tensor, radius: float) -> torch.Tensor:
+    """Scale each sample of ``delta`` back onto the L2 ball of ``radius`` if it left it."""
+    scale = (radius / (per_sample_norm(delta) + 1e-12)).clamp(max=1.0)
+    return delta.mul_(scale)
