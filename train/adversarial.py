@@ -37,7 +37,13 @@ def ascend(delta: torch.Tensor, step_size: float, radius: float | None, eps: flo
     g = delta.grad
     if g is None:
         raise RuntimeError("delta has no gradient: run backward on a loss that depends on delta first")
-    delta.add_(g / (per_sample_norm(g) + eps), alpha=step_size)
+    g = g.float()
+    norm = per_sample_norm(g)
+    # An fp16 loss-scale overflow gives inf/nan gradients (the optimizer skips that step); the
+    # samples hit keep their delta instead of turning it into nan. The scale itself cancels in g/||g||.
+    finite = torch.isfinite(norm)
+    step = torch.where(finite, g / (norm + eps), torch.zeros_like(g))
+    delta.add_(step.to(delta.dtype), alpha=step_size)
     if radius is not None:
         project_(delta, radius)
     delta.grad = None

@@ -76,6 +76,9 @@ class Backend(abc.ABC):
         -> images [B, 3, H, W] float32 in about [-1, 1]."""
         raise BackendError(f"backend '{self.name}' has no VAE decoder for a {self.spec.kind} model")
 
+    def synchronize(self) -> None:
+        """Wait for queued device work (so phase timings are true); a no-op for synchronous backends."""
+
     # ---- lifecycle ----------------------------------------------------------------------
     def close(self) -> None:
         """Free device memory. Idempotent."""

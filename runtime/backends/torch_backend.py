@@ -97,6 +97,10 @@ class TorchBackend(Backend):
             return super().decode(latents)
         return self.vae.decode(latents.to(self._dtype)).sample.float()
 
+    def synchronize(self) -> None:
+        if self._device.type == "cuda":
+            torch.cuda.synchronize(self._device)
+
     def close(self) -> None:
         self.unet = self.text_encoder = self.vae = None
         if torch.cuda.is_available():

@@ -1,0 +1,63 @@
+"""``toolkit generate``: load, generate with a progress bar, write PNGs with their generation record."""
+from __future__ import annotations
+
+import re
+from importlib import metadata
+from pathlib import Path
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from runtime.default_model import default_model
+from runtime.images import save_png
+from runtime.pipeline import Pipeline
+
+console = Console(stderr=True)
+
+
+def slug(text: str, limit: int = 40) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
+
+
+def versions() -> dict[str, str]:
+    found = {}
+    for dist in ("at-diffusion-toolkit", "torch", "diffusers", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
+        try:
+            found[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidance_scale, negative_prompt,
+                 height, width, class_label, eps_scale, eta, batch_size, backend, device, dtype, out) -> None:
+    model = model or default_model()
+    with Pipeline.load(model, backend=backend, device=device, dtype=dtype) as pipe:
+        console.print(f"model {pipe.spec.name} ({pipe.spec.kind}) on {pipe.backend.describe()}")
+        with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console, transient=True) as bar:
+            task = bar.add_task("generate", total=None)
+            output = pipe(prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed,
+                          sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                          height=height, width=width, eps_scale=eps_scale, batch_size=batch_size,
+                          class_labels=(class_label[0] if len(class_label) == 1 else class_label) if class_label else None,
+                          sampler_options=None if eta is None else {"eta": eta},
+                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+    paths = write_images(output, Path(out), model)
+    for path in paths:
+        print(path)
+    t = output.timings
+    console.print(f"{len(paths)} image(s) in {t['total_s']:.2f} s (text {t['encode_s']:.2f} s, "
+                  f"sampling {t['sample_s']:.2f} s, decode {t['decode_s']:.2f} s) on {output.backend}")
+
+
+def write_images(output, out_dir: Path, model: str) -> list[Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    prompts = output.prompts or [None] * len(output.seeds)
+    paths = []
+    for array, seed, text in zip(output.arrays, output.seeds, prompts):
+        name = f"{slug(text)}-seed{seed}.png" if text is not None else f"sample-seed{seed}.png"
+        record = {"prompt": text, "seed": seed, "model": str(model), "backend": output.backend,
+                  **output.request, "versions": versions()}
+        paths.append(save_png(array, out_dir / name, record))
+    return paths

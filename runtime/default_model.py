@@ -1,0 +1,23 @@
+"""Where ``--model`` points when it is left out: ``$TOOLKIT_MODEL`` if set, else the bundled default model
+(``models/default`` next to the package; a trained demo model is planned to ship there). Until one is
+bundled, leaving out ``--model`` is an error that says how to get a model."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from runtime.errors import ToolkitError
+
+ENV_VAR = "TOOLKIT_MODEL"
+BUNDLED = Path(__file__).resolve().parent.parent / "models" / "default"
+
+
+def default_model() -> str:
+    if os.environ.get(ENV_VAR):
+        return os.environ[ENV_VAR]
+    if BUNDLED.is_dir():
+        return str(BUNDLED)
+    raise ToolkitError(
+        "no --model given and no default model is bundled yet; pass --model DIR (a diffusers or export "
+        "directory, or a hub id), set $TOOLKIT_MODEL, or make a tiny random one with "
+        "'python scripts/make_tiny_model.py models/tiny-lcm'")

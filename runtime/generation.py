@@ -1,0 +1,236 @@
+"""One generation call, validated up front (``GenerationRequest``), its result (``GenerationOutput``) and
+the per-step noise the samplers draw (``StepNoise``).
+
+Everything a user can get wrong is checked in ``GenerationRequest.build`` before any network runs, so a
+bad call costs nothing and fails with one message naming the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from runtime.errors import ToolkitError
+from runtime.noise import SeededNoise, seeds_for
+from runtime.samplers import get_sampler
+
+if TYPE_CHECKING:
+    from runtime.pipeline import Pipeline
+
+LCM_DEFAULT_GUIDANCE = 8.5   # LCM-Dreamshaper's default w (diffusers' LatentConsistencyModelPipeline)
+CFG_DEFAULT_GUIDANCE = 7.5   # Stable Diffusion's default classifier-free guidance scale
+DEFAULT_STEPS = {"lcm": 4}   # few-step LCM; the other samplers default to 20 network evaluations
+OTHER_DEFAULT_STEPS = 20
+
+
+@dataclasses.dataclass
+class GenerationRequest:
+    sampler: str
+    steps: int
+    timesteps: np.ndarray
+    sampler_fn_options: dict
+    seeds: list[int]
+    latent_shape: tuple[int, int, int]
+    height: int
+    width: int
+    prompts: list[str] | None = None
+    negative_prompts: list[str] | None = None
+    guidance: str = "none"                 # none | cfg | embedding
+    guidance_scale: float | None = None
+    class_labels: np.ndarray | None = None
+    eps_scale: float | None = None
+    batch_size: int = 1
+
+    @property
+    def num_samples(self) -> int:
+        return len(self.seeds)
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self.batch_size, self.num_samples))
+                for lo in range(0, self.num_samples, self.batch_size)]
+
+    def record(self) -> dict[str, Any]:
+        """What went into the images, for PNG metadata and reports."""
+        return {"sampler": self.sampler, "steps": self.steps, "timesteps": self.timesteps.tolist(),
+                "sampler_options": self.sampler_fn_options, "height": self.height, "width": self.width,
+                "guidance": self.guidance, "guidance_scale": self.guidance_scale,
+                "eps_scale": self.eps_scale,
+                "class_labels": None if self.class_labels is None else self.class_labels.tolist()}
+
+    @classmethod
+    def build(cls, pipe: "Pipeline", *, prompts, num_images, steps, nfe, seed, seeds, sampler, guidance_scale,
+              negative_prompt, height, width, class_labels, eps_scale, batch_size, sampler_options):
+        spec = pipe.spec
+        sampler = sampler or pipe.default_sampler
+        sampler_obj = get_sampler(sampler)
+        steps = _steps(steps, nfe, sampler)
+        ts_options, fn_options = _split_options(sampler_obj, sampler_options or {})
+        timesteps = np.asarray(sampler_obj.timesteps(pipe.schedule, steps, **ts_options), dtype=np.int64)
+        height, width = (_size(v, spec.default_resolution, spec.pixel_multiple, name)
+                         for v, name in ((height, "height"), (width, "width")))
+        factor = spec.vae_scale_factor
+        fields = dict(sampler=sampler, steps=steps, timesteps=timesteps, sampler_fn_options=fn_options,
+                      latent_shape=(spec.unet_in_channels, height // factor, width // factor),
+                      height=height, width=width, eps_scale=_eps_scale(eps_scale))
+        if spec.is_latent:
+            fields.update(_text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, class_labels))
+            count = len(fields["prompts"])
+        else:
+            fields.update(_unconditional_fields(spec, prompts, num_images, guidance_scale, negative_prompt,
+                                                class_labels))
+            count = fields.pop("count")
+        fields["seeds"] = seeds_for(count, seed, seeds)
+        fields["batch_size"] = _positive(batch_size or count, "batch_size")
+        return cls(**fields)
+
+
+def _positive(value: int, name: str) -> int:
+    if int(value) < 1:
+        raise ToolkitError(f"{name} must be at least 1, got {value}")
+    return int(value)
+
+
+def _steps(steps: int | None, nfe: int | None, sampler: str) -> int:
+    if steps is not None and nfe is not None and steps != nfe:
+        raise ToolkitError(f"steps={steps} and nfe={nfe} disagree; every sampler here makes one network "
+                           "evaluation per step, so pass only one of them")
+    chosen = steps if steps is not None else nfe
+    if chosen is None:
+        chosen = DEFAULT_STEPS.get(sampler, OTHER_DEFAULT_STEPS)
+    if int(chosen) < 1:
+        raise ToolkitError(f"steps must be at least 1, got {chosen}")
+    return int(chosen)
+
+
+def _split_options(sampler_obj, options: dict) -> tuple[dict, dict]:
+    """Options the sampler's ``timesteps`` function names (e.g. a spacing) go there, the rest to the
+    sampler itself (e.g. DDIM's eta); an option neither accepts is an error, not silently dropped."""
+    ts_params = inspect.signature(sampler_obj.timesteps).parameters
+    fn_params = inspect.signature(sampler_obj.fn).parameters
+    ts_options = {k: v for k, v in options.items() if k in ts_params}
+    fn_options = {k: v for k, v in options.items() if k not in ts_params}
+    unknown = [k for k in fn_options if k not in fn_params]
+    if unknown:
+        known = sorted((set(ts_params) | set(fn_params)) - {"model", "x", "schedule", "timesteps", "noise", "steps"})
+        raise ToolkitError(f"sampler '{sampler_obj.name}' has no option(s) {unknown}; it takes {known}")
+    return ts_options, fn_options
+
+
+def _size(value: int | None, default: int, multiple: int, name: str) -> int:
+    value = default if value is None else int(value)
+    if value < multiple or value % multiple:
+        raise ToolkitError(f"{name} {value} is not a positive multiple of {multiple}, which this model needs "
+                           f"(its default is {default}); pass e.g. --{name} {max(multiple, value // multiple * multiple)}")
+    return value
+
+
+def _eps_scale(eps_scale: float | None) -> float | None:
+    if eps_scale is None or float(eps_scale) == 1.0:
+        return None
+    if float(eps_scale) <= 0:
+        raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {eps_scale}")
+    return float(eps_scale)
+
+
+def _as_list(value: str | Sequence[str] | None, name: str) -> list[str] | None:
+    if value is None:
+        return None
+    items = [value] if isinstance(value, str) else list(value)
+    if not all(isinstance(p, str) for p in items):
+        raise ToolkitError(f"{name} must be strings, got {[type(p).__name__ for p in items]}")
+    return items
+
+
+def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, class_labels) -> dict:
+    prompts = _as_list(prompts, "prompts")
+    if not prompts:
+        raise ToolkitError("no prompt given: this is a text-to-image model; pass at least one prompt, "
+                           'e.g. toolkit generate "astronaut in a jungle"')
+    if class_labels is not None:
+        raise ToolkitError("class labels are for class-conditional pixel models; this model takes prompts")
+    per_prompt = _positive(num_images or 1, "num_images")
+    negatives = _as_list(negative_prompt, "negative_prompt") or [""]
+    if len(negatives) == 1:
+        negatives = negatives * len(prompts)
+    if len(negatives) != len(prompts):
+        raise ToolkitError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
+                           "pass one negative prompt, or one per prompt")
+    expand = lambda items: [p for p in items for _ in range(per_prompt)]  # noqa: E731
+    if spec.time_cond_proj_dim:
+        guidance, scale = "embedding", LCM_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+    else:
+        scale = CFG_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        guidance = "cfg" if scale > 1.0 else "none"
+    return dict(prompts=expand(prompts), negative_prompts=expand(negatives) if guidance == "cfg" else None,
+                guidance=guidance, guidance_scale=scale)
+
+
+def _unconditional_fields(spec, prompts, num_images, guidance_scale, negative_prompt, class_labels) -> dict:
+    if prompts:
+        raise ToolkitError(f"model '{spec.name}' is unconditional and takes no prompt; "
+                           "omit it and pass num_images (--num-images)")
+    if guidance_scale is not None or negative_prompt is not None:
+        raise ToolkitError(f"model '{spec.name}' is unconditional; guidance scale and negative prompts do not apply")
+    count = _positive(num_images or 1, "num_images")
+    return dict(count=count, class_labels=_class_labels(spec, class_labels, count))
+
+
+def _class_labels(spec, class_labels, count: int) -> np.ndarray | None:
+    classes = spec.num_class_embeds
+    if not classes:
+        if class_labels is not None:
+            raise ToolkitError(f"model '{spec.name}' is not class-conditional; drop the class label")
+        return None
+    if class_labels is None:
+        raise ToolkitError(f"model '{spec.name}' is class-conditional ({classes} classes); "
+                           "pass a class label (--class-label N), or one per image")
+    labels = np.asarray([class_labels] * count if np.ndim(class_labels) == 0 else class_labels, dtype=np.int64)
+    if labels.shape != (count,):
+        raise ToolkitError(f"got {labels.size} class labels for {count} images; pass one label or one per image")
+    if labels.min() < 0 or labels.max() >= classes:
+        raise ToolkitError(f"class labels must be in 0..{classes - 1}, got {labels.tolist()}")
+    return labels
+
+
+class StepNoise:
+    """The sampler's ``noise(i)`` callable over a ``SeededNoise``: draw 0 is the initial noise, draw i+1 the
+    noise step i injects, each drawn once and in order (so every sampler consumes the per-sample streams
+    identically no matter how it calls back)."""
+
+    def __init__(self, seeded: SeededNoise, backend):
+        self._seeded, self._backend = seeded, backend
+        self._index, self._last = -1, None   # only the latest draw is kept: long samplers stay light
+
+    def _draw(self, index: int):
+        if index < self._index:
+            raise RuntimeError(f"noise draw {index} asked after draw {self._index}; samplers draw in step order")
+        while self._index < index:
+            self._last = self._backend.from_numpy(self._seeded.draw())
+            self._index += 1
+        return self._last
+
+    def initial(self):
+        return self._draw(0)
+
+    def __call__(self, step: int):
+        return self._draw(step + 1)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    arrays: np.ndarray              # uint8 [N, H, W, 3]
+    samples: np.ndarray             # float32 [N, C, H, W] in about [-1, 1] (decoded images)
+    latents: np.ndarray             # float32 final sampler output (latents for latent models)
+    seeds: list[int]
+    prompts: list[str] | None
+    timings: dict[str, float]
+    backend: str
+    request: dict
+
+    @property
+    def images(self) -> list:
+        from runtime.images import to_pil
+        return to_pil(self.arrays)

@@ -1,0 +1,160 @@
+"""``runtime.Pipeline``: the embeddable generation API.
+
+    pipe = Pipeline.load("models/tiny-lcm", backend="torch", device="auto", dtype="auto")
+    out = pipe(["astronaut in a jungle"], steps=4, seed=0)          # text-to-image (latent)
+    out = pipe(num_images=16, sampler="ddim", nfe=10, seed=0)        # unconditional pixel UNet
+    out.images, out.arrays, out.samples, out.seeds, out.timings, out.backend
+
+The pipeline owns everything between the user and the networks that is *not* a network: tokenizing,
+seeds and noise, conditioning (CFG / LCM's w-embedding / class labels), the schedule and the sampler,
+latent scaling and image conversion. Networks run behind a ``Backend`` (torch, onnxruntime, tensorrt),
+so a new backend never touches this file. Shapes are fixed for the whole call (one batch shape, one
+timestep grid), which is what lets a backend preallocate buffers and capture the loop in a CUDA graph.
+"""
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from runtime.backends import Backend, get_backend_class
+from runtime.conditioning import Conditioning, build_conditioning
+from runtime.errors import ToolkitError
+from runtime.generation import GenerationOutput, GenerationRequest, StepNoise
+from runtime.images import to_uint8
+from runtime.model_source import ModelSource, open_model
+from runtime.noise import SeededNoise
+from runtime.samplers import eps_scaling, get_sampler
+from runtime.schedule import NoiseSchedule
+
+_AUTO_DTYPE = {"cpu": "float32"}  # anything else (cuda) runs float16 unless asked otherwise
+
+
+class Pipeline:
+    def __init__(self, source: ModelSource, backend: Backend):
+        self.source = source
+        self.spec = source.spec
+        self.backend = backend
+        self.schedule = NoiseSchedule.from_config(self.spec.scheduler_config)
+        self._tokenizer = None
+
+    # ---- construction -------------------------------------------------------------------
+    @classmethod
+    def load(cls, model: str | os.PathLike, backend: str = "torch", device: str = "auto",
+             dtype: str = "auto", **backend_options: Any) -> "Pipeline":
+        """``model``: a diffusers directory, an export directory or a hub id. ``device="auto"`` is the
+        backend's best device (CUDA when it has one); ``dtype="auto"`` is float16 on GPU, float32 on CPU."""
+        source = open_model(model)
+        backend_cls = get_backend_class(backend)
+        device = backend_cls.default_device() if device == "auto" else device
+        dtype = _AUTO_DTYPE.get(device, "float16") if dtype == "auto" else dtype
+        return cls(source, backend_cls.load(source.path, source.spec, device=device, dtype=dtype,
+                                            **backend_options))
+
+    def close(self) -> None:
+        self.backend.close()
+
+    def __enter__(self) -> "Pipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def default_sampler(self) -> str:
+        """The sampler matching the model's scheduler class. DDPM-trained (ADM-style) checkpoints default
+        to DDIM because few-step sampling is what this toolkit is for; ask for 'iddpm' for ancestral."""
+        return {"LCMScheduler": "lcm", "DPMSolverMultistepScheduler": "dpmpp_2m"}.get(
+            self.spec.scheduler_class, "ddim")
+
+    # ---- generation ---------------------------------------------------------------------
+    def __call__(self, prompts: str | Sequence[str] | None = None, *, num_images: int | None = None,
+                 steps: int | None = None, nfe: int | None = None, seed: int | None = 0,
+                 seeds: Sequence[int] | None = None, sampler: str | None = None,
+                 guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
+                 height: int | None = None, width: int | None = None,
+                 class_labels: int | Sequence[int] | None = None, eps_scale: float | None = None,
+                 batch_size: int | None = None, sampler_options: dict | None = None,
+                 progress=None) -> GenerationOutput:
+        """Generate images. Text-to-image: ``prompts`` (``num_images`` per prompt, default 1).
+        Unconditional: no prompts, ``num_images`` samples (class-conditional models need
+        ``class_labels``). ``steps`` (alias ``nfe``: every sampler here makes one network call per step).
+        ``seed=s`` gives image i the seed s+i; ``seeds`` sets them one by one. ``batch_size`` splits the
+        work into chunks of that many images (default: all at once); results do not depend on it.
+        ``progress(done, total)`` is called after each network evaluation."""
+        request = GenerationRequest.build(
+            self, prompts=prompts, num_images=num_images, steps=steps, nfe=nfe, seed=seed, seeds=seeds,
+            sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height,
+            width=width, class_labels=class_labels, eps_scale=eps_scale, batch_size=batch_size,
+            sampler_options=sampler_options)
+        return self.run(request, progress=progress)
+
+    def run(self, request: GenerationRequest, progress=None) -> GenerationOutput:
+        timings = {"encode_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
+        started = time.perf_counter()
+        chunks, latents = [], []
+        total_evals = len(request.chunks()) * request.steps
+        done = [0]
+
+        def tick():
+            done[0] += 1
+            if progress is not None:
+                progress(done[0], total_evals)
+
+        with self.backend.session():
+            for lo, hi in request.chunks():
+                images, final = self._generate_chunk(request, lo, hi, timings, tick)
+                chunks.append(images)
+                latents.append(final)
+        timings["total_s"] = time.perf_counter() - started
+        samples = np.concatenate(chunks)
+        return GenerationOutput(arrays=to_uint8(samples), samples=samples, latents=np.concatenate(latents),
+                                seeds=list(request.seeds), prompts=request.prompts, timings=timings,
+                                backend=self.backend.describe(), request=request.record())
+
+    def _generate_chunk(self, request: GenerationRequest, lo: int, hi: int, timings: dict, tick):
+        backend, spec = self.backend, self.spec
+        t0 = time.perf_counter()
+        cond = build_conditioning(self, request, lo, hi)
+        backend.synchronize()
+        t1 = time.perf_counter()
+        noise = StepNoise(SeededNoise(request.seeds[lo:hi], request.latent_shape), backend)
+        model = _counting(cond.model_fn(backend, self.schedule), tick)
+        if request.eps_scale is not None:
+            model = eps_scaling(model, self.schedule, request.eps_scale)
+        sampler = get_sampler(request.sampler)
+        x = noise.initial()  # init_noise_sigma is 1 for every schedule here (variance-preserving)
+        x = sampler.fn(model, x, self.schedule, request.timesteps, noise, **request.sampler_fn_options)
+        backend.synchronize()
+        t2 = time.perf_counter()
+        if spec.is_latent:
+            images = backend.decode(x * (1.0 / spec.vae_scaling_factor))
+        else:
+            images = x
+        images, final = backend.to_numpy(images), backend.to_numpy(x)
+        t3 = time.perf_counter()
+        timings["encode_s"] += t1 - t0
+        timings["sample_s"] += t2 - t1
+        timings["decode_s"] += t3 - t2
+        return images.astype(np.float32), final.astype(np.float32)
+
+    # ---- helpers used by GenerationRequest / conditioning ----------------------------------
+    def tokenizer(self):
+        if self._tokenizer is None:
+            from runtime.tokenizer import PromptTokenizer
+            self._tokenizer = PromptTokenizer(self.source.tokenizer_dir, self.spec.tokenizer_max_length)
+        return self._tokenizer
+
+
+def _counting(model, tick):
+    def counted(x, t):
+        out = model(x, t)
+        tick()
+        return out
+    return counted
+
+
+__all__ = ["Pipeline", "GenerationOutput", "GenerationRequest", "Conditioning", "ToolkitError"]

@@ -1,0 +1,44 @@
+"""Make a tiny random-weight model directory (offline, seconds on a CPU) to try the toolkit with.
+
+    python scripts/make_tiny_model.py models/tiny-lcm                 # LCM text-to-image pipeline
+    python scripts/make_tiny_model.py models/tiny-sd --kind sd        # SD-style teacher (CFG, DDIM)
+    python scripts/make_tiny_model.py models/tiny-adm --kind unconditional
+
+Its weights are random, so its images are noise: it exercises every code path, not image quality.
+"""
+from __future__ import annotations
+
+import shutil
+import sys
+from pathlib import Path
+
+import typer
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout without install
+
+from runtime.errors import handles_errors  # noqa: E402
+from train.tiny_models import build_tiny_text_to_image, build_tiny_unconditional  # noqa: E402
+
+KINDS = {"lcm": lambda d, s: build_tiny_text_to_image(d, seed=s, lcm=True),
+         "sd": lambda d, s: build_tiny_text_to_image(d, seed=s, lcm=False),
+         "unconditional": lambda d, s: build_tiny_unconditional(d, seed=s)}
+
+
+@handles_errors
+def main(out: Path = typer.Argument(..., help="Directory to write (replaced if it exists)."),
+         kind: str = typer.Option("lcm", help="lcm | sd | unconditional"),
+         seed: int = typer.Option(0, help="Seed of the random weights.")) -> None:
+    from runtime.errors import ToolkitError
+    if kind not in KINDS:
+        raise ToolkitError(f"unknown kind '{kind}'; choose one of {', '.join(KINDS)}")
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    KINDS[kind](tmp, seed)
+    # Move into place only once complete, so a crash never leaves a half-written model at `out`.
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.replace(out)
+    print(out)
+
+
+if __name__ == "__main__":
+    typer.run(main)

@@ -1,0 +1,71 @@
+"""The `toolkit` CLI through typer's CliRunner: generate, doctor, and one-line errors for bad input."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from toolkit import app
+
+runner = CliRunner()
+
+
+def _run(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+def test_generate_writes_pngs_with_their_record(tiny_lcm_dir, tmp_path):
+    result = _run("generate", "astronaut in a jungle", "--steps", "4", "--model", tiny_lcm_dir,
+                  "--num-images", "2", "--seed", "3", "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    paths = sorted(tmp_path.glob("*.png"))
+    assert [p.name for p in paths] == ["astronaut-in-a-jungle-seed3.png", "astronaut-in-a-jungle-seed4.png"]
+    image = Image.open(paths[0])
+    assert image.size == (64, 64)
+    record = json.loads(image.text["at-diffusion-toolkit"])
+    assert record["seed"] == 3 and record["steps"] == 4 and record["sampler"] == "lcm"
+    assert record["prompt"] == "astronaut in a jungle" and "torch" in record["versions"]
+
+
+def test_generate_unconditional_with_sampler_and_nfe(tiny_uncond_dir, tmp_path):
+    result = _run("generate", "--model", tiny_uncond_dir, "--sampler", "dpmpp_2m", "--nfe", "3",
+                  "--num-images", "2", "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == ["sample-seed0.png", "sample-seed1.png"]
+
+
+def test_doctor_reports_components():
+    result = _run("doctor")
+    assert result.exit_code == 0, result.output
+    for name in ("torch", "onnxruntime", "tensorrt"):
+        assert name in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["generate", "x", "--model", "/no/such/model"], "does not exist"),
+    (["generate", "x", "--steps", "0"], "steps must be at least 1"),
+    (["generate", "x", "--height", "100"], "multiple of 8"),
+    (["generate"], "no prompt given"),
+    (["generate", "x", "--backend", "nope"], "unknown backend"),
+])
+def test_bad_input_is_one_line_and_nonzero(tiny_lcm_dir, tmp_path, args, message):
+    if "--model" not in args:
+        args = args + ["--model", str(tiny_lcm_dir)]
+    result = _run(*args, "--device", "cpu", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.output + result.stderr
+    assert [line for line in result.stderr.splitlines() if line.startswith("error:")] == \
+        [result.stderr.strip().splitlines()[-1]]
+    assert not list(tmp_path.glob("*.png"))
+
+
+def test_missing_model_says_how_to_get_one(tmp_path, monkeypatch):
+    import runtime.default_model as default_model
+    monkeypatch.delenv("TOOLKIT_MODEL", raising=False)
+    monkeypatch.setattr(default_model, "BUNDLED", tmp_path / "no-bundled-model")
+    result = _run("generate", "x", "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "make_tiny_model.py" in result.stderr

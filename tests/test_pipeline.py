@@ -1,0 +1,161 @@
+"""runtime.Pipeline end to end on tiny random models: parity with diffusers' own pipelines, seeds,
+batching, save/load round trip, and bad input."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from runtime import Pipeline
+from runtime.errors import ToolkitError
+from runtime.noise import SeededNoise
+
+PROMPTS = ["astronaut in a jungle", "a red cube"]
+
+
+@pytest.fixture(scope="module")
+def lcm_pipe(tiny_lcm_dir):
+    with Pipeline.load(tiny_lcm_dir, backend="torch", device="cpu") as pipe:
+        yield pipe
+
+
+@pytest.fixture(scope="module")
+def uncond_pipe(tiny_uncond_dir):
+    with Pipeline.load(tiny_uncond_dir, backend="torch", device="cpu") as pipe:
+        yield pipe
+
+
+def _our_noise(seeds, shape, draws):
+    """The noise our pipeline draws: draw 0 is the initial latent, draw i+1 what step i injects."""
+    stream = SeededNoise(seeds, shape)
+    return [torch.from_numpy(stream.draw()) for _ in range(draws)]
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_lcm_matches_diffusers_pipeline(tiny_lcm_dir, lcm_pipe, monkeypatch, steps):
+    from diffusers import LatentConsistencyModelPipeline
+    import diffusers.schedulers.scheduling_lcm as lcm_module
+
+    ref = LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_dir, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    noise = _our_noise([0, 1], (4, 16, 16), steps + 1)
+    # diffusers' LCM re-injects noise through randn_tensor between steps; feed it our step noise
+    injected = iter(noise[1:])
+    monkeypatch.setattr(lcm_module, "randn_tensor", lambda *a, **k: next(injected))
+    expected = ref(PROMPTS, num_inference_steps=steps, guidance_scale=8.5, latents=noise[0],
+                   output_type="np").images
+    out = lcm_pipe(PROMPTS, steps=steps, seed=0, guidance_scale=8.5)
+    ours = np.clip(out.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, expected, atol=2e-4)
+    assert out.arrays.shape == (2, 64, 64, 3) and out.arrays.dtype == np.uint8
+
+
+def test_cfg_ddim_matches_diffusers_sd_pipeline(tiny_sd_dir):
+    from diffusers import StableDiffusionPipeline
+
+    ref = StableDiffusionPipeline.from_pretrained(tiny_sd_dir, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    latents = _our_noise([5], (4, 16, 16), 1)[0]
+    expected = ref(PROMPTS[:1], num_inference_steps=5, guidance_scale=7.5, latents=latents, output_type="np",
+                   negative_prompt="blurry").images
+    with Pipeline.load(tiny_sd_dir, device="cpu") as pipe:
+        assert pipe.default_sampler == "ddim"
+        out = pipe(PROMPTS[:1], steps=5, seed=5, guidance_scale=7.5, negative_prompt="blurry")
+    assert out.request["guidance"] == "cfg"
+    np.testing.assert_allclose(np.clip(out.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), expected, atol=2e-4)
+
+
+def test_deterministic_and_seed_sensitive(lcm_pipe):
+    a = lcm_pipe(PROMPTS[:1], steps=2, seed=7).arrays
+    b = lcm_pipe(PROMPTS[:1], steps=2, seed=7).arrays
+    c = lcm_pipe(PROMPTS[:1], steps=2, seed=8).arrays
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a.astype(int) - c.astype(int)).max() > 0
+
+
+def test_batch_equals_per_sample_runs(lcm_pipe):
+    batch = lcm_pipe(PROMPTS, steps=3, seed=10)
+    assert batch.seeds == [10, 11]
+    singles = [lcm_pipe([p], steps=3, seeds=[s]).samples for p, s in zip(PROMPTS, batch.seeds)]
+    np.testing.assert_allclose(batch.samples, np.concatenate(singles), atol=1e-5)
+    chunked = lcm_pipe(PROMPTS, steps=3, seed=10, batch_size=1)
+    np.testing.assert_allclose(batch.samples, chunked.samples, atol=1e-5)
+
+
+def test_unconditional_samplers_and_batching(uncond_pipe):
+    assert uncond_pipe.default_sampler == "ddim"
+    for sampler in ("ddim", "dpmpp_2m", "iddpm"):
+        out = uncond_pipe(num_images=3, sampler=sampler, nfe=4, seed=0)
+        assert out.arrays.shape == (3, 16, 16, 3) and out.request["steps"] == 4
+        one = uncond_pipe(num_images=1, sampler=sampler, nfe=4, seeds=[2])
+        np.testing.assert_allclose(out.samples[2:], one.samples, atol=1e-5)
+        assert np.isfinite(out.samples).all()
+
+
+def test_eps_scaling_changes_output(uncond_pipe):
+    plain = uncond_pipe(num_images=1, nfe=5, seed=0).samples
+    scaled = uncond_pipe(num_images=1, nfe=5, seed=0, eps_scale=1.017).samples
+    same = uncond_pipe(num_images=1, nfe=5, seed=0, eps_scale=1.0).samples
+    np.testing.assert_array_equal(plain, same)
+    assert np.abs(plain - scaled).max() > 1e-4
+
+
+def test_round_trip_through_save_and_load(tiny_lcm_dir, lcm_pipe, tmp_path):
+    from diffusers import LatentConsistencyModelPipeline
+    LatentConsistencyModelPipeline.from_pretrained(tiny_lcm_dir, safety_checker=None).save_pretrained(tmp_path / "copy")
+    with Pipeline.load(tmp_path / "copy", device="cpu") as copy:
+        np.testing.assert_array_equal(copy(PROMPTS, steps=2, seed=3).arrays, lcm_pipe(PROMPTS, steps=2, seed=3).arrays)
+
+
+def test_class_conditional_model(tmp_path):
+    from train.tiny_models import build_tiny_unconditional
+    with Pipeline.load(build_tiny_unconditional(tmp_path / "cls", num_class_embeds=4), device="cpu") as pipe:
+        a = pipe(num_images=2, class_labels=[0, 3], nfe=2, seed=0)
+        b = pipe(num_images=2, class_labels=1, nfe=2, seed=0)
+        assert a.request["class_labels"] == [0, 3] and b.request["class_labels"] == [1, 1]
+        assert np.abs(a.samples - b.samples).max() > 0
+        with pytest.raises(ToolkitError, match="class-conditional"):
+            pipe(num_images=1)
+        with pytest.raises(ToolkitError, match="0..3"):
+            pipe(num_images=1, class_labels=4)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(prompts=[]), "no prompt"),
+    (dict(prompts=PROMPTS, steps=0), "steps must be at least 1"),
+    (dict(prompts=PROMPTS, height=60), "multiple of 8"),
+    (dict(prompts=PROMPTS, seeds=[1]), "2 images"),
+    (dict(prompts=PROMPTS, sampler="euler"), "euler"),
+    (dict(prompts=PROMPTS, steps=2, nfe=3), "disagree"),
+    (dict(prompts=PROMPTS, negative_prompt=["a", "b", "c"]), "negative prompts"),
+    (dict(prompts=PROMPTS, sampler_options={"bogus": 1}), "bogus"),
+    (dict(prompts=PROMPTS, class_labels=1), "class labels"),
+])
+def test_bad_text_to_image_input(lcm_pipe, kwargs, message):
+    prompts = kwargs.pop("prompts")
+    with pytest.raises(ToolkitError, match=message):
+        lcm_pipe(prompts, **kwargs)
+
+
+def test_bad_unconditional_input(uncond_pipe):
+    with pytest.raises(ToolkitError, match="unconditional"):
+        uncond_pipe(["a prompt"])
+    with pytest.raises(ToolkitError, match="not class-conditional"):
+        uncond_pipe(num_images=1, class_labels=0)
+
+
+@pytest.mark.parametrize("model, kwargs, message", [
+    ("does/not/exist/here", {}, "does not exist"),
+    ("SimianLuo/LCM_Dreamshaper_v7", {}, "not in the local Hugging Face cache"),
+    (None, dict(backend="tensorflow"), "unknown backend"),
+    (None, dict(dtype="float16"), "float16 inference needs a GPU"),
+])
+def test_bad_load_arguments(tiny_lcm_dir, model, kwargs, message):
+    with pytest.raises(ToolkitError, match=message):
+        Pipeline.load(model or tiny_lcm_dir, **{"device": "cpu", **kwargs})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when no GPU is present")
+def test_cuda_without_gpu_is_an_error(tiny_lcm_dir):
+    with pytest.raises(ToolkitError, match="no CUDA GPU"):
+        Pipeline.load(tiny_lcm_dir, device="cuda")

@@ -1,0 +1,73 @@
+"""``toolkit``: the command line (typer). ``generate`` and ``doctor`` live here; the ``train``, ``export``
+and ``eval`` groups come from each package's own ``cli.py`` and are mounted when present."""
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from runtime.errors import handles_errors
+
+app = typer.Typer(help="Train, export, serve and evaluate few-step diffusion models.",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+
+_GROUPS = (("train", "train.cli"), ("export", "export.cli"), ("eval", "eval.cli"))
+
+
+def _mount_groups() -> None:
+    for name, module_name in _GROUPS:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if exc.name == module_name:   # the group has no commands yet: no empty group in --help
+                continue
+            raise
+        app.add_typer(module.app, name=name)
+
+
+@app.command()
+@handles_errors
+def generate(
+    prompt: Optional[list[str]] = typer.Argument(None, help="Prompt(s); omit for unconditional models."),
+    model: Optional[str] = typer.Option(None, help="Diffusers dir, export dir or hub id [default: bundled model]."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps [default: 4 for LCM, else 20]."),
+    nfe: Optional[int] = typer.Option(None, help="Network evaluations (same as --steps here)."),
+    sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm [default: from the scheduler]."),
+    seed: int = typer.Option(0, help="Image i gets seed+i."),
+    num_images: int = typer.Option(1, help="Images per prompt (or in total, for unconditional models)."),
+    guidance_scale: Optional[float] = typer.Option(None, help="w for LCM's embedding, or the CFG scale."),
+    negative_prompt: Optional[str] = typer.Option(None, help="CFG negative prompt (non-LCM models)."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels [default: the model's]."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels [default: the model's]."),
+    class_label: Optional[list[int]] = typer.Option(None, help="Class label(s) for class-conditional models."),
+    eps_scale: Optional[float] = typer.Option(None, help="Epsilon scaling (ES), e.g. 1.017."),
+    eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per network batch [default: all]."),
+    backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt"),
+    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16"),
+    out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs."),
+) -> None:
+    """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
+    from runtime.cli_generate import run_generate
+    run_generate(**locals())
+
+
+@app.command()
+def doctor() -> None:
+    """What is installed and usable: torch + CUDA, ONNX Runtime providers, TensorRT, the GPU."""
+    from runtime.doctor import report
+    report()
+
+
+_mount_groups()
+
+
+def main() -> None:
+    app(prog_name="toolkit")
+
+
+if __name__ == "__main__":
+    main()
