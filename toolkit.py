@@ -51,8 +51,9 @@ def generate(
     out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
+    options = dict(locals())  # before the import below adds a name
     from runtime.cli_generate import run_generate
-    run_generate(**locals())
+    run_generate(**options)
 
 
 @app.command()

@@ -57,7 +57,7 @@ def test_cfg_ddim_matches_diffusers_sd_pipeline(tiny_sd_dir):
     ref.set_progress_bar_config(disable=True)
     latents = _our_noise([5], (4, 16, 16), 1)[0]
     expected = ref(PROMPTS[:1], num_inference_steps=5, guidance_scale=7.5, latents=latents, output_type="np",
-                   negative_prompt="blurry").images
+                   negative_prompt=["blurry"]).images
     with Pipeline.load(tiny_sd_dir, device="cpu") as pipe:
         assert pipe.default_sampler == "ddim"
         out = pipe(PROMPTS[:1], steps=5, seed=5, guidance_scale=7.5, negative_prompt="blurry")
@@ -88,7 +88,7 @@ def test_unconditional_samplers_and_batching(uncond_pipe):
         out = uncond_pipe(num_images=3, sampler=sampler, nfe=4, seed=0)
         assert out.arrays.shape == (3, 16, 16, 3) and out.request["steps"] == 4
         one = uncond_pipe(num_images=1, sampler=sampler, nfe=4, seeds=[2])
-        np.testing.assert_allclose(out.samples[2:], one.samples, atol=1e-5)
+        np.testing.assert_allclose(out.samples[2:], one.samples, rtol=1e-4, atol=1e-4)  # batched conv sums round differently
         assert np.isfinite(out.samples).all()
 
 
