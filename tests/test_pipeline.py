@@ -159,3 +159,14 @@ def test_bad_load_arguments(tiny_lcm_dir, model, kwargs, message):
 def test_cuda_without_gpu_is_an_error(tiny_lcm_dir):
     with pytest.raises(ToolkitError, match="no CUDA GPU"):
         Pipeline.load(tiny_lcm_dir, device="cuda")
+
+
+@pytest.mark.parametrize("options", [dict(dtype="bfloat16"), dict(channels_last=True)])
+def test_torch_backend_variants_stay_close_to_fp32(tiny_lcm_dir, lcm_pipe, options):
+    reference = lcm_pipe(PROMPTS[:1], steps=2, seed=1).samples
+    with Pipeline.load(tiny_lcm_dir, device="cpu", **options) as pipe:
+        out = pipe(PROMPTS[:1], steps=2, seed=1)
+    tolerance = 0.1 if "dtype" in options else 1e-4   # bf16 keeps ~3 significant digits
+    assert np.isfinite(out.samples).all()
+    assert np.abs(out.samples - reference).mean() < tolerance
+    assert options.get("dtype", "float32") in out.backend

@@ -1,0 +1,246 @@
+"""Samplers against diffusers' schedulers: same model, same initial noise, same per-step noise.
+
+Per-step noise: diffusers' ``step(..., generator=g)`` draws ``torch.randn(shape, generator=g)`` each time
+it injects noise; our ``noise(i)`` draws from a second generator seeded identically. Both streams line up
+only if our samplers draw at exactly the steps diffusers does, so that is checked too.
+
+Precision: for LCM / DDIM / DDPM the reference runs in float64 with its float32 ``alphas_cumprod``
+replaced by ours, so the comparison checks the update rules to ~1e-10 (the schedule itself is compared
+in test_schedule.py). DPMSolverMultistepScheduler casts samples and sigmas to float32 internally, so that
+comparison holds to float32 precision.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler, UNet2DModel
+
+from runtime.errors import ToolkitError
+from runtime.samplers import eps_scaling, get_sampler
+from runtime.schedule import NoiseSchedule
+
+SHAPE = (2, 3, 4, 4)
+PREDICTIONS = ["epsilon", "v_prediction", "sample"]
+
+
+def toy_model(schedule: NoiseSchedule, data_std: float = 0.5):
+    """The exact denoiser for N(0, data_std^2) data, bent by a small nonlinearity, returned in the schedule's
+    parameterization. Plain float arithmetic, so it takes numpy arrays and torch tensors."""
+    def model(x, t):
+        ab = schedule.alpha_bar(int(t))
+        a, s = ab ** 0.5, (1.0 - ab) ** 0.5
+        var = ab * data_std ** 2 + 1.0 - ab
+        bend = 0.05 * x / (1.0 + x * x)
+        eps, x0 = (s / var) * x + bend, (a * data_std ** 2 / var) * x + bend
+        return {"epsilon": eps, "sample": x0, "v_prediction": a * eps - s * x0}[schedule.prediction_type]
+    return model
+
+
+def float64_reference(scheduler, schedule: NoiseSchedule):
+    """``scheduler`` computing with our float64 alpha_bar (see the module docstring)."""
+    scheduler.alphas_cumprod = torch.from_numpy(schedule.alphas_cumprod.copy())
+    if hasattr(scheduler, "final_alpha_cumprod"):
+        scheduler.final_alpha_cumprod = torch.tensor(schedule.final_alpha_cumprod, dtype=torch.float64)
+    return scheduler
+
+
+def run_diffusers(scheduler, model, x, steps, seed, **step_kwargs):
+    scheduler.set_timesteps(steps)
+    gen = torch.Generator().manual_seed(seed)
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, int(t)), t, x, generator=gen, **step_kwargs).prev_sample
+    return x, scheduler.timesteps.numpy()
+
+
+def run_ours(name, schedule, model, x, steps, seed, ts_options=None, **options):
+    """Our sampler on ``x`` (numpy or torch); noise(i) comes from a torch generator seeded like diffusers'."""
+    sampler = get_sampler(name)
+    gen = torch.Generator().manual_seed(seed)
+    to_like_x = (lambda n: n.numpy()) if isinstance(x, np.ndarray) else (lambda n: n)
+    calls = []
+
+    def noise(i):
+        calls.append(i)
+        return to_like_x(torch.randn(x.shape, generator=gen, dtype=torch.float64 if x.dtype in (np.float64, torch.float64)
+                                     else torch.float32))
+    ts = sampler.timesteps(schedule, steps, **(ts_options or {}))
+    return sampler.fn(model, x, schedule, ts, noise, **options), ts, calls
+
+
+def parity(scheduler, name, steps, ts_options=None, step_kwargs=None, float64=True, **options):
+    """Max |ours - diffusers| over one run from the same x_T with the same noise streams."""
+    schedule = NoiseSchedule.from_config(dict(scheduler.config))
+    dtype = torch.float64 if float64 else torch.float32
+    if float64:
+        float64_reference(scheduler, schedule)
+    model = toy_model(schedule)
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=dtype)
+    ref, ref_ts = run_diffusers(scheduler, model, x_T.clone(), steps, seed=1, **(step_kwargs or {}))
+    ours, ts, _ = run_ours(name, schedule, model, x_T.numpy().astype(np.float64), steps, 1, ts_options, **options)
+    np.testing.assert_array_equal(ts, ref_ts)
+    return float(np.abs(ours - ref.double().numpy()).max())
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("steps", [1, 2, 4, 8])
+def test_lcm_matches_lcm_scheduler(prediction_type, steps):
+    scheduler = LCMScheduler(prediction_type=prediction_type)
+    assert parity(scheduler, "lcm", steps) < 1e-7  # LCMScheduler's c_skip / c_out come out in float32
+
+
+@pytest.mark.parametrize("timestep_scaling", [10.0, 1.0])
+def test_lcm_boundary_scalings_match_at_small_timesteps(timestep_scaling):
+    """LCM's own grid keeps t >= 19, where c_skip is ~1e-7; a custom grid down to t=0 exercises it."""
+    scheduler = LCMScheduler(timestep_scaling=timestep_scaling)
+    schedule = NoiseSchedule.from_config(dict(scheduler.config))
+    float64_reference(scheduler, schedule)
+    model, grid = toy_model(schedule), [999, 259, 19, 3, 0]
+    x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    scheduler.set_timesteps(timesteps=grid)
+    gen, x = torch.Generator().manual_seed(1), x_T.clone()
+    for t in scheduler.timesteps:
+        x = scheduler.step(model(x, int(t)), t, x, generator=gen).prev_sample
+    gen_ours = torch.Generator().manual_seed(1)
+    ours = get_sampler("lcm").fn(model, x_T.numpy(), schedule, np.array(grid), lambda i: torch.randn(
+        SHAPE, generator=gen_ours, dtype=torch.float64).numpy())
+    assert np.abs(ours - x.numpy()).max() < 1e-7
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("spacing, offset, set_alpha_to_one", [("leading", 1, False), ("trailing", 0, True),
+                                                               ("linspace", 0, True)])
+@pytest.mark.parametrize("steps", [3, 10])
+def test_ddim_matches_ddim_scheduler(prediction_type, spacing, offset, set_alpha_to_one, steps):
+    scheduler = DDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                              prediction_type=prediction_type, timestep_spacing=spacing, steps_offset=offset,
+                              set_alpha_to_one=set_alpha_to_one, clip_sample=False)
+    assert parity(scheduler, "ddim", steps) < 1e-10
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("eta", [0.5, 1.0])
+def test_ddim_with_eta_matches_ddim_scheduler_fed_the_same_noise(prediction_type, eta):
+    scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=True)  # pixel-DDPM defaults
+    assert parity(scheduler, "ddim", 10, step_kwargs={"eta": eta}, eta=eta) < 1e-10
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
+@pytest.mark.parametrize("steps, spacing", [(1000, "leading"), (25, "leading"), (25, "trailing")])
+def test_iddpm_matches_ddpm_scheduler(prediction_type, variance, steps, spacing):
+    scheduler = DDPMScheduler(prediction_type=prediction_type, variance_type=variance, timestep_spacing=spacing)
+    assert parity(scheduler, "iddpm", steps) < 1e-10
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTIONS)
+@pytest.mark.parametrize("spacing", ["linspace", "logsnr"])
+@pytest.mark.parametrize("final_sigma", ["zero", "sigma_min"])
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20])  # sigma_min: first-order final step below 15 steps
+def test_dpmpp_2m_matches_dpm_solver_multistep(prediction_type, spacing, final_sigma, steps):
+    scheduler = DPMSolverMultistepScheduler(prediction_type=prediction_type, final_sigmas_type=final_sigma,
+                                            use_lu_lambdas=spacing == "logsnr")
+    err = parity(scheduler, "dpmpp_2m", steps, ts_options={"spacing": spacing}, float64=False,
+                 final_sigma=final_sigma)
+    assert err < 1e-4  # float32 reference; a wrong step order or noise level shows up at >1e-3
+
+
+def test_dpmpp_2m_without_lower_order_final_differs_below_15_steps():
+    schedule = NoiseSchedule.from_config({})
+    model, x = toy_model(schedule), np.random.default_rng(0).standard_normal(SHAPE)
+    a, _, _ = run_ours("dpmpp_2m", schedule, model, x, 5, 0, final_sigma="sigma_min")
+    b, _, _ = run_ours("dpmpp_2m", schedule, model, x, 5, 0, final_sigma="sigma_min", lower_order_final=False)
+    assert np.abs(a - b).max() > 1e-6
+
+
+def test_tiny_unet_end_to_end_float32_matches_diffusers():
+    """A real (tiny, random) UNet2DModel, float32 on both sides, unmodified DDPMScheduler (clip_sample on)."""
+    torch.manual_seed(0)
+    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, block_out_channels=(8, 16), layers_per_block=1,
+                       norm_num_groups=8, down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+
+    def model(x, t):
+        with torch.no_grad():
+            return unet(x, t).sample
+
+    scheduler = DDPMScheduler()
+    schedule = NoiseSchedule.from_config(dict(scheduler.config))
+    x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    ref, _ = run_diffusers(scheduler, model, x_T.clone(), 5, seed=3)
+    ours, _, _ = run_ours("iddpm", schedule, model, x_T.clone(), 5, 3)
+    assert ours.dtype == torch.float32
+    assert (ours - ref).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name, options", [("lcm", {}), ("ddim", {"eta": 0.7}), ("dpmpp_2m", {}), ("iddpm", {})])
+def test_numpy_and_torch_inputs_give_the_same_result(name, options):
+    schedule = NoiseSchedule.from_config({"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012})
+    model, x = toy_model(schedule), np.random.default_rng(0).standard_normal(SHAPE)
+    on_numpy, _, _ = run_ours(name, schedule, model, x, 6, 0, **options)
+    on_torch, _, _ = run_ours(name, schedule, model, torch.from_numpy(x), 6, 0, **options)
+    assert isinstance(on_numpy, np.ndarray) and isinstance(on_torch, torch.Tensor)
+    np.testing.assert_allclose(on_torch.numpy(), on_numpy, rtol=0, atol=1e-12)
+    on_float32, _, _ = run_ours(name, schedule, model, x.astype(np.float32), 6, 0, **options)
+    assert on_float32.dtype == np.float32  # Python-float arithmetic keeps the caller's dtype
+
+
+@pytest.mark.parametrize("name, steps, expected_calls", [
+    ("lcm", 4, [0, 1, 2]),            # re-noise between steps, not after the last
+    ("ddim", 4, []),                  # eta = 0: deterministic
+    ("dpmpp_2m", 4, []),
+    ("iddpm", 4, [0, 1, 2]),          # 'leading' grid ends at t=0, where DDPM adds no noise
+])
+def test_noise_is_drawn_once_per_noisy_step_in_order(name, steps, expected_calls):
+    schedule = NoiseSchedule.from_config({})
+    _, _, calls = run_ours(name, schedule, toy_model(schedule), np.zeros(SHAPE), steps, 0)
+    assert calls == expected_calls
+
+
+def test_eps_scaling_with_factor_one_equals_plain_sampling():
+    schedule = NoiseSchedule.from_config({})
+    model, x = toy_model(schedule), np.random.default_rng(0).standard_normal(SHAPE)
+    plain, _, _ = run_ours("ddim", schedule, model, x, 10, 0)
+    scaled, _, _ = run_ours("ddim", schedule, eps_scaling(model, schedule, 1.0), x, 10, 0)
+    np.testing.assert_array_equal(scaled, plain)
+
+
+def test_eps_scaling_divides_eps_by_constant_or_per_timestep_factor():
+    schedule = NoiseSchedule.from_config({})
+    model, x = toy_model(schedule), np.random.default_rng(0).standard_normal(SHAPE)
+    np.testing.assert_allclose(eps_scaling(model, schedule, 1.017)(x, 500), model(x, 500) / 1.017, rtol=1e-15)
+    linear = eps_scaling(model, schedule, lambda t: 1.0 + 2e-5 * t)   # ES paper's k*t + b variant
+    np.testing.assert_allclose(linear(x, 500), model(x, 500) / 1.01, rtol=1e-15)
+    with_es, _, _ = run_ours("dpmpp_2m", schedule, eps_scaling(model, schedule, 1.017), x, 10, 0)
+    plain, _, _ = run_ours("dpmpp_2m", schedule, model, x, 10, 0)
+    assert np.abs(with_es - plain).max() > 1e-4
+
+
+def test_eps_scaling_rejects_non_epsilon_models_and_bad_factors():
+    v_schedule = NoiseSchedule.from_config({"prediction_type": "v_prediction"})
+    with pytest.raises(ToolkitError, match="epsilon"):
+        eps_scaling(toy_model(v_schedule), v_schedule, 1.017)
+    schedule = NoiseSchedule.from_config({})
+    with pytest.raises(ToolkitError, match="positive"):
+        eps_scaling(toy_model(schedule), schedule, 0.0)(np.zeros(SHAPE), 10)
+
+
+def test_unknown_sampler_lists_the_known_ones():
+    with pytest.raises(ToolkitError) as err:
+        get_sampler("euler_a")
+    assert all(name in str(err.value) for name in ["ddim", "dpmpp_2m", "iddpm", "lcm"])
+
+
+def test_bad_timesteps_and_options_are_toolkit_errors():
+    schedule = NoiseSchedule.from_config({})
+    model, x = toy_model(schedule), np.zeros(SHAPE)
+    for ts in [np.array([10, 500]), np.array([1000, 10]), np.array([], dtype=np.int64), np.array([9.5, 1.0])]:
+        with pytest.raises(ToolkitError, match="timesteps"):
+            get_sampler("ddim").fn(model, x, schedule, ts, None)
+    ts = np.array([999, 500])
+    with pytest.raises(ToolkitError, match="eta"):
+        get_sampler("ddim").fn(model, x, schedule, ts, None, eta=-1.0)
+    with pytest.raises(ToolkitError, match="fixed_large"):
+        get_sampler("iddpm").fn(model, x, schedule, ts, None, variance="learned_range")
+    with pytest.raises(ToolkitError, match="final_sigma"):
+        get_sampler("dpmpp_2m").fn(model, x, schedule, ts, None, final_sigma="karras")
