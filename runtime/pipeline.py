@@ -30,8 +30,6 @@ from runtime.noise import SeededNoise
 from runtime.samplers import eps_scaling, get_sampler
 from runtime.schedule import NoiseSchedule
 
-_AUTO_DTYPE = {"cpu": "float32"}  # anything else (cuda) runs float16 unless asked otherwise
-
 
 class Pipeline:
     def __init__(self, source: ModelSource, backend: Backend):
@@ -50,7 +48,7 @@ class Pipeline:
         source = open_model(model)
         backend_cls = get_backend_class(backend)
         device = backend_cls.default_device() if device == "auto" else device
-        dtype = _AUTO_DTYPE.get(device, "float16") if dtype == "auto" else dtype
+        dtype = backend_cls.auto_dtype(source.path, device) if dtype == "auto" else dtype
         return cls(source, backend_cls.load(source.path, source.spec, device=device, dtype=dtype,
                                             **backend_options))
 

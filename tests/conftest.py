@@ -10,6 +10,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_torch_thread():
+    """Tiny networks: thread hand-off costs more than it saves, and on a busy 2-core CI box two torch
+    threads plus ONNX Runtime's pool make a 30 ms UNet call take seconds."""
+    import torch
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_lcm_dir(tmp_path_factory):
     """A tiny LatentConsistencyModelPipeline directory (UNet with time_cond_proj_dim, LCMScheduler)."""

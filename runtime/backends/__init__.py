@@ -9,6 +9,7 @@ from runtime.backends.base import Backend, BackendError
 # name -> "module:Class"; adding a backend is one line here plus its module.
 _REGISTRY: dict[str, str] = {
     "torch": "runtime.backends.torch_backend:TorchBackend",
+    "onnxruntime": "runtime.backends.ort_backend:OrtBackend",
 }
 
 # What to install when a backend's package is missing.

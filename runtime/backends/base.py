@@ -46,6 +46,12 @@ class Backend(abc.ABC):
         """What ``device="auto"`` means for this backend (the pipeline reports what it chose)."""
         return "cpu"
 
+    @classmethod
+    def auto_dtype(cls, source_dir, device: str) -> str:
+        """What dtype="auto" means: float32 on CPU, float16 on GPUs (a backend whose precision is
+        fixed by its files, like an ONNX export, returns that)."""
+        return "float32" if device == "cpu" else "float16"
+
     def session(self):
         """Context entered around one whole generation (e.g. torch.inference_mode); none by default."""
         return contextlib.nullcontext()

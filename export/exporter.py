@@ -1,0 +1,110 @@
+"""``toolkit export``'s work: source diffusers directory -> validated export directory, written atomically.
+
+Steps, all inside a staging directory that replaces ``out`` only at the end: export each selected network
+from its contract, copy the tokenizer (with a ``tokenizer.json`` so the runtime needs no transformers),
+write manifest.json, validate (ORT vs PyTorch per component and end to end), record the validation in
+the manifest. Any failure, including validation out of tolerance, leaves a previous export untouched.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+from export.contracts import ExportShapes, contracts_for, select_components
+from export.manifest import build_manifest, source_fingerprint, write_manifest
+from export.onnx_export import MIN_OPSET, export_network
+from export.staging import check_target, staged_directory
+from export.validate import ExportValidationError, ValidationReport, validate_export
+from runtime.errors import ToolkitError
+from runtime.export_manifest import read_manifest
+from runtime.model_source import open_model
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSettings:
+    model: str
+    out: Path
+    fp16: bool = False
+    opset: int = 17
+    components: tuple[str, ...] | None = None
+    batch_sizes: tuple[int, ...] = (1,)
+    height: int | None = None
+    width: int | None = None
+    validate: bool = True
+    seed: int = 0
+    device: str = "cpu"
+
+
+@dataclasses.dataclass
+class ExportResult:
+    out: Path
+    manifest: dict
+    report: ValidationReport | None
+
+
+def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> ExportResult:
+    source = open_model(settings.model)
+    if source.is_export:
+        raise ToolkitError(f"{source.path} is already an export; pass the diffusers directory it came from")
+    if settings.opset < MIN_OPSET:
+        raise ToolkitError(f"--opset {settings.opset} is too old for these networks; use {MIN_OPSET} or newer")
+    spec = source.spec
+    shapes = ExportShapes.for_spec(spec, settings.batch_sizes, settings.height, settings.width)
+    contracts = select_components(spec, contracts_for(spec, shapes, _vocab_size(source.path)), settings.components)
+    precision = "float16" if settings.fp16 else "float32"
+    contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
+    check_target(settings.out)  # before the slow part: a bad --out fails at once
+
+    from export.torch_modules import load_networks  # torch: only once the arguments are known good
+    networks = load_networks(source.path, spec, settings.device)
+    with staged_directory(settings.out) as staging:
+        files = {}
+        for name, contract in contracts.items():
+            log(f"exporting {name} ({contract.precision}, opset {settings.opset})")
+            written = export_network(networks[name], contract, staging / name / "model.onnx", settings.opset,
+                                     settings.seed)
+            files[name] = written[0].relative_to(staging).as_posix()
+        tokenizer_files = copy_tokenizer(source.path, staging) if spec.is_latent else []
+        record = {**dataclasses.asdict(settings), "out": str(settings.out), "batch_sizes": list(shapes.batch_sizes),
+                  "height": shapes.height, "width": shapes.width, "components": list(contracts)}
+        manifest = build_manifest(staging, spec=spec, precision=precision, contracts=contracts,
+                                  component_files=files, opset=settings.opset, source=source_fingerprint(source.path),
+                                  settings=record, tokenizer_files=tokenizer_files)
+        write_manifest(staging, manifest)
+        report = None
+        if settings.validate:
+            log("validating (ONNX Runtime vs PyTorch)")
+            report = validate_export(staging, source=source.path, networks=networks, seed=settings.seed,
+                                     device=settings.device)
+            if not report.passed:
+                names = ", ".join(sorted({c.name for c in report.failures()}))
+                raise ExportValidationError(
+                    f"export validation failed ({names} out of tolerance); nothing was written to {settings.out}"
+                    " (a previous export there is untouched). Try without --fp16, or --no-validate to keep it "
+                    "anyway", report)
+            manifest["validation"] = report.to_dict()
+            write_manifest(staging, manifest)
+    return ExportResult(settings.out, read_manifest(settings.out).data, report)
+
+
+def copy_tokenizer(source: Path, staging: Path) -> list[str]:
+    """Copy tokenizer/ into the export; add tokenizer.json (the fast tokenizer's single file) when the
+    source has only vocab.json + merges.txt, so the runtime reads it with the tokenizers library alone."""
+    target = staging / "tokenizer"
+    shutil.copytree(source / "tokenizer", target)
+    if not (target / "tokenizer.json").exists():
+        from transformers import AutoTokenizer
+        AutoTokenizer.from_pretrained(str(source / "tokenizer")).backend_tokenizer.save(str(target / "tokenizer.json"))
+    return sorted(p.relative_to(staging).as_posix() for p in target.rglob("*") if p.is_file())
+
+
+def _vocab_size(source: Path) -> int | None:
+    config = source / "text_encoder" / "config.json"
+    return json.loads(config.read_text()).get("vocab_size") if config.exists() else None
+
+
+def default_out(model_name: str, fp16: bool) -> Path:
+    return Path("exports") / f"{model_name}{'-fp16' if fp16 else ''}"

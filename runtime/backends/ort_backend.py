@@ -1,0 +1,251 @@
+"""ONNX Runtime backend: runs an export directory (``toolkit export``) with numpy + onnxruntime only.
+
+Arrays at the backend boundary are host numpy arrays (float32 for latents and images). On the CPU
+execution provider each network call is a plain ``session.run``. On the CUDA execution provider every
+call goes through IO binding into device buffers preallocated per input shape (``OrtValue``s updated in
+place), which is what lets ORT capture and replay a CUDA graph per shape (``cuda_graph=True``); only the
+latents, the step's timestep and the (small) conditioning cross PCIe each step. fp16 exports are cast at
+the boundary: inputs to the graph's declared dtypes, float outputs back to float32.
+
+Options (``Pipeline.load(..., backend="onnxruntime", <option>=...)``):
+  intra_op_threads / inter_op_threads: ORT thread pools (default: ORT's choice),
+  graph_optimization: disable | basic | extended | all (default all),
+  cuda_graph: capture one CUDA graph per input shape (CUDA only; every node must run on CUDA),
+  cuda_options: extra CUDA provider options, e.g. {"prefer_nhwc": "1", "cudnn_conv_algo_search": "HEURISTIC"},
+  verify: check every file's sha256 against manifest.json before loading (default True).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from runtime.backends.base import Backend, BackendError
+from runtime.export_manifest import bind_dims, read_manifest, resolve_shape, verify_files
+from runtime.model_spec import ModelSpec
+
+CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
+GPU_EXTRA_HINT = "pip install 'at-diffusion-toolkit[gpu]' (onnxruntime-gpu in place of onnxruntime)"
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
+                "tensor(int64)": np.int64, "tensor(int32)": np.int32}
+_OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+               "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+               "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+               "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
+
+
+def parse_device(device: str) -> tuple[str, int | None]:
+    """'cpu' -> ('cpu', None); 'cuda' / 'cuda:N' -> ('cuda', N). CUDA without ORT's CUDA provider is an
+    error naming the extra to install, never a silent CPU run."""
+    if device == "cpu":
+        return "cpu", None
+    if device == "cuda" or device.startswith("cuda:"):
+        available = ort.get_available_providers()
+        if CUDA_EP not in available:
+            raise BackendError(f"device '{device}' asked for, but onnxruntime {ort.__version__} has no "
+                               f"{CUDA_EP} (it has {', '.join(available)}); install the gpu extra: "
+                               f"{GPU_EXTRA_HINT}, or pass --device cpu")
+        index = device.partition(":")[2] or "0"
+        if not index.isdigit():
+            raise BackendError(f"bad device '{device}'; use cuda or cuda:N")
+        return "cuda", int(index)
+    raise BackendError(f"unknown device '{device}' for the onnxruntime backend; use cpu, cuda or cuda:N")
+
+
+def session_options(intra_op_threads: int | None = None, inter_op_threads: int | None = None,
+                    graph_optimization: str = "all") -> ort.SessionOptions:
+    if graph_optimization not in _OPT_LEVELS:
+        raise BackendError(f"graph_optimization '{graph_optimization}' is not one of {', '.join(_OPT_LEVELS)}")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = _OPT_LEVELS[graph_optimization]
+    if intra_op_threads is not None:
+        options.intra_op_num_threads = int(intra_op_threads)
+    if inter_op_threads is not None:
+        options.inter_op_num_threads = int(inter_op_threads)
+    return options
+
+
+def providers_for(kind: str, device_id: int | None, cuda_graph: bool, cuda_options: dict | None = None) -> list:
+    if kind == "cpu":
+        if cuda_graph or cuda_options:
+            raise BackendError("cuda_graph / cuda_options need device cuda; drop them for CPU runs")
+        return [CPU_EP]
+    cuda_options = {**{k: str(v) for k, v in (cuda_options or {}).items()}, "device_id": str(device_id)}
+    if cuda_graph:
+        cuda_options["enable_cuda_graph"] = "1"
+    # CPU stays listed for the few shape ops ORT places there; with cuda_graph every node must be on CUDA
+    # and ORT refuses to capture otherwise (the error is passed on).
+    return [(CUDA_EP, cuda_options), CPU_EP]
+
+
+class _DeviceBuffers:
+    """Preallocated device inputs/outputs bound once for one input-shape signature (fixed addresses are
+    what CUDA graph replay needs)."""
+
+    def __init__(self, runner: "OrtRunner", feed: dict[str, np.ndarray], graph_id: int):
+        sess, (device, device_id) = runner.session, runner.bind_to
+        dims = bind_dims(runner.contract["inputs"], feed)
+        self.binding = sess.io_binding()
+        self.inputs, self.outputs = {}, {}
+        for name, array in feed.items():
+            value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, runner.input_types[name], device, device_id)
+            self.binding.bind_ortvalue_input(name, value)
+            self.inputs[name] = value
+        for tensor in runner.contract["outputs"]:
+            name = tensor["name"]
+            value = ort.OrtValue.ortvalue_from_shape_and_type(resolve_shape(tensor["shape"], dims),
+                                                              runner.output_types[name], device, device_id)
+            self.binding.bind_ortvalue_output(name, value)
+            self.outputs[name] = value
+        self.run_options = ort.RunOptions()
+        if runner.cuda_graph:
+            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
+
+
+class OrtRunner:
+    """One network's InferenceSession: feeds are cast to the graph's input dtypes, float outputs come back
+    as float32 host arrays. ``bind_to=("cuda", N)`` runs through IO binding on preallocated buffers on
+    that device (required for CUDA graphs; ("cpu", 0) exercises the same path on a CPU)."""
+
+    def __init__(self, path: Path, contract: dict, options: ort.SessionOptions, providers: list,
+                 bind_to: tuple[str, int] | None = None, cuda_graph: bool = False):
+        try:
+            self.session = ort.InferenceSession(str(path), options, providers=providers)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; keep the first line
+            raise BackendError(f"onnxruntime could not load {path}: {str(exc).splitlines()[0][:300]}") from None
+        wanted = providers[0] if isinstance(providers[0], str) else providers[0][0]
+        if self.session.get_providers()[0] != wanted:  # ORT falls back to CPU when CUDA libraries fail to load
+            raise BackendError(f"onnxruntime could not start {wanted} for {path.name} (it fell back to "
+                               f"{self.session.get_providers()}); check the CUDA/cuDNN install ({GPU_EXTRA_HINT})")
+        self.contract, self.bind_to, self.cuda_graph = contract, bind_to, cuda_graph
+        self.input_types = {i.name: _numpy_type(i.type) for i in self.session.get_inputs()}
+        self.output_types = {o.name: _numpy_type(o.type) for o in self.session.get_outputs()}
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        self._buffers: dict[tuple, _DeviceBuffers] = {}
+
+    @property
+    def input_names(self) -> list[str]:
+        return list(self.input_types)
+
+    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        missing = set(self.input_types) - set(feed)
+        extra = set(feed) - set(self.input_types)
+        if missing or extra:
+            raise BackendError(f"network inputs mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}; "
+                               "the export does not match this model's conditioning, re-run 'toolkit export'")
+        feed = {n: np.ascontiguousarray(a, dtype=self.input_types[n]) for n, a in feed.items()}
+        outputs = self._run_bound(feed) if self.bind_to is not None else self._run_host(feed)
+        return {n: (a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a) for n, a in outputs.items()}
+
+    def _run_host(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+
+    def _run_bound(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        key = tuple(sorted((n, a.shape) for n, a in feed.items()))
+        buffers = self._buffers.get(key)
+        if buffers is None:
+            # graph id 0 is reserved by ORT; one captured graph per input-shape signature
+            buffers = self._buffers[key] = _DeviceBuffers(self, feed, graph_id=len(self._buffers) + 1)
+        for name, array in feed.items():
+            buffers.inputs[name].update_inplace(array)
+        self.session.run_with_iobinding(buffers.binding, buffers.run_options)
+        return {name: value.numpy() for name, value in buffers.outputs.items()}
+
+    def close(self) -> None:
+        self._buffers.clear()
+        self.session = None
+
+
+def _numpy_type(onnx_type: str):
+    if onnx_type not in _NUMPY_TYPES:
+        raise BackendError(f"unsupported ONNX tensor type {onnx_type} at the network boundary")
+    return _NUMPY_TYPES[onnx_type]
+
+
+class OrtBackend(Backend):
+    name = "onnxruntime"
+
+    @classmethod
+    def default_device(cls) -> str:
+        return "cuda" if CUDA_EP in ort.get_available_providers() else "cpu"
+
+    @classmethod
+    def auto_dtype(cls, source_dir, device: str) -> str:
+        """An export's precision is fixed when it is exported: 'auto' means the manifest's."""
+        return read_manifest(source_dir).precision
+
+    @classmethod
+    def load(cls, source_dir, spec: ModelSpec, *, device: str, dtype: str, intra_op_threads: int | None = None,
+             inter_op_threads: int | None = None, graph_optimization: str = "all", cuda_graph: bool = False,
+             verify: bool = True, cuda_options: dict | None = None, **options: Any) -> "OrtBackend":
+        if options:
+            raise BackendError(f"the onnxruntime backend has no option(s) {sorted(options)}; it takes "
+                               "intra_op_threads, inter_op_threads, graph_optimization, cuda_graph, "
+                               "cuda_options, verify")
+        kind, device_id = parse_device(device)
+        manifest = read_manifest(source_dir)
+        if dtype not in ("auto", manifest.precision):
+            raise BackendError(f"export {source_dir} runs {manifest.precision} (fixed at export); pass dtype "
+                               f"'{manifest.precision}' or 'auto', or re-export "
+                               f"{'without' if manifest.precision == 'float16' else 'with'} --fp16")
+        if verify:
+            verify_files(manifest)
+        backend = cls(spec, device, manifest.precision)
+        providers_for(kind, device_id, cuda_graph, cuda_options)  # option errors before any session loads
+        backend._open(manifest, session_options(intra_op_threads, inter_op_threads, graph_optimization),
+                      kind, device_id, cuda_graph, cuda_options)
+        return backend
+
+    def _open(self, manifest, options, kind, device_id, cuda_graph, cuda_options) -> None:
+        needed = ["unet"] + (["text_encoder", "vae_decoder"] if self.spec.is_latent else [])
+        bind_to = None if device_id is None else ("cuda", device_id)
+        self._runners: dict[str, OrtRunner] = {}
+        for name in needed:
+            entry = manifest.components.get(name)
+            path = manifest.component_path(name)  # raises, naming --components, when it was not exported
+            # CUDA graphs only for the UNet, the network called every step; the text encoder and VAE
+            # run once per generation, where a graph saves little and capture constraints only risk errors.
+            graph = cuda_graph and name == "unet"
+            providers = providers_for(kind, device_id, graph, cuda_options)
+            self._runners[name] = OrtRunner(path, entry["contract"], options, providers, bind_to, graph)
+        self._precisions = {name: manifest.components[name]["precision"] for name in needed}
+        self._provider = self._runners["unet"].session.get_providers()[0]
+        self._cuda_graph = cuda_graph
+        self._threads = options.intra_op_num_threads
+
+    def from_numpy(self, array: np.ndarray) -> np.ndarray:
+        return np.array(array, copy=True)
+
+    def to_numpy(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
+        if "text_encoder" not in self._runners:
+            return super().encode_text(input_ids)
+        return self._runners["text_encoder"]({"input_ids": input_ids})["last_hidden_state"]
+
+    def denoise(self, sample, timestep: int, *, encoder_hidden_states=None, timestep_cond=None,
+                class_labels=None) -> np.ndarray:
+        unet = self._runners["unet"]
+        given = {"sample": sample, "timestep": np.array([timestep], dtype=np.float32),
+                 "encoder_hidden_states": encoder_hidden_states, "timestep_cond": timestep_cond,
+                 "class_labels": class_labels}
+        feed = {name: value for name, value in given.items() if value is not None}
+        return unet(feed)["model_output"]
+
+    def decode(self, latents) -> np.ndarray:
+        if "vae_decoder" not in self._runners:
+            return super().decode(latents)
+        return self._runners["vae_decoder"]({"latent": latents})["images"]
+
+    def close(self) -> None:
+        for runner in getattr(self, "_runners", {}).values():
+            runner.close()
+        self._runners = {}
+
+    def describe(self) -> str:
+        parts = ", ".join(f"{name} {precision}" for name, precision in self._precisions.items())
+        graph = ", UNet in CUDA graphs" if self._cuda_graph else ""
+        return f"onnxruntime {ort.__version__} on {self.device} via {self._provider}{graph} ({parts})"

@@ -1,0 +1,202 @@
+"""`toolkit export`: ONNX export from contracts, manifest + hashes, validation, atomic replacement, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from export.contracts import ExportShapes, contracts_for
+from export.exporter import ExportSettings, run_export
+from export.validate import Check, ExportValidationError, ValidationReport, validate_export
+from runtime import Pipeline
+from runtime.backends import BackendError
+from runtime.backends.ort_backend import OrtBackend
+from runtime.export_manifest import read_manifest, sha256_file
+from runtime.model_spec import ModelFormatError, ModelSpec
+
+
+def _export(model, out, **options):
+    return run_export(ExportSettings(model=str(model), out=out, **options), log=lambda message: None)
+
+
+@pytest.fixture(scope="module")
+def lcm_export(tiny_lcm_dir, tmp_path_factory):
+    return _export(tiny_lcm_dir, tmp_path_factory.mktemp("exports") / "lcm", batch_sizes=(1, 2))
+
+
+@pytest.fixture(scope="module")
+def lcm_fp16_export(tiny_lcm_dir, tmp_path_factory):
+    return _export(tiny_lcm_dir, tmp_path_factory.mktemp("exports") / "lcm-fp16", fp16=True)
+
+
+@pytest.fixture(scope="module")
+def uncond_export(tiny_uncond_dir, tmp_path_factory):
+    return _export(tiny_uncond_dir, tmp_path_factory.mktemp("exports") / "uncond", batch_sizes=(2,))
+
+
+def test_every_component_passes_onnx_checker_and_is_listed_with_its_hash(lcm_export):
+    manifest = read_manifest(lcm_export.out)
+    assert set(manifest.components) == {"text_encoder", "unet", "vae_decoder"}
+    for name in manifest.components:
+        onnx.checker.check_model(str(manifest.component_path(name)))
+    for rel, entry in manifest.data["files"].items():
+        assert sha256_file(lcm_export.out / rel) == entry["sha256"]
+    assert "tokenizer/tokenizer.json" in manifest.data["files"]
+    assert manifest.data["source"]["sha256"] and manifest.data["versions"]["onnx"] == onnx.__version__
+    assert manifest.spec == ModelSpec.from_diffusers_dir(manifest.data["source"]["path"])
+
+
+def test_unet_contract_carries_lcm_guidance_embedding_and_profiles(lcm_export):
+    unet = read_manifest(lcm_export.out).components["unet"]["contract"]
+    assert [t["name"] for t in unet["inputs"]] == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+    assert unet["dims"]["batch"] == [1, 1, 2]
+    graph_inputs = [i.name for i in onnx.load(str(lcm_export.out / "unet" / "model.onnx")).graph.input]
+    assert graph_inputs == ["sample", "timestep", "encoder_hidden_states", "timestep_cond"]
+
+
+def test_cfg_model_contract_doubles_batch_and_vae_output_follows_latent(tiny_sd_dir):
+    spec = ModelSpec.from_diffusers_dir(tiny_sd_dir)
+    contracts = contracts_for(spec, ExportShapes.for_spec(spec, (1, 4)))
+    assert contracts["unet"].dims["batch"] == (1, 2, 8)          # CFG runs 2B; guidance off runs B
+    assert "timestep_cond" not in contracts["unet"].input_names()
+    assert contracts["vae_decoder"].dims["batch"] == (1, 1, 4)
+    assert contracts["vae_decoder"].outputs[0].shape[2] == f"latent_height*{spec.vae_scale_factor}"
+    fp16 = contracts["unet"].with_precision("float16").sample_inputs("max")
+    assert fp16["sample"].dtype == np.float16 and fp16["timestep"].dtype == np.float32
+    assert fp16["sample"].shape == (8, 4, 16, 16)
+
+
+def test_validation_passes_per_component_and_end_to_end(lcm_export):
+    report = lcm_export.report
+    assert report.passed
+    names = [c.name for c in report.checks]
+    assert names.count("unet") == 2                       # profile min (batch 1) and max (batch 2)
+    assert {"text_encoder", "vae_decoder", "tokenizer", "end-to-end"} <= set(names)
+    assert read_manifest(lcm_export.out).data["validation"]["passed"] is True
+
+
+def test_ort_pipeline_matches_torch_pipeline(tiny_lcm_dir, lcm_export):
+    request = dict(prompts=["astronaut in a jungle", "a red cube"], steps=4, seed=3)
+    with Pipeline.load(tiny_lcm_dir, backend="torch", device="cpu") as pipe:
+        expected = pipe(**request)
+    with Pipeline.load(lcm_export.out, backend="onnxruntime", device="cpu", dtype="float32") as pipe:
+        got = pipe(**request)
+    assert "onnxruntime" in got.backend
+    np.testing.assert_allclose(got.latents, expected.latents, atol=1e-4)
+    assert np.abs(got.arrays.astype(int) - expected.arrays.astype(int)).max() <= 1
+
+
+def test_unconditional_pixel_unet_exports_and_matches_torch(tiny_uncond_dir, uncond_export):
+    assert uncond_export.report.passed
+    request = dict(num_images=2, sampler="ddim", steps=3, seed=5)
+    with Pipeline.load(tiny_uncond_dir, backend="torch", device="cpu") as pipe:
+        expected = pipe(**request)
+    with Pipeline.load(uncond_export.out, backend="onnxruntime", device="cpu", dtype="float32") as pipe:
+        got = pipe(**request)
+    np.testing.assert_allclose(got.samples, expected.samples, atol=1e-4)
+
+
+def test_fp16_export_validates_on_cpu_with_vae_and_text_encoder_in_fp32(lcm_fp16_export):
+    manifest = read_manifest(lcm_fp16_export.out)
+    assert lcm_fp16_export.report.passed
+    assert manifest.precision == "float16"
+    assert {n: c["precision"] for n, c in manifest.components.items()} == \
+        {"text_encoder": "float32", "unet": "float16", "vae_decoder": "float32"}
+    model = onnx.load(str(manifest.component_path("unet")))
+    assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT16
+    assert OrtBackend.auto_dtype(lcm_fp16_export.out, "cpu") == "float16"   # what dtype="auto" should mean
+    with Pipeline.load(lcm_fp16_export.out, backend="onnxruntime", device="cpu", dtype="auto") as pipe:
+        out = pipe(["astronaut in a jungle"], steps=2, seed=0)
+    assert np.isfinite(out.samples).all() and out.arrays.std() > 1   # no NaN, not a flat image
+
+
+def test_validator_fails_on_networks_that_differ(uncond_export, tmp_path):
+    from export.torch_modules import load_networks
+    from train.tiny_models import build_tiny_unconditional
+    other = build_tiny_unconditional(tmp_path / "other", seed=1)
+    report = validate_export(uncond_export.out, networks=load_networks(other, ModelSpec.from_diffusers_dir(other)))
+    assert not report.passed
+    assert {c.name for c in report.failures()} >= {"unet"}
+
+
+def test_tampered_file_is_refused(uncond_export, tmp_path):
+    copy = shutil.copytree(uncond_export.out, tmp_path / "copy")
+    onnx_file = copy / "unet" / "model.onnx"
+    data = bytearray(onnx_file.read_bytes())
+    data[-10] ^= 0xFF
+    onnx_file.write_bytes(bytes(data))
+    with pytest.raises(ModelFormatError, match="sha256"):
+        Pipeline.load(copy, backend="onnxruntime", device="cpu")
+
+
+def test_failed_validation_leaves_previous_export_intact(tiny_uncond_dir, uncond_export, tmp_path, monkeypatch):
+    out = shutil.copytree(uncond_export.out, tmp_path / "uncond")
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    failing = ValidationReport([Check("unet", "forced", 1.0, "1.0", "0", False)])
+    monkeypatch.setattr("export.exporter.validate_export", lambda *a, **k: failing)
+    with pytest.raises(ExportValidationError, match="previous export there is untouched"):
+        _export(tiny_uncond_dir, out, batch_sizes=(1, 3))
+    after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before
+    assert [p.name for p in tmp_path.iterdir()] == ["uncond"]     # no staging directory left behind
+
+
+def test_out_that_is_not_an_export_is_refused(tiny_uncond_dir, tmp_path):
+    (tmp_path / "precious.txt").write_text("keep me")
+    with pytest.raises(Exception, match="not an export directory"):
+        _export(tiny_uncond_dir, tmp_path, validate=False)
+    assert (tmp_path / "precious.txt").read_text() == "keep me"
+
+
+def test_dtype_other_than_the_exports_is_an_error(uncond_export):
+    with pytest.raises(BackendError, match="float32"):
+        Pipeline.load(uncond_export.out, backend="onnxruntime", device="cpu", dtype="float16")
+
+
+def test_cli_exports_and_validates(tiny_uncond_dir, tmp_path):
+    from toolkit import app
+    runner = CliRunner()
+    out = tmp_path / "cli-export"
+    result = runner.invoke(app, ["export", str(tiny_uncond_dir), "--out", str(out), "--no-validate", "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "manifest.json").read_text())["settings"]["seed"] == 1
+    result = runner.invoke(app, ["export", "validate", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "end-to-end" in result.output and "FAIL" not in result.output
+
+
+@pytest.mark.parametrize("args, message", [
+    (["export", "/no/such/model"], "does not exist"),
+    (["export", "MODEL", "--batch-sizes", "1,x"], "--batch-sizes"),
+    (["export", "MODEL", "--components", "unet,vae"], "--components"),
+    (["export", "validate", "/no/such/export"], "no manifest.json"),
+])
+def test_cli_bad_input_is_one_line(tiny_uncond_dir, args, message):
+    from toolkit import app
+    args = [str(tiny_uncond_dir) if a == "MODEL" else a for a in args]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2
+    assert message in result.output and "Traceback" not in result.output
+
+
+def test_large_networks_use_one_external_data_file(tiny_uncond_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr("export.onnx_export.EXTERNAL_DATA_BYTES", 0)   # treat the tiny UNet as "over 2 GB"
+    result = _export(tiny_uncond_dir, tmp_path / "external")
+    assert result.report.passed
+    assert {"unet/model.onnx", "unet/model.onnx.data"} <= set(result.manifest["files"])
+    assert (result.out / "unet" / "model.onnx").stat().st_size < (result.out / "unet" / "model.onnx.data").stat().st_size
+
+
+def test_default_model_and_default_out(tiny_lcm_dir, tmp_path, monkeypatch):
+    from toolkit import app
+    monkeypatch.setenv("TOOLKIT_MODEL", str(tiny_lcm_dir))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["export", "--fp16", "--no-validate"])
+    assert result.exit_code == 0, result.output
+    manifest = read_manifest(tmp_path / "exports" / f"{tiny_lcm_dir.name}-fp16")
+    assert manifest.precision == "float16"
