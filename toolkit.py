@@ -46,6 +46,9 @@ def generate(
     eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per network batch [default: all]."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt"),
+    backend_option: Optional[list[str]] = typer.Option(
+        None, help="KEY=VALUE passed to the backend, e.g. channels_last=true, compile=true (torch), "
+                   "cuda_graph=true, intra_op_threads=4 (onnxruntime). Repeatable."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16"),
     out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs."),

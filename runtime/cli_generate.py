@@ -1,6 +1,7 @@
 """``toolkit generate``: load, generate with a progress bar, write PNGs with their generation record."""
 from __future__ import annotations
 
+import json
 import re
 from importlib import metadata
 from pathlib import Path
@@ -9,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from runtime.default_model import default_model
+from runtime.errors import ToolkitError
 from runtime.images import save_png
 from runtime.pipeline import Pipeline
 
@@ -30,9 +32,11 @@ def versions() -> dict[str, str]:
 
 
 def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidance_scale, negative_prompt,
-                 height, width, class_label, eps_scale, eta, batch_size, backend, device, dtype, out) -> None:
+                 height, width, class_label, eps_scale, eta, batch_size, backend, backend_option, device, dtype,
+                 out) -> None:
     model = model or default_model()
-    with Pipeline.load(model, backend=backend, device=device, dtype=dtype) as pipe:
+    options = parse_options(backend_option or [])
+    with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}) on {pipe.backend.describe()}")
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
@@ -49,6 +53,20 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
     t = output.timings
     console.print(f"{len(paths)} image(s) in {t['total_s']:.2f} s (text {t['encode_s']:.2f} s, "
                   f"sampling {t['sample_s']:.2f} s, decode {t['decode_s']:.2f} s) on {output.backend}")
+
+
+def parse_options(pairs: list[str]) -> dict:
+    """``KEY=VALUE`` strings -> a dict; values read as JSON where they parse (true, 4, 0.5), else as text."""
+    options = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ToolkitError(f"backend option '{pair}' is not KEY=VALUE, e.g. --backend-option cuda_graph=true")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
 
 
 def write_images(output, out_dir: Path, model: str) -> list[Path]:

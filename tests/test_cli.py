@@ -69,3 +69,14 @@ def test_missing_model_says_how_to_get_one(tmp_path, monkeypatch):
     result = _run("generate", "x", "--out", tmp_path)
     assert result.exit_code == 2
     assert "make_tiny_model.py" in result.stderr
+
+
+def test_backend_options_reach_the_backend(tiny_lcm_dir, tmp_path):
+    ok = _run("generate", "x", "--model", tiny_lcm_dir, "--steps", "1", "--device", "cpu",
+              "--backend-option", "channels_last=true", "--out", tmp_path)
+    assert ok.exit_code == 0, ok.output
+    bad = _run("generate", "x", "--model", tiny_lcm_dir, "--device", "cpu", "--backend-option", "warp=9",
+               "--out", tmp_path)
+    assert bad.exit_code == 2 and "warp" in bad.stderr
+    malformed = _run("generate", "x", "--model", tiny_lcm_dir, "--backend-option", "cuda_graph", "--out", tmp_path)
+    assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.stderr
