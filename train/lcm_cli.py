@@ -1,0 +1,228 @@
+"""``toolkit train lcm`` (latent consistency distillation) and ``toolkit train lcm-at`` (its adversarial
+variant). ``register(app)`` adds both commands to the ``toolkit train`` group (train/cli.py).
+
+The run directory (``--out``) gets the trainer's checkpoints, metrics.jsonl and config.json, and ``model/``:
+a complete diffusers LatentConsistencyModelPipeline (LCMScheduler, tokenizer, text encoder, VAE, and the
+student UNet with the EMA target network's weights, which is what LCM ships) plus ``training.json``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from runtime.errors import ToolkitError, handles_errors
+
+
+def _option(kind, text: str):
+    return Annotated[kind, typer.Option(help=text)]
+
+
+Teacher = _option(str, "Text-to-image teacher: a Stable-Diffusion-style diffusers directory or hub id.")
+Data = _option(str, "Image-caption pairs: a folder with metadata.jsonl (file_name, text) or "
+               "webdataset .tar shards (file, folder or glob).")
+Out = _option(Path, "Run directory: checkpoints/, metrics.jsonl, model/ (the distilled pipeline).")
+MaxSteps = _option(int, "Training steps (batches).")
+BatchSize = _option(int, "Global batch size (over processes and --grad-accum).")
+Resolution = _option(Optional[int], "Training image size; default: the teacher's native size.")
+Lr = _option(float, "AdamW learning rate (diffusers' README recipe for full LCD: 1e-6).")
+Device = _option(str, "auto | cpu | cuda (cuda without a GPU is an error).")
+Seed = _option(int, "Seed for data order, timesteps, noise, w and delta.")
+Resume = _option(bool, "Continue from the latest checkpoint in --out.")
+SaveEvery = _option(int, "Steps between checkpoints (0: at the end and on Ctrl-C only).")
+MixedPrecision = _option(str, "no | fp16 | bf16 (through accelerate).")
+GradAccum = _option(int, "Micro-batches per step.")
+Workers = _option(int, "DataLoader worker processes.")
+MaxGradNorm = _option(float, "Clip the gradient norm (0: off; diffusers: 1.0).")
+Warmup = _option(int, "Linear LR warm-up, in optimizer steps.")
+LogEvery = _option(int, "Steps between metrics.jsonl lines.")
+WMin = _option(float, "Smallest CFG weight w (Imagen form, eps_c + w (eps_c - eps_u)); sampled per sample.")
+WMax = _option(float, "Largest CFG weight w.")
+Loss = _option(str, "Consistency distance: l2 | huber (pseudo-Huber).")
+HuberC = _option(float, "Pseudo-Huber c.")
+EmaDecay = _option(float, "EMA decay of the target network (LCM: 0.95).")
+DdimSteps = _option(int, "Teacher DDIM solver grid; skipping interval = T / this.")
+TimestepScaling = _option(float, "Boundary scaling factor in c_skip/c_out (LCMScheduler's timestep_scaling).")
+WEmbedding = _option(bool, "Give the student LCM's guidance embedding (time_cond_proj_dim).")
+ProjDim = _option(int, "time_cond_proj_dim when the teacher has none.")
+Student = _option(Optional[str], "Initialise the student from this UNet/pipeline instead of the teacher.")
+CacheLatents = _option(Optional[Path], "Pre-compute VAE latents + text embeddings into this dir (reused when it "
+                       "matches).")
+AdvSteps = _option(int, "K: free-AT inner steps (optimizer steps + delta ascents) per batch.")
+AdvLr = _option(float, "Ascent step for delta, per-element RMS in latent units.")
+AdvMaxNorm = _option(float, "eta: bound on ||delta||, per-element RMS in latent units.")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("lcm", help="Latent consistency distillation of a text-to-image teacher (LCD).")(lcm)
+    app.command("lcm-at", help="Adversarial latent consistency distillation (LCM-AT, free AT).")(lcm_at)
+
+
+@handles_errors
+def lcm(teacher: Teacher, data: Data, out: Out, max_steps: MaxSteps = 1000, batch_size: BatchSize = 8,
+        resolution: Resolution = None, lr: Lr = 1e-6, device: Device = "auto", seed: Seed = 0,
+        resume: Resume = False, save_every: SaveEvery = 500, mixed_precision: MixedPrecision = "no",
+        grad_accum: GradAccum = 1, num_workers: Workers = 0, max_grad_norm: MaxGradNorm = 1.0,
+        lr_warmup_steps: Warmup = 0, log_every: LogEvery = 10, w_min: WMin = 5.0, w_max: WMax = 15.0,
+        loss: Loss = "l2", huber_c: HuberC = 0.001, ema_decay: EmaDecay = 0.95, num_ddim_timesteps: DdimSteps = 50,
+        timestep_scaling: TimestepScaling = 10.0, w_embedding: WEmbedding = True, time_cond_proj_dim: ProjDim = 256,
+        student: Student = None, cache_latents: CacheLatents = None) -> None:
+    distill(DistillOptions(**locals()), adv=None)
+
+
+@handles_errors
+def lcm_at(teacher: Teacher, data: Data, out: Out, max_steps: MaxSteps = 1000, batch_size: BatchSize = 8,
+           resolution: Resolution = None, lr: Lr = 1e-6, device: Device = "auto", seed: Seed = 0,
+           resume: Resume = False, save_every: SaveEvery = 500, mixed_precision: MixedPrecision = "no",
+           grad_accum: GradAccum = 1, num_workers: Workers = 0, max_grad_norm: MaxGradNorm = 1.0,
+           lr_warmup_steps: Warmup = 0, log_every: LogEvery = 10, w_min: WMin = 5.0, w_max: WMax = 15.0,
+           loss: Loss = "l2", huber_c: HuberC = 0.001, ema_decay: EmaDecay = 0.95, num_ddim_timesteps: DdimSteps = 50,
+           timestep_scaling: TimestepScaling = 10.0, w_embedding: WEmbedding = True, time_cond_proj_dim: ProjDim = 256,
+           student: Student = None, cache_latents: CacheLatents = None, adv_steps: AdvSteps = 2,
+           adv_lr: AdvLr = 0.05, adv_max_norm: AdvMaxNorm = 0.05) -> None:
+    options = {k: v for k, v in locals().items() if not k.startswith("adv_")}
+    from train.lcm_losses import AdvSettings
+    distill(DistillOptions(**options), adv=AdvSettings(steps=adv_steps, lr=adv_lr, max_norm=adv_max_norm))
+
+
+@dataclasses.dataclass
+class DistillOptions:
+    teacher: str
+    data: str
+    out: Path
+    max_steps: int = 1000
+    batch_size: int = 8
+    resolution: int | None = None
+    lr: float = 1e-6
+    device: str = "auto"
+    seed: int = 0
+    resume: bool = False
+    save_every: int = 500
+    mixed_precision: str = "no"
+    grad_accum: int = 1
+    num_workers: int = 0
+    max_grad_norm: float = 1.0
+    lr_warmup_steps: int = 0
+    log_every: int = 10
+    w_min: float = 5.0
+    w_max: float = 15.0
+    loss: str = "l2"
+    huber_c: float = 0.001
+    ema_decay: float = 0.95
+    num_ddim_timesteps: int = 50
+    timestep_scaling: float = 10.0
+    w_embedding: bool = True
+    time_cond_proj_dim: int = 256
+    student: str | None = None
+    cache_latents: Path | None = None
+    progress: bool = True
+
+
+def distill(opts: DistillOptions, adv=None):
+    """Check everything, load teacher/student/data, train, export. Returns the trainer's TrainResult."""
+    import torch
+
+    from train.caption_data import find_records
+    from train.lcm_losses import ConsistencyDistillation, LCDSettings
+    from train.lcm_teacher import DDIMSolver, alphas_cumprod, lcm_scheduler, load_teacher, make_student
+    from train.trainer import Trainer, TrainerConfig
+
+    settings = LCDSettings(w_min=opts.w_min, w_max=opts.w_max, loss=opts.loss, huber_c=opts.huber_c,
+                           ema_decay=opts.ema_decay, timestep_scaling=opts.timestep_scaling)
+    settings.check()
+    if adv is not None:
+        adv.check()
+    records = find_records(opts.data)  # cheap checks (captions) before the teacher loads
+    teacher = load_teacher(opts.teacher)
+    resolution = _resolution(opts.resolution, teacher.spec)
+    solver = DDIMSolver(alphas_cumprod(teacher.scheduler_config), opts.num_ddim_timesteps)
+    with torch.random.fork_rng():  # the new guidance projection's init depends on --seed only
+        torch.manual_seed(opts.seed)
+        student = make_student(teacher.unet, w_embedding=opts.w_embedding,
+                               time_cond_proj_dim=opts.time_cond_proj_dim, init_from=opts.student)
+    scheduler = lcm_scheduler(teacher.scheduler_config, opts.num_ddim_timesteps, opts.timestep_scaling)
+    dataset = _dataset(opts, records, teacher, resolution)
+    objective = ConsistencyDistillation(teacher, student, solver, scheduler, settings, adv)
+    record = {"command": "lcm-at" if adv else "lcm", "options": _jsonable(dataclasses.asdict(opts)),
+              "adv": dataclasses.asdict(adv) if adv else None, "resolution": resolution,
+              "teacher": str(teacher.path), "num_samples": len(dataset)}
+    config = TrainerConfig(run_dir=opts.out, max_steps=opts.max_steps, batch_size=opts.batch_size, lr=opts.lr,
+                           grad_accum=opts.grad_accum, ema_decay=opts.ema_decay, mixed_precision=opts.mixed_precision,
+                           device=opts.device, seed=opts.seed, save_every=opts.save_every, resume=opts.resume,
+                           num_workers=opts.num_workers, max_grad_norm=opts.max_grad_norm or None,
+                           lr_warmup_steps=opts.lr_warmup_steps, log_every=opts.log_every,
+                           export_weights="raw", progress=opts.progress,
+                           command_config=record)
+
+    def export(model, tmp: Path) -> None:
+        export_pipeline(model, objective.target, teacher, scheduler, tmp, record)
+
+    result = Trainer(config).fit(student, dataset, objective, export=export)
+    if result.model_dir is not None:
+        typer.echo(f"distilled pipeline: {result.model_dir} (step {result.step})")
+    else:
+        typer.echo(f"stopped at step {result.step}; continue with --resume")
+    return result
+
+
+def _resolution(resolution: int | None, spec) -> int:
+    size = resolution or spec.default_resolution
+    if size <= 0 or size % spec.pixel_multiple:
+        raise ToolkitError(f"--resolution {size} must be a positive multiple of {spec.pixel_multiple} for this teacher")
+    return size
+
+
+def _dataset(opts: DistillOptions, records: list, teacher, resolution: int):
+    from train.caption_data import CaptionDataset, cache_key, open_or_build_cache
+    dataset = CaptionDataset(records, teacher.tokenizer, resolution)
+    if opts.cache_latents is None:
+        return dataset
+    import torch
+    from accelerate import PartialState
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise ToolkitError("--device cuda was asked for but no CUDA GPU is visible; use --device cpu or a GPU machine")
+    state = PartialState(cpu=opts.device == "cpu")
+    vae, text_encoder = teacher.vae.to(state.device), teacher.text_encoder.to(state.device)
+
+    def encode(pixels, ids):
+        moments = vae.encode(pixels.to(state.device)).latent_dist.parameters
+        return moments, text_encoder(ids.to(state.device))[0]
+
+    key = cache_key(dataset.records, resolution, teacher.path)
+    with state.main_process_first():  # the main process builds; the others then open what it wrote
+        cached = open_or_build_cache(opts.cache_latents, dataset, key, encode)
+    typer.echo(f"latent cache: {opts.cache_latents} ({len(cached)} samples, encoded on {state.device})")
+    return cached
+
+
+def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) -> None:
+    """Save the LatentConsistencyModelPipeline with the target network's weights in ``model`` (a CPU
+    float32 copy of the student the trainer hands over) and a training record with hashes."""
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+    from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    model.load_state_dict({k: v.detach().cpu().float() for k, v in target.state_dict().items()})
+    # diffusers' LCM pipeline always embeds w, so a student without the embedding (--no-w-embedding) is
+    # saved as a StableDiffusionPipeline with the LCMScheduler (as LCM-LoRA models are); sample it without CFG.
+    cls = LatentConsistencyModelPipeline if model.config.time_cond_proj_dim else StableDiffusionPipeline
+    pipe = cls(vae=teacher.vae.cpu(), text_encoder=teacher.text_encoder.cpu(), tokenizer=teacher.tokenizer,
+               unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+               requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    files = sorted(p for p in out.rglob("*.safetensors"))
+    hashes = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+    (out / "training.json").write_text(json.dumps({**record, "weights": "ema-target", "sha256": hashes,
+                                                   "versions": versions}, indent=2))
+
+
+def _jsonable(d: dict) -> dict:
+    return {k: str(v) if isinstance(v, Path) else v for k, v in d.items()}
