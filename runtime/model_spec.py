@@ -54,6 +54,8 @@ class ModelSpec:
     def pixel_multiple(self) -> int:
         """Image height/width must be a multiple of this (VAE and UNet downsampling; at least 8)."""
         factor = self.vae_scale_factor * self.unet_downsample
+        if not self.is_latent:
+            return factor  # pixel UNets need only their own downsampling (28x28 MNIST: 4)
         return factor if factor % 8 == 0 else factor * 8 // _gcd(factor, 8)
 
     def to_dict(self) -> dict:

@@ -151,7 +151,8 @@ def distill(opts: DistillOptions, adv=None):
               "adv": dataclasses.asdict(adv) if adv else None, "resolution": resolution,
               "teacher": str(teacher.path), "num_samples": len(dataset)}
     config = TrainerConfig(run_dir=opts.out, max_steps=opts.max_steps, batch_size=opts.batch_size, lr=opts.lr,
-                           grad_accum=opts.grad_accum, ema_decay=opts.ema_decay, mixed_precision=opts.mixed_precision,
+                           grad_accum=opts.grad_accum, ema_decay=None,  # the objective keeps the target EMA itself
+                           mixed_precision=opts.mixed_precision,
                            device=opts.device, seed=opts.seed, save_every=opts.save_every, resume=opts.resume,
                            num_workers=opts.num_workers, max_grad_norm=opts.max_grad_norm or None,
                            lr_warmup_steps=opts.lr_warmup_steps, log_every=opts.log_every,

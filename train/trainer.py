@@ -29,8 +29,10 @@ API (nothing in here knows about diffusion; objectives bring the maths)::
   installed), ``checkpoints/step-N/`` (accelerate ``save_state``: model, optimizer, RNG states, plus
   the LR scheduler, EMA and a stateful objective as registered objects, and ``trainer_state.json``),
   written into ``.step-N.tmp`` and renamed; ``model/``, the final export.
-- ``resume=True`` continues from the latest checkpoint bitwise (same data order, RNG, optimizer).
+- ``resume=True`` continues from the latest checkpoint bitwise (same data order, RNG, optimizer); a
+  different seed, batch_size or grad_accum than the checkpoint's is a ToolkitError (``max_steps`` may grow).
   SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns ``interrupted=True``.
+- The first line printed (``Trainer.describe()``) says what runs the training: device, processes, precision.
 """
 from __future__ import annotations
 
@@ -65,7 +67,7 @@ class TrainerConfig:
     lr_warmup_steps: int = 0        # counted in optimizer steps
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
-    ema_decay: float = 0.9999
+    ema_decay: float | None = 0.9999   # None: no trainer EMA (an objective keeps its own, e.g. LCM's target)
     mixed_precision: str = "no"     # no | fp16 | bf16
     device: str = "auto"            # auto | cpu | cuda
     seed: int = 0
@@ -168,9 +170,12 @@ class Trainer:
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         # diffusers' EMAModel: a maintained implementation with warmup and state_dict (so
         # accelerate can checkpoint it); shadow params live beside the model on the device.
-        self.ema = EMAModel(self.accelerator.unwrap_model(self.model).parameters(), decay=cfg.ema_decay)
-        self.ema.to(self.accelerator.device)
-        self.accelerator.register_for_checkpointing(self.lr_scheduler, self.ema, self._Counters(self))
+        self.ema = None
+        if cfg.ema_decay is not None:
+            self.ema = EMAModel(self.accelerator.unwrap_model(self.model).parameters(), decay=cfg.ema_decay)
+            self.ema.to(self.accelerator.device)
+        extra = [self.ema] if self.ema is not None else []
+        self.accelerator.register_for_checkpointing(self.lr_scheduler, *extra, self._Counters(self))
         if hasattr(objective, "state_dict") and hasattr(objective, "load_state_dict"):
             self.accelerator.register_for_checkpointing(objective)
 
@@ -194,7 +199,8 @@ class Trainer:
         self.optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: no step, so no schedule/EMA tick
             self.lr_scheduler.step()
-            self.ema.step(acc.unwrap_model(self.model).parameters())
+            if self.ema is not None:
+                self.ema.step(acc.unwrap_model(self.model).parameters())
         self.optimizer.zero_grad(set_to_none=True)
         self.optimizer_steps += 1
 
@@ -227,9 +233,28 @@ class Trainer:
         if found is None:
             return 0  # --resume on a fresh run dir starts from scratch (documented)
         step, path = found
+        self._check_resumable(json.loads((path / "trainer_state.json").read_text())["config"])
         self.accelerator.load_state(str(path))
-        self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
+        if self.ema is not None:
+            self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
         return step
+
+    def _check_resumable(self, saved: dict[str, Any]) -> None:
+        """Exact resume replays the data order and noise of (seed, batch size, grad_accum); a change
+        there would silently train on a different stream, so it is an error."""
+        now = self.config.to_json()
+        changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in ("seed", "batch_size", "grad_accum")
+                   if saved.get(k) != now[k]]
+        if changed:
+            raise ToolkitError(f"--resume with different settings than the checkpoint ({', '.join(changed)}); "
+                               "rerun with the original values, or use a new --out")
+
+    def describe(self) -> str:
+        """What runs the training (printed at the start: nothing falls back silently)."""
+        acc = self.accelerator
+        where = "cpu" if acc.device.type == "cpu" else f"{acc.device} ({torch.cuda.get_device_name(acc.device)})"
+        return (f"training on {where} x {acc.num_processes} process(es), mixed precision "
+                f"{self.config.mixed_precision}")
 
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, model: torch.nn.Module, dataset, objective: Objective,
@@ -241,6 +266,8 @@ class Trainer:
         set_seed(cfg.seed)
         self._setup(model, objective)
         start = self._resume() if cfg.resume else 0
+        if cfg.progress and self.accelerator.is_main_process:
+            print(self.describe() + (f", resuming at step {start}" if start else ""), flush=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
             (self.run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
@@ -329,7 +356,7 @@ class Trainer:
         acc.wait_for_everyone()
         if acc.is_main_process:
             model = copy.deepcopy(acc.unwrap_model(self.model)).float().cpu().eval()
-            if self.config.export_weights == "ema":
+            if self.config.export_weights == "ema" and self.ema is not None:
                 self.ema.copy_to([p for p in model.parameters()])
             tmp = final.with_name(f".{MODEL_DIR}.tmp")
             if tmp.exists():
