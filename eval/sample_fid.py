@@ -1,0 +1,73 @@
+"""``toolkit eval sample-fid``: generate N samples per NFE and score them against reference statistics,
+batch by batch in memory (no PNGs), with the per-chunk feature cache so an interrupted run resumes."""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import time
+from pathlib import Path
+
+from eval.features import FeatureCache, chunked_measure
+from eval.fid import FeatureStats, fid_from_stats
+from eval.generate import SamplingPlan, sample_producer
+from eval.inception import InceptionFeatures
+from eval.measure import cache_subdir, check_comparable, check_extractor
+
+
+@dataclasses.dataclass(frozen=True)
+class SampleFIDConfig:
+    model: str
+    nfes: tuple[int, ...]
+    num: int
+    sampler: str | None = None
+    backend: str = "torch"
+    device: str = "auto"
+    dtype: str = "auto"
+    seed: int = 0
+    batch_size: int | None = None
+    chunk_size: int = 500
+    prompts: tuple[str, ...] | None = None
+    guidance_scale: float | None = None
+    cache_dir: Path | None = None
+    backend_options: dict = dataclasses.field(default_factory=dict)
+
+
+def generated_features(pipe, plan: SamplingPlan, extractor: InceptionFeatures, num: int, *, chunk_size: int,
+                       cache_dir: Path | None, model_id: dict, progress=None):
+    """Inception features of ``num`` samples of ``pipe`` under ``plan`` (cached per chunk when asked)."""
+    cache = None
+    if cache_dir is not None:
+        cache = FeatureCache(cache_dir, {"model": model_id, "backend": pipe.backend.describe(), "plan": plan.record(),
+                                         "prompts_sha1": _prompts_hash(plan.prompts),
+                                         "extractor": extractor.describe(), "chunk_size": chunk_size})
+    produce = sample_producer(pipe, plan, on_progress=progress)
+    return chunked_measure(num, produce, lambda images, *_: {"inception": extractor(images)}, chunk_size=chunk_size,
+                           cache=cache)["inception"]
+
+
+def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor: InceptionFeatures,
+                   progress_for=None) -> list[dict]:
+    """One row per NFE: {nfe, fid, num, seconds, backend}. ``progress_for(nfe)`` returns a callback
+    taking the number of samples done."""
+    from runtime.pipeline import Pipeline
+    rows = []
+    check_extractor(extractor, ref)
+    with Pipeline.load(config.model, backend=config.backend, device=config.device, dtype=config.dtype,
+                       **config.backend_options) as pipe:
+        model_id = {"path": str(pipe.source.path.resolve()), "name": pipe.spec.name}
+        for nfe in config.nfes:
+            plan = SamplingPlan(steps=nfe, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
+                                prompts=config.prompts, guidance_scale=config.guidance_scale)
+            started = time.perf_counter()
+            feats = generated_features(pipe, plan, extractor, config.num, chunk_size=config.chunk_size,
+                                       cache_dir=cache_subdir(config.cache_dir, f"nfe-{nfe}"), model_id=model_id,
+                                       progress=progress_for(nfe) if progress_for else None)
+            stats = FeatureStats.from_features(feats, meta={"extractor": extractor.describe()})
+            check_comparable(stats, ref)
+            rows.append({"nfe": nfe, "fid": fid_from_stats(stats, ref), "num": config.num,
+                         "seconds": round(time.perf_counter() - started, 2), "backend": pipe.backend.describe()})
+    return rows
+
+
+def _prompts_hash(prompts) -> str | None:
+    return hashlib.sha1("\n".join(prompts).encode()).hexdigest() if prompts else None

@@ -1,0 +1,232 @@
+"""The eval CLI end to end on tiny models: stats / fid / clip / sample-fid, and the compare report on two
+backends (torch and onnxruntime on exported tiny models). A tiny TorchScript feature network stands in for
+the Inception (``--inception`` takes any TorchScript image -> features network) to keep this fast; the
+real Inception is tested in test_eval.py."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from eval.verdict import build_verdict
+
+runner = CliRunner()
+HAS_ORT_EXPORT = all(importlib.util.find_spec(m) is not None
+                     for m in ("onnxruntime", "export.exporter", "runtime.backends.ort_backend"))
+
+
+def _invoke(*args):
+    from toolkit import app
+    result = runner.invoke(app, ["eval", *map(str, args)])
+    return result
+
+
+@pytest.fixture(scope="module")
+def feature_net(tmp_path_factory):
+    """A tiny random TorchScript 'feature extractor' (pool to 4x4, linear to 32 features)."""
+    import torch
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(), torch.nn.Linear(48, 32))
+    path = tmp_path_factory.mktemp("featnet") / "features.pt"
+    _script(net).save(str(path))
+    return path
+
+
+def _script(module):
+    import warnings
+
+    import torch
+    with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; --inception takes TorchScript files
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.script(module)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    from PIL import Image
+    folder = tmp_path_factory.mktemp("images")
+    rng = np.random.default_rng(0)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(folder / f"img{i}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def ref_stats(tmp_path_factory, image_folder, feature_net):
+    out = tmp_path_factory.mktemp("ref") / "ref.npz"
+    result = _invoke("stats", image_folder, "--out", out, "--inception", feature_net, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_stats_writes_mu_and_sigma_and_fid_against_itself_is_zero(ref_stats, image_folder, feature_net):
+    with np.load(ref_stats) as data:
+        assert data["mu"].shape == (32,) and data["sigma"].shape == (32, 32)
+    result = _invoke("fid", image_folder, ref_stats, "--inception", feature_net, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert abs(json.loads(result.stdout)["fid"]) < 1e-6
+
+
+def test_fid_of_stats_made_with_another_network_is_refused(ref_stats, image_folder, tmp_path):
+    import torch
+    other = tmp_path / "other.pt"
+    _script(torch.nn.Sequential(torch.nn.AdaptiveAvgPool2d(4), torch.nn.Flatten(),
+                                torch.nn.Linear(48, 32))).save(str(other))
+    result = _invoke("fid", image_folder, ref_stats, "--inception", other, "--device", "cpu")
+    assert result.exit_code == 2
+    assert "differ in 'weights_sha1'" in result.output
+
+
+def test_missing_source_is_one_line_with_exit_2(feature_net):
+    result = _invoke("fid", "no/such/folder", "fashion-mnist-typo", "--inception", feature_net)
+    assert result.exit_code == 2
+    assert result.output.strip().startswith("error:") and "Traceback" not in result.output
+
+
+def test_clip_command_reads_prompts_file(image_folder, tmp_path):
+    config = tmp_path / "tiny-clip-cli.json"
+    config.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
+                                                                  "head_width": 8, "patch_size": 16},
+                                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16,
+                                               "heads": 2, "layers": 1}}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"prompt {i}" for i in range(6)))
+    result = _invoke("clip", image_folder, "--prompts", prompts, "--clip-model", config, "--clip-pretrained", "",
+                     "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["num"] == 6 and 0 <= data["clip_score"] <= 100
+    prompts.write_text("only one prompt")
+    bad = _invoke("clip", image_folder, "--prompts", prompts, "--clip-model", config, "--clip-pretrained", "")
+    assert bad.exit_code == 2 and "1 prompts for 6 images" in bad.output
+
+
+def test_sample_fid_scores_each_nfe_without_writing_images(tiny_uncond_dir, ref_stats, feature_net, tmp_path):
+    out = tmp_path / "run" / "sample_fid.json"
+    result = _invoke("sample-fid", tiny_uncond_dir, "--ref", ref_stats, "--nfe", "1,2", "--num", "5",
+                     "--batch-size", "3", "--chunk-size", "3", "--inception", feature_net, "--device", "cpu",
+                     "--cache", tmp_path / "cache", "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(out.read_text())["results"]
+    assert [r["nfe"] for r in rows] == [1, 2] and all(np.isfinite(r["fid"]) for r in rows)
+    assert [p.name for p in out.parent.iterdir()] == ["sample_fid.json"]  # no PNGs
+    # a rerun resumes from the cache and gives the same numbers
+    again = _invoke("sample-fid", tiny_uncond_dir, "--ref", ref_stats, "--nfe", "1,2", "--num", "5",
+                    "--batch-size", "3", "--chunk-size", "3", "--inception", feature_net, "--device", "cpu",
+                    "--cache", tmp_path / "cache", "--out", out)
+    assert again.exit_code == 0, again.output
+    assert [r["fid"] for r in json.loads(out.read_text())["results"]] == [r["fid"] for r in rows]
+
+
+# ---- compare ------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def two_models_with_exports(tmp_path_factory):
+    if not HAS_ORT_EXPORT:
+        pytest.skip("export/ or the onnxruntime backend is not available")
+    from export.exporter import ExportSettings, run_export
+    from train.tiny_models import build_tiny_unconditional
+    root = tmp_path_factory.mktemp("compare-models")
+    paths = {}
+    for name, seed in (("base", 0), ("at", 1)):
+        model = build_tiny_unconditional(root / name, seed=seed)
+        run_export(ExportSettings(model=str(model), out=root / f"{name}-onnx", batch_sizes=(1, 4), validate=False),
+                   log=lambda message: None)
+        paths[name] = (model, root / f"{name}-onnx")
+    return paths
+
+
+def _parse_markdown_table(text: str) -> list[dict]:
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    header = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(header, (c.strip() for c in line.strip("|").split("|")))) for line in lines[2:]]
+
+
+def test_compare_report_on_two_backends_and_its_table_parses(two_models_with_exports, ref_stats, feature_net,
+                                                             tmp_path):
+    (base, base_onnx), (at, at_onnx) = two_models_with_exports["base"], two_models_with_exports["at"]
+    out = tmp_path / "report"
+    result = _invoke("compare", "--model", f"base={base}", "--model", f"at={at}", "--export", f"base={base_onnx}",
+                     "--export", f"at={at_onnx}", "--backend", "torch", "--backend", "onnxruntime",
+                     "--steps", "1,2", "--num", "4", "--batch-size", "4", "--ref", ref_stats,
+                     "--inception", feature_net, "--device", "cpu", "--out", out, "--bootstrap", "5", "--grid", "2")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["grid.png", "plot.png", "record.json", "report.md", "results.csv"]
+    table = _parse_markdown_table((out / "report.md").read_text())
+    with open(out / "results.csv") as handle:
+        rows = list(csv.DictReader(handle))
+    assert [(r["model"], r["backend"], r["steps"]) for r in table] == \
+        [(m, b, s) for m in ("base", "at") for b in ("torch", "onnxruntime") for s in ("1", "2")]
+    for md, row in zip(table, rows):
+        assert float(md["fid"]) == pytest.approx(float(row["fid"]), abs=1e-3)
+    fid = {(r["model"], r["backend"], r["steps"]): float(r["fid"]) for r in rows}
+    for model in ("base", "at"):  # same seeds, same exported weights: ORT matches torch far inside seed noise
+        for steps in ("1", "2"):
+            assert fid[(model, "onnxruntime", steps)] == pytest.approx(fid[(model, "torch", steps)], abs=1e-2)
+    assert "every backend within seed noise of torch" in (out / "report.md").read_text()
+
+
+def test_compare_names_the_missing_export(tiny_uncond_dir, ref_stats, feature_net, tmp_path):
+    result = _invoke("compare", "--model", f"base={tiny_uncond_dir}", "--backend", "onnxruntime", "--ref", ref_stats,
+                     "--inception", feature_net, "--out", tmp_path / "r", "--num", "4")
+    assert result.exit_code == 2
+    assert "--export base=EXPORT_DIR" in result.output
+
+
+def _row(model, backend, steps, fid, std=0.1):
+    return {"model": model, "backend": backend, "steps": steps, "fid": fid, "fid_std": std, "clip": None,
+            "clip_std": None}
+
+
+def test_verdict_flags_a_backend_that_loses_the_at_advantage():
+    rows = [_row("lcm", "torch", 1, 20.0), _row("lcm-at", "torch", 1, 15.0),
+            _row("lcm", "onnxruntime", 1, 20.05), _row("lcm-at", "onnxruntime", 1, 21.0)]
+    verdict = build_verdict(rows, baseline="lcm")
+    assert "advantage lost: lcm-at on onnxruntime (FID)" in verdict["summary"]
+    agreement = {(a["model"], a["backend"]): a["within"] for a in verdict["agreement"]}
+    assert agreement == {("lcm", "onnxruntime"): True, ("lcm-at", "onnxruntime"): False}
+
+
+def test_verdict_keeps_an_advantage_reproduced_within_tolerance():
+    rows = [_row("lcm", "torch", 1, 20.0), _row("lcm-at", "torch", 1, 15.0),
+            _row("lcm", "onnxruntime", 1, 20.1), _row("lcm-at", "onnxruntime", 1, 15.1)]
+    summary = build_verdict(rows, baseline="lcm")["summary"]
+    assert "every backend within seed noise of torch" in summary
+    assert "kept on every backend" in summary
+
+
+def test_compare_scores_clip_for_text_to_image_models_without_a_fid_reference(tiny_lcm_dir, tmp_path):
+    config = tmp_path / "tiny-clip-compare.json"
+    config.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
+                                                                  "head_width": 8, "patch_size": 16},
+                                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16,
+                                               "heads": 2, "layers": 1}}))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red cat\nastronaut in a jungle\n")
+    out = tmp_path / "report"
+    result = _invoke("compare", "--model", f"lcm={tiny_lcm_dir}", "--steps", "1", "--num", "3", "--prompts", prompts,
+                     "--clip-model", config, "--clip-pretrained", "", "--device", "cpu", "--out", out, "--grid", "2")
+    assert result.exit_code == 0, result.output
+    with open(out / "results.csv") as handle:
+        (row,) = list(csv.DictReader(handle))
+    assert row["fid"] == "" and 0 <= float(row["clip"]) <= 100 and float(row["clip_std"]) >= 0
+
+
+def test_backend_options_are_per_backend_and_must_name_a_running_one(tiny_uncond_dir):
+    from eval.cli_runs import per_backend_options
+    from eval.compare import CompareConfig, validate
+    from runtime.errors import ToolkitError
+    options = per_backend_options(["onnxruntime:cuda_graph=true",
+                                   "onnxruntime:intra_op_threads=4",
+                                   "torch:compile=false"])
+    assert options == {"onnxruntime": {"cuda_graph": True, "intra_op_threads": 4}, "torch": {"compile": False}}
+    config = CompareConfig(models={"a": str(tiny_uncond_dir)}, exports={}, backends=("torch",), steps=(1,), num=4,
+                           backend_options={"onnxruntime": {"cuda_graph": True}})
+    with pytest.raises(ToolkitError, match="not among --backend"):
+        validate(config)
+    with pytest.raises(ToolkitError, match="BACKEND:KEY=VALUE"):
+        per_backend_options(["cuda_graph=true"])
