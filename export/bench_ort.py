@@ -5,7 +5,8 @@
 
 Builds a random-weight model (timing does not depend on weight values), exports its UNet with
 ``toolkit export``'s code path (contracts, fp16, validation), then times one UNet call per backend the way
-the pipeline makes it (host latents in, host output back) and writes ``bench.json``. Compare with the
+the pipeline makes it (numpy arrays: host latents in, host output back; torch arrays: latents stay on the
+device) and writes ``bench.json``. Compare with the
 anchors in ../shared/bench/README.md measured on the same card.
 """
 from __future__ import annotations
@@ -42,19 +43,28 @@ def median_ms(fn, iters: int, warmup: int = 5) -> float:
     return round(statistics.median(times), 3)
 
 
-def time_ort(export_dir: Path, device: str, cuda_graph: bool, iters: int) -> dict:
+def time_ort(export_dir: Path, device: str, cuda_graph: bool, iters: int, arrays: str = "numpy") -> dict:
+    """One UNet call as the pipeline makes it: numpy arrays go host -> device -> host every call; torch
+    arrays stay on the device (only the timestep is copied in)."""
     from export.contracts import ExportContract
     from runtime.backends.ort_backend import OrtRunner, parse_device, providers_for, session_options
+    from runtime.backends.ort_binding import make_arrays
     from runtime.export_manifest import read_manifest
     manifest = read_manifest(export_dir)
     entry = manifest.components["unet"]
     kind, device_id = parse_device(device)
+    adapter = make_arrays(arrays, kind, device_id)
+    bound = adapter if (device_id is not None or arrays == "torch") else None
     runner = OrtRunner(manifest.component_path("unet"), entry["contract"], session_options(),
-                       providers_for(kind, device_id, cuda_graph), None if device_id is None else ("cuda", device_id),
-                       cuda_graph)
+                       providers_for(kind, device_id, cuda_graph), bound, cuda_graph)
     feed = ExportContract.from_dict(entry["contract"]).sample_inputs("opt", seed=0)
-    output = runner(feed)["model_output"]
-    return {"ms": median_ms(lambda: runner(feed), iters), "output": output, "feed": feed}
+    inputs = {k: v if k == "timestep" else adapter.from_numpy(v) for k, v in feed.items()}
+    output = adapter.to_numpy(runner(inputs)["model_output"])
+
+    def call():
+        runner(inputs)
+        adapter.synchronize()   # the float32 copy of a torch output is queued asynchronously
+    return {"ms": median_ms(call, iters), "output": output, "feed": feed}
 
 
 def time_torch(model: Path, device: str, feed: dict, iters: int) -> dict:
@@ -98,6 +108,9 @@ def main(argv=None) -> dict:
     results["ort_ms"] = plain["ms"]
     if args.device.startswith("cuda"):
         results["ort_cuda_graph_ms"] = time_ort(result.out, args.device, True, args.iters)["ms"]
+        # latents kept on the GPU (the pipeline's default on CUDA when torch sees the GPU)
+        results["ort_torch_arrays_ms"] = time_ort(result.out, args.device, False, args.iters, "torch")["ms"]
+        results["ort_torch_arrays_cuda_graph_ms"] = time_ort(result.out, args.device, True, args.iters, "torch")["ms"]
     ref = torch_run["output"]
     results["ort_rel_l2_vs_torch"] = float(np.linalg.norm(plain["output"] - ref) / np.linalg.norm(ref))
     (args.out / "bench.json").write_text(json.dumps(results, indent=2))

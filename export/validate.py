@@ -19,6 +19,7 @@ import numpy as np
 
 from export.contracts import ExportContract, Tolerance
 from runtime.backends.ort_backend import OrtRunner, parse_device, providers_for, session_options
+from runtime.backends.ort_binding import make_arrays
 from runtime.errors import ToolkitError
 from runtime.export_manifest import ExportManifest, read_manifest, verify_files
 
@@ -90,8 +91,9 @@ def check_components(manifest: ExportManifest, networks: dict, seed: int = 0, de
     checks = []
     for name, entry in manifest.components.items():
         contract = ExportContract.from_dict(entry["contract"])
-        bind_to = None if device_id is None else ("cuda", device_id)
-        runner = OrtRunner(manifest.component_path(name), entry["contract"], options, providers, bind_to)
+        # on CUDA, the IO-binding path the backend serves with (host numpy in and out: the reference is numpy)
+        arrays = None if device_id is None else make_arrays("numpy", kind, device_id)
+        runner = OrtRunner(manifest.component_path(name), entry["contract"], options, providers, arrays)
         output = contract.output_names()[0]
         for point in contract.distinct_points():
             inputs = contract.sample_inputs(point, seed)

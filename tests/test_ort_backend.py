@@ -40,6 +40,23 @@ def uncond_export(tiny_uncond_dir, tmp_path_factory):
     return _export(tiny_uncond_dir, tmp_path_factory.mktemp("ort") / "uncond")
 
 
+@pytest.fixture(scope="module")
+def lcm_fp16_export(tiny_lcm_dir, tmp_path_factory):
+    return _export(tiny_lcm_dir, tmp_path_factory.mktemp("ort") / "lcm-fp16", fp16=True)
+
+
+@pytest.fixture(scope="module")
+def sd_export(tiny_sd_dir, tmp_path_factory):
+    return _export(tiny_sd_dir, tmp_path_factory.mktemp("ort") / "sd")
+
+
+@pytest.fixture(scope="module")
+def class_export(tmp_path_factory):
+    from train.tiny_models import build_tiny_unconditional
+    model = build_tiny_unconditional(tmp_path_factory.mktemp("models") / "tiny-class", seed=0, num_class_embeds=3)
+    return _export(model, tmp_path_factory.mktemp("ort") / "class")
+
+
 def test_registry_finds_the_backend():
     assert get_backend_class("onnxruntime") is OrtBackend
 
@@ -94,9 +111,9 @@ def test_batch_equals_single_runs(lcm_export):
     np.testing.assert_allclose(both, np.concatenate([first, second]), atol=1e-5)
 
 
-def test_classifier_free_guidance_model_matches_torch(tiny_sd_dir, tmp_path):
+def test_classifier_free_guidance_model_matches_torch(tiny_sd_dir, sd_export):
     # SD-style model: no w-embedding, so CFG runs the UNet on a batch of 2B (uncond + cond)
-    out = _export(tiny_sd_dir, tmp_path / "sd")
+    out = sd_export
     request = dict(prompts=["astronaut in a jungle"], steps=3, seed=2, guidance_scale=7.5)
     with Pipeline.load(tiny_sd_dir, backend="torch", device="cpu") as pipe:
         expected = pipe(**request).latents
@@ -126,23 +143,131 @@ def test_generate_cli_runs_an_export(lcm_export, tmp_path):
     assert len(list(tmp_path.glob("*.png"))) == 1
 
 
+@pytest.mark.parametrize("arrays", ["numpy", "torch"])
 @pytest.mark.parametrize("component", ["text_encoder", "unet", "vae_decoder"])
-def test_io_binding_path_matches_plain_run(lcm_export, component):
+def test_io_binding_path_matches_plain_run(lcm_export, component, arrays):
     # The CUDA path's buffer logic (one preallocated set per input shape, outputs sized from the
-    # contract, e.g. the VAE's 'latent_height*4') run on CPU OrtValues, so it is tested without a GPU.
+    # contract, e.g. the VAE's 'latent_height*4') run on CPU buffers (OrtValues or torch tensors), so it
+    # is tested without a GPU.
     from export.contracts import ExportContract
     from runtime.backends.ort_backend import OrtRunner, session_options
+    from runtime.backends.ort_binding import make_arrays
     manifest = read_manifest(lcm_export)
     entry = manifest.components[component]
     contract = ExportContract.from_dict(entry["contract"])
     path = manifest.component_path(component)
+    adapter = make_arrays(arrays, "cpu", 0)
     plain = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"])
-    bound = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"], bind_to=("cpu", 0))
+    bound = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"], arrays=adapter)
     output = contract.output_names()[0]
     for point in ("min", "max", "min"):            # the second 'min' reuses the first buffers
         inputs = contract.sample_inputs(point, seed=1)
-        np.testing.assert_array_equal(bound(inputs)[output], plain(inputs)[output])
+        got = bound({name: adapter.from_numpy(value) for name, value in inputs.items()})[output]
+        np.testing.assert_array_equal(adapter.to_numpy(got), plain(inputs)[output])
     assert len(bound._buffers) == 2
+
+
+# ---- arrays="torch": the samplers compute on torch tensors, the networks read/write them by address ----
+
+TORCH_CASES = {  # export fixture -> request (CFG with a 2B batch, LCM's w-embedding, int64 class labels,
+    # per-step noise from the host, fp16 casts inside the binding)
+    "lcm_export": dict(prompts=["astronaut in a jungle", "a red cube"], steps=3, seed=0),
+    "lcm_fp16_export": dict(prompts=["astronaut in a jungle"], steps=3, seed=1),
+    "sd_export": dict(prompts=["astronaut in a jungle"], steps=3, seed=2, guidance_scale=7.5, sampler="dpmpp_2m"),
+    "uncond_export": dict(num_images=2, steps=3, seed=3, sampler="iddpm"),
+    "class_export": dict(num_images=2, steps=3, seed=4, class_labels=[0, 2], sampler="ddim"),
+}
+
+
+@pytest.mark.parametrize("export", list(TORCH_CASES))
+def test_torch_arrays_give_the_numpy_images(export, request):
+    export_dir = request.getfixturevalue(export)
+    with Pipeline.load(export_dir, backend="onnxruntime", device="cpu") as pipe:
+        expected = pipe(**TORCH_CASES[export])
+        assert "numpy arrays" in expected.backend and "IO binding" not in expected.backend
+    with Pipeline.load(export_dir, backend="onnxruntime", device="cpu", arrays="torch") as pipe:
+        got = pipe(**TORCH_CASES[export])
+        assert "torch arrays, IO binding" in got.backend
+    np.testing.assert_allclose(got.latents, expected.latents, atol=1e-5)
+    np.testing.assert_allclose(got.samples, expected.samples, atol=1e-5)
+
+
+def test_torch_arrays_stay_torch_between_steps(lcm_export):
+    import torch
+    with Pipeline.load(lcm_export, backend="onnxruntime", device="cpu", arrays="torch") as pipe:
+        backend = pipe.backend
+        x = backend.from_numpy(np.ones((1, 4, 8, 8), np.float32))
+        assert isinstance(x, torch.Tensor) and x.device.type == "cpu" and x.dtype == torch.float32
+        context = backend.encode_text(np.zeros((1, 77), np.int64))
+        assert isinstance(context, torch.Tensor) and context.dtype == torch.float32
+        assert isinstance(backend.to_numpy(x), np.ndarray)
+
+
+def test_torch_bound_buffers_are_reused_across_steps(lcm_export, monkeypatch):
+    with Pipeline.load(lcm_export, backend="onnxruntime", device="cpu", arrays="torch") as pipe:
+        unet = pipe.backend._runners["unet"]
+        seen, returned = [], []
+        denoise = pipe.backend.denoise
+
+        def spy(*args, **kwargs):
+            out = denoise(*args, **kwargs)
+            (buffers,) = unet._buffers.values()      # one shape signature for the whole loop
+            bound_out = buffers.binding.get_outputs()[0]
+            seen.append((buffers.inputs["sample"].data_ptr(), buffers.outputs["model_output"].data_ptr(),
+                         bound_out.data_ptr()))
+            returned.append(out.data_ptr())
+            return out
+        monkeypatch.setattr(pipe.backend, "denoise", spy)
+        pipe(["astronaut in a jungle"], steps=4, seed=0)
+        pipe(["a red cube"], steps=2, seed=1)
+    assert len(seen) == 6 and len(set(seen)) == 1                  # same addresses every step and call
+    sample_ptr, output_ptr, ort_output_ptr = seen[0]
+    assert ort_output_ptr == output_ptr                            # ORT writes into the torch tensor itself
+    assert output_ptr not in returned and sample_ptr not in returned  # the sampler gets copies, never the buffers
+
+
+def test_torch_arrays_without_torch_is_an_error(uncond_export, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch", None)               # 'import torch' now raises ImportError
+    with pytest.raises(BackendError, match=r"arrays='torch' needs torch.*pip install torch.*arrays='numpy'"):
+        Pipeline.load(uncond_export, backend="onnxruntime", device="cpu", arrays="torch")
+    with Pipeline.load(uncond_export, backend="onnxruntime", device="cpu") as pipe:   # the default needs none
+        assert "numpy arrays" in pipe.backend.describe()
+
+
+def test_unknown_arrays_is_an_error(uncond_export):
+    with pytest.raises(BackendError, match="arrays 'cupy' is not one of numpy, torch"):
+        Pipeline.load(uncond_export, backend="onnxruntime", device="cpu", arrays="cupy")
+
+
+def test_default_arrays_on_cuda_follow_torch(monkeypatch):
+    # the default rule itself (no GPU needed): torch when it can use the GPU, numpy otherwise; an explicit
+    # arrays='torch' that torch cannot serve is an error, never a switch to numpy
+    from runtime.backends import ort_binding
+    monkeypatch.setattr(ort_binding, "torch_cuda_usable", lambda: False)
+    assert ort_binding.make_arrays(None, "cuda", 0).name == "numpy"
+    assert ort_binding.make_arrays(None, "cpu", None).name == "numpy"
+    monkeypatch.setattr(ort_binding, "torch_cuda_usable", lambda: True)
+    assert ort_binding.make_arrays(None, "cpu", None).name == "numpy"
+    import torch
+    if not torch.cuda.is_available():
+        with pytest.raises(BackendError, match="CUDA build of torch"):
+            ort_binding.make_arrays("torch", "cuda", 0)
+
+
+def _torch_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+CUDA_VARIANTS = [pytest.param({"arrays": "numpy"}, id="numpy"),
+                 pytest.param({"arrays": "numpy", "cuda_graph": True}, id="numpy-graph"),
+                 pytest.param({"arrays": "torch"}, id="torch",
+                              marks=pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")),
+                 pytest.param({"arrays": "torch", "cuda_graph": True}, id="torch-graph",
+                              marks=pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA"))]
 
 
 def _cpu_and_cuda(export_dir, **cuda_options):
@@ -150,19 +275,37 @@ def _cpu_and_cuda(export_dir, **cuda_options):
     with Pipeline.load(export_dir, backend="onnxruntime", device="cpu", dtype="float32") as pipe:
         expected = pipe(**request).latents
     with Pipeline.load(export_dir, backend="onnxruntime", device="cuda", dtype="float32", **cuda_options) as pipe:
-        got = [pipe(**request).latents for _ in range(2)]   # the second run replays captured graphs
-    return expected, got
+        got = [pipe(**request) for _ in range(2)]   # the second run replays captured graphs
+        assert f"{cuda_options['arrays']} arrays, IO binding" in got[0].backend
+        if cuda_options["arrays"] == "torch":       # the latents stayed on the GPU: one buffer set, reused
+            (buffers,) = pipe.backend._runners["unet"]._buffers.values()
+            assert buffers.inputs["sample"].device.type == "cuda"
+    return expected, [out.latents for out in got]
 
 
 @needs_cuda_ep
-def test_cuda_io_binding_matches_cpu(lcm_export):
-    expected, got = _cpu_and_cuda(lcm_export)
+@pytest.mark.parametrize("cuda_options", CUDA_VARIANTS)
+def test_cuda_io_binding_matches_cpu(lcm_export, cuda_options):
+    expected, got = _cpu_and_cuda(lcm_export, **cuda_options)
     for latents in got:
         np.testing.assert_allclose(latents, expected, atol=1e-3)
 
 
 @needs_cuda_ep
-def test_cuda_graphs_match_cpu(lcm_export):
-    expected, got = _cpu_and_cuda(lcm_export, cuda_graph=True)
-    for latents in got:
-        np.testing.assert_allclose(latents, expected, atol=1e-3)
+@pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")
+def test_cuda_default_arrays_are_torch(uncond_export):
+    with Pipeline.load(uncond_export, backend="onnxruntime", device="cuda") as pipe:
+        assert "torch arrays, IO binding" in pipe.backend.describe()
+
+
+@needs_cuda_ep
+@pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")
+def test_cuda_torch_fp16_matches_cpu(lcm_fp16_export):
+    request = dict(prompts=["astronaut in a jungle"], steps=4, seed=0)
+    with Pipeline.load(lcm_fp16_export, backend="onnxruntime", device="cpu") as pipe:
+        expected = pipe(**request).latents
+    with Pipeline.load(lcm_fp16_export, backend="onnxruntime", device="cuda", arrays="torch",
+                       cuda_graph=True) as pipe:
+        got = [pipe(**request).latents for _ in range(2)]
+    for latents in got:   # fp16 kernels differ between providers: the fp16 UNet tolerance, not fp32's
+        np.testing.assert_allclose(latents, expected, atol=2e-2, rtol=2e-2)

@@ -1,18 +1,25 @@
 """ONNX Runtime backend: runs an export directory (``toolkit export``) with numpy + onnxruntime only.
 
-Arrays at the backend boundary are host numpy arrays (float32 for latents and images). On the CPU
-execution provider each network call is a plain ``session.run``. On the CUDA execution provider every
-call goes through IO binding into device buffers preallocated per input shape (``OrtValue``s updated in
-place), which is what lets ORT capture and replay a CUDA graph per shape (``cuda_graph=True``); only the
-latents, the step's timestep and the (small) conditioning cross PCIe each step. fp16 exports are cast at
-the boundary: inputs to the graph's declared dtypes, float outputs back to float32.
+The array type at the backend boundary (what the samplers compute on; float32 for latents and images) is
+host numpy or, with ``arrays="torch"``, torch tensors on the backend's device (runtime/backends/ort_binding.py):
+  - CPU provider, numpy arrays: each network call is a plain ``session.run``.
+  - CUDA provider, torch arrays (the default when torch can use the GPU): every call goes through IO binding
+    on torch buffers preallocated per input shape; the latents stay on the GPU between steps and only the
+    step's scalar timestep crosses PCIe.
+  - CUDA provider, numpy arrays: the same binding on OrtValue buffers; the latents cross PCIe in and out
+    each step (no torch needed).
+  - CPU provider, torch arrays: the torch binding path on CPU tensors (what the tests run without a GPU).
+Fixed buffer addresses let ORT capture and replay a CUDA graph of the UNet per shape (``cuda_graph=True``).
+fp16 exports are cast inside: inputs to the graph's declared dtypes, float outputs back to float32.
 
 Options (``Pipeline.load(..., backend="onnxruntime", <option>=...)``):
   intra_op_threads / inter_op_threads: ORT thread pools (default: ORT's choice),
   graph_optimization: disable | basic | extended | all (default all),
   cuda_graph: capture one CUDA graph per input shape (CUDA only; every node must run on CUDA),
   cuda_options: extra CUDA provider options, e.g. {"prefer_nhwc": "1", "cudnn_conv_algo_search": "HEURISTIC"},
-  verify: check every file's sha256 against manifest.json before loading (default True).
+  verify: check every file's sha256 against manifest.json before loading (default True),
+  arrays: numpy | torch (default: torch on cuda when torch with CUDA is importable, else numpy; an explicit
+    "torch" without torch is an error, never a silent switch; describe() names the array type that ran).
 """
 from __future__ import annotations
 
@@ -23,7 +30,8 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import Backend, BackendError
-from runtime.export_manifest import bind_dims, read_manifest, resolve_shape, verify_files
+from runtime.backends.ort_binding import BoundBuffers, make_arrays, run_bound
+from runtime.export_manifest import read_manifest, verify_files
 from runtime.model_spec import ModelSpec
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -80,37 +88,14 @@ def providers_for(kind: str, device_id: int | None, cuda_graph: bool, cuda_optio
     return [(CUDA_EP, cuda_options), CPU_EP]
 
 
-class _DeviceBuffers:
-    """Preallocated device inputs/outputs bound once for one input-shape signature (fixed addresses are
-    what CUDA graph replay needs)."""
-
-    def __init__(self, runner: "OrtRunner", feed: dict[str, np.ndarray], graph_id: int):
-        sess, (device, device_id) = runner.session, runner.bind_to
-        dims = bind_dims(runner.contract["inputs"], feed)
-        self.binding = sess.io_binding()
-        self.inputs, self.outputs = {}, {}
-        for name, array in feed.items():
-            value = ort.OrtValue.ortvalue_from_shape_and_type(array.shape, runner.input_types[name], device, device_id)
-            self.binding.bind_ortvalue_input(name, value)
-            self.inputs[name] = value
-        for tensor in runner.contract["outputs"]:
-            name = tensor["name"]
-            value = ort.OrtValue.ortvalue_from_shape_and_type(resolve_shape(tensor["shape"], dims),
-                                                              runner.output_types[name], device, device_id)
-            self.binding.bind_ortvalue_output(name, value)
-            self.outputs[name] = value
-        self.run_options = ort.RunOptions()
-        if runner.cuda_graph:
-            self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
-
-
 class OrtRunner:
-    """One network's InferenceSession: feeds are cast to the graph's input dtypes, float outputs come back
-    as float32 host arrays. ``bind_to=("cuda", N)`` runs through IO binding on preallocated buffers on
-    that device (required for CUDA graphs; ("cpu", 0) exercises the same path on a CPU)."""
+    """One network's InferenceSession: inputs are cast to the graph's dtypes, float outputs come back as
+    float32. ``arrays=None`` is a plain ``session.run`` on host numpy (CPU provider); an array adapter
+    (``runtime.backends.ort_binding``) runs through IO binding on buffers preallocated per input shape on
+    the adapter's device (required for CUDA graphs; on a CPU it exercises the same path)."""
 
     def __init__(self, path: Path, contract: dict, options: ort.SessionOptions, providers: list,
-                 bind_to: tuple[str, int] | None = None, cuda_graph: bool = False):
+                 arrays=None, cuda_graph: bool = False):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types; keep the first line
@@ -119,39 +104,38 @@ class OrtRunner:
         if self.session.get_providers()[0] != wanted:  # ORT falls back to CPU when CUDA libraries fail to load
             raise BackendError(f"onnxruntime could not start {wanted} for {path.name} (it fell back to "
                                f"{self.session.get_providers()}); check the CUDA/cuDNN install ({GPU_EXTRA_HINT})")
-        self.contract, self.bind_to, self.cuda_graph = contract, bind_to, cuda_graph
+        self.contract, self.arrays, self.cuda_graph = contract, arrays, cuda_graph
         self.input_types = {i.name: _numpy_type(i.type) for i in self.session.get_inputs()}
         self.output_types = {o.name: _numpy_type(o.type) for o in self.session.get_outputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
-        self._buffers: dict[tuple, _DeviceBuffers] = {}
+        self._buffers: dict[tuple, BoundBuffers] = {}
 
     @property
     def input_names(self) -> list[str]:
         return list(self.input_types)
 
-    def __call__(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def __call__(self, feed: dict) -> dict:
         missing = set(self.input_types) - set(feed)
         extra = set(feed) - set(self.input_types)
         if missing or extra:
             raise BackendError(f"network inputs mismatch: missing {sorted(missing)}, unexpected {sorted(extra)}; "
                                "the export does not match this model's conditioning, re-run 'toolkit export'")
-        feed = {n: np.ascontiguousarray(a, dtype=self.input_types[n]) for n, a in feed.items()}
-        outputs = self._run_bound(feed) if self.bind_to is not None else self._run_host(feed)
-        return {n: (a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a) for n, a in outputs.items()}
+        return self._run_host(feed) if self.arrays is None else self._run_bound(feed)
 
     def _run_host(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        return dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        feed = {n: np.ascontiguousarray(a, dtype=self.input_types[n]) for n, a in feed.items()}
+        outputs = dict(zip(self.output_names, self.session.run(self.output_names, feed)))
+        return {n: (a.astype(np.float32) if np.issubdtype(a.dtype, np.floating) else a) for n, a in outputs.items()}
 
-    def _run_bound(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        key = tuple(sorted((n, a.shape) for n, a in feed.items()))
+    def _run_bound(self, feed: dict) -> dict:
+        key = tuple(sorted((n, tuple(a.shape)) for n, a in feed.items()))
         buffers = self._buffers.get(key)
         if buffers is None:
             # graph id 0 is reserved by ORT; one captured graph per input-shape signature
-            buffers = self._buffers[key] = _DeviceBuffers(self, feed, graph_id=len(self._buffers) + 1)
-        for name, array in feed.items():
-            buffers.inputs[name].update_inplace(array)
-        self.session.run_with_iobinding(buffers.binding, buffers.run_options)
-        return {name: value.numpy() for name, value in buffers.outputs.items()}
+            graph_id = len(self._buffers) + 1 if self.cuda_graph else None
+            buffers = self._buffers[key] = BoundBuffers(self.session, self.contract, feed, self.arrays,
+                                                        (self.input_types, self.output_types), graph_id)
+        return run_bound(self.session, buffers, feed, self.arrays, self.input_types)
 
     def close(self) -> None:
         self._buffers.clear()
@@ -179,11 +163,12 @@ class OrtBackend(Backend):
     @classmethod
     def load(cls, source_dir, spec: ModelSpec, *, device: str, dtype: str, intra_op_threads: int | None = None,
              inter_op_threads: int | None = None, graph_optimization: str = "all", cuda_graph: bool = False,
-             verify: bool = True, cuda_options: dict | None = None, **options: Any) -> "OrtBackend":
+             verify: bool = True, cuda_options: dict | None = None, arrays: str | None = None,
+             **options: Any) -> "OrtBackend":
         if options:
             raise BackendError(f"the onnxruntime backend has no option(s) {sorted(options)}; it takes "
                                "intra_op_threads, inter_op_threads, graph_optimization, cuda_graph, "
-                               "cuda_options, verify")
+                               "cuda_options, verify, arrays")
         kind, device_id = parse_device(device)
         manifest = read_manifest(source_dir)
         if dtype not in ("auto", manifest.precision):
@@ -194,13 +179,16 @@ class OrtBackend(Backend):
             verify_files(manifest)
         backend = cls(spec, device, manifest.precision)
         providers_for(kind, device_id, cuda_graph, cuda_options)  # option errors before any session loads
+        backend._arrays = make_arrays(arrays, kind, device_id)  # and a missing torch, too
         backend._open(manifest, session_options(intra_op_threads, inter_op_threads, graph_optimization),
                       kind, device_id, cuda_graph, cuda_options)
         return backend
 
     def _open(self, manifest, options, kind, device_id, cuda_graph, cuda_options) -> None:
         needed = ["unet"] + (["text_encoder", "vae_decoder"] if self.spec.is_latent else [])
-        bind_to = None if device_id is None else ("cuda", device_id)
+        # host numpy on the CPU provider needs no binding (session.run reads numpy directly); every other
+        # combination runs through IO binding on the adapter's buffers
+        self._bound = not (kind == "cpu" and self._arrays.name == "numpy")
         self._runners: dict[str, OrtRunner] = {}
         for name in needed:
             entry = manifest.components.get(name)
@@ -209,25 +197,29 @@ class OrtBackend(Backend):
             # run once per generation, where a graph saves little and capture constraints only risk errors.
             graph = cuda_graph and name == "unet"
             providers = providers_for(kind, device_id, graph, cuda_options)
-            self._runners[name] = OrtRunner(path, entry["contract"], options, providers, bind_to, graph)
+            self._runners[name] = OrtRunner(path, entry["contract"], options, providers,
+                                            self._arrays if self._bound else None, graph)
         self._precisions = {name: manifest.components[name]["precision"] for name in needed}
         self._provider = self._runners["unet"].session.get_providers()[0]
         self._cuda_graph = cuda_graph
         self._threads = options.intra_op_num_threads
 
-    def from_numpy(self, array: np.ndarray) -> np.ndarray:
-        return np.array(array, copy=True)
+    def from_numpy(self, array: np.ndarray):
+        return self._arrays.from_numpy(array)
 
     def to_numpy(self, array) -> np.ndarray:
-        return np.asarray(array)
+        return self._arrays.to_numpy(array)
 
-    def encode_text(self, input_ids: np.ndarray) -> np.ndarray:
+    def synchronize(self) -> None:
+        self._arrays.synchronize()
+
+    def encode_text(self, input_ids: np.ndarray):
         if "text_encoder" not in self._runners:
             return super().encode_text(input_ids)
         return self._runners["text_encoder"]({"input_ids": input_ids})["last_hidden_state"]
 
     def denoise(self, sample, timestep: int, *, encoder_hidden_states=None, timestep_cond=None,
-                class_labels=None) -> np.ndarray:
+                class_labels=None):
         unet = self._runners["unet"]
         given = {"sample": sample, "timestep": np.array([timestep], dtype=np.float32),
                  "encoder_hidden_states": encoder_hidden_states, "timestep_cond": timestep_cond,
@@ -235,7 +227,7 @@ class OrtBackend(Backend):
         feed = {name: value for name, value in given.items() if value is not None}
         return unet(feed)["model_output"]
 
-    def decode(self, latents) -> np.ndarray:
+    def decode(self, latents):
         if "vae_decoder" not in self._runners:
             return super().decode(latents)
         return self._runners["vae_decoder"]({"latent": latents})["images"]
@@ -248,4 +240,6 @@ class OrtBackend(Backend):
     def describe(self) -> str:
         parts = ", ".join(f"{name} {precision}" for name, precision in self._precisions.items())
         graph = ", UNet in CUDA graphs" if self._cuda_graph else ""
-        return f"onnxruntime {ort.__version__} on {self.device} via {self._provider}{graph} ({parts})"
+        binding = ", IO binding" if self._bound else ""
+        return (f"onnxruntime {ort.__version__} on {self.device} via {self._provider}{graph}, "
+                f"{self._arrays.name} arrays{binding} ({parts})")
