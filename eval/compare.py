@@ -22,7 +22,7 @@ import numpy as np
 from eval.features import FeatureCache, chunked_measure
 from eval.fid import FeatureStats, ReferenceFID, fid_from_stats
 from eval.generate import SamplingPlan, sample_producer
-from eval.measure import check_comparable, check_extractor
+from eval.measure import check_comparable, check_extractor, model_identity
 from runtime.errors import ToolkitError
 from runtime.model_source import MANIFEST
 
@@ -147,10 +147,11 @@ def run_compare(config: CompareConfig, metrics: CellMetrics, *, progress=None, o
             path = model_path_for(config, name, backend)
             with Pipeline.load(path, backend=backend, device=config.device, dtype=config.dtype,
                                **config.backend_options.get(backend, {})) as pipe:
+                model_id = model_identity(pipe)   # recorded with every row, and the cache key
                 for steps in config.steps:
                     label = f"{name} / {backend} / {steps} steps"
                     tick = (lambda done, label=label: progress(label, done, config.num)) if progress else None
-                    row, grid = _run_cell(pipe, config, metrics, name, steps, tick)
+                    row, grid = _run_cell(pipe, config, metrics, (name, model_id), steps, tick)
                     rows.append(row)
                     grids[(name, backend, steps)] = grid
                     if on_row:
@@ -158,15 +159,16 @@ def run_compare(config: CompareConfig, metrics: CellMetrics, *, progress=None, o
     return rows, grids
 
 
-def _run_cell(pipe, config: CompareConfig, metrics: CellMetrics, name: str, steps: int, tick):
-    backend = pipe.backend.name
+def _run_cell(pipe, config: CompareConfig, metrics: CellMetrics, model: tuple[str, dict], steps: int, tick):
+    """One (model, backend, steps) cell; ``model`` is (name, eval.measure.model_identity)."""
+    (name, model_id), backend = model, pipe.backend.name
     plan = SamplingPlan(steps=steps, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
                         prompts=config.prompts)
     use_clip = metrics.clip is not None and pipe.spec.is_latent
     cache = None
     if config.cache_dir is not None:
         cache = FeatureCache(Path(config.cache_dir) / f"{name}-{backend}-{steps}",
-                             {"model": str(Path(pipe.source.path).resolve()), "backend": pipe.backend.describe(),
+                             {"model": model_id, "backend": pipe.backend.describe(),
                               "plan": plan.record(), "metrics": metrics.cache_key(use_clip),
                               "chunk_size": config.chunk_size})
     started = time.perf_counter()
@@ -174,6 +176,7 @@ def _run_cell(pipe, config: CompareConfig, metrics: CellMetrics, name: str, step
                                metrics.measure_fn(plan, use_clip), chunk_size=config.chunk_size, cache=cache)
     row = {"model": name, "backend": backend, "steps": steps, "num": config.num,
            "seconds": round(time.perf_counter() - started, 2), "runs_on": pipe.backend.describe(),
+           "model_sha256": model_id["sha256"],
            **metrics.summarize(measured)}
     grid = sample_producer(pipe, plan)(0, min(config.grid_count, config.num))  # regenerated: chunks may be cached
     return row, grid

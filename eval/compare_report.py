@@ -8,44 +8,32 @@ import csv
 import io
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from eval.verdict import METRICS, build_verdict, verdict_lines
+from runtime.staging import staged_directory
 
-COLUMNS = ["model", "backend", "steps", "fid", "fid_std", "clip", "clip_std", "num", "seconds", "runs_on"]
+COLUMNS = ["model", "backend", "steps", "fid", "fid_std", "clip", "clip_std", "num", "seconds", "runs_on",
+           "model_sha256"]
+TABLE_COLUMNS = COLUMNS[:-1]   # report.md leaves out the 64-digit hash (results.csv has it)
+
+
+RECORD = "record.json"   # marks a directory as a compare report: only such a directory is ever replaced
 
 
 def write_report(out: str | os.PathLike, rows: list[dict], grids: dict, *, baseline: str, record: dict) -> Path:
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     verdict = build_verdict(rows, baseline)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_directory(out, RECORD, "eval compare report") as staging:
         (staging / "results.csv").write_text(results_csv(rows))
         metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
         plot_metrics(rows, metrics, staging / "plot.png")
         image_grid(grids, staging / "grid.png")
-        (staging / "record.json").write_text(json.dumps({**record, "verdict": verdict}, indent=2, default=str))
+        (staging / RECORD).write_text(json.dumps({**record, "verdict": verdict}, indent=2, default=str))
         (staging / "report.md").write_text(report_markdown(rows, verdict, record, pixel_differences(grids, verdict)))
-        _replace_dir(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        out.rename(old)
-    new.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -62,9 +50,9 @@ def results_csv(rows: list[dict]) -> str:
 
 
 def markdown_table(rows: list[dict]) -> list[str]:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
+    lines = ["| " + " | ".join(TABLE_COLUMNS) + " |", "|" + "---|" * len(TABLE_COLUMNS)]
     for row in rows:
-        lines.append("| " + " | ".join(_fmt(row.get(k), 4 if k.endswith("std") else 3) for k in COLUMNS) + " |")
+        lines.append("| " + " | ".join(_fmt(row.get(k), 4 if k.endswith("std") else 3) for k in TABLE_COLUMNS) + " |")
     return lines
 
 

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from runtime.errors import ToolkitError
+from runtime.staging import atomic_file
 
 DEFAULT_CHUNK = 1000
 Produce = Callable[[int, int], np.ndarray]      # (start, stop) -> uint8 images [stop - start, H, W, C]
@@ -40,7 +40,8 @@ class FeatureCache:
                 raise ToolkitError(f"feature cache {self.dir} was made for {stored}, not {self.key}; "
                                    "pass another --cache directory or delete this one")
         else:
-            _atomic_write(key_file, json.dumps(self.key, indent=2, sort_keys=True).encode())
+            with atomic_file(key_file) as handle:
+                handle.write(json.dumps(self.key, indent=2, sort_keys=True).encode())
 
     def path(self, index: int) -> Path:
         return self.dir / f"chunk-{index:05d}.npz"
@@ -56,9 +57,8 @@ class FeatureCache:
         return arrays
 
     def save(self, index: int, arrays: dict) -> None:
-        with tempfile.NamedTemporaryFile(dir=self.dir, suffix=".npz.tmp", delete=False) as handle:
+        with atomic_file(self.path(index), suffix=".npz.tmp") as handle:
             np.savez(handle, **arrays)
-        os.replace(handle.name, self.path(index))
 
 
 def chunked_measure(num: int, produce: Produce, measure: Measure, *, chunk_size: int = DEFAULT_CHUNK,
@@ -81,9 +81,3 @@ def chunked_measure(num: int, produce: Produce, measure: Measure, *, chunk_size:
         if progress is not None:
             progress(stop, num)
     return {name: np.concatenate([p[name] for p in parts]) for name in parts[0]}
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
-        handle.write(data)
-    os.replace(handle.name, path)

@@ -9,13 +9,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import scipy.linalg
 
 from runtime.errors import ToolkitError
+from runtime.staging import atomic_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,10 +71,9 @@ def save_stats(stats: FeatureStats, path: str | os.PathLike) -> Path:
     if path.suffix != ".npz":
         raise ToolkitError(f"statistics file '{path}' must end in .npz (pytorch-fid's format)")
     path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npz.tmp", delete=False) as handle:
+    with atomic_file(path, suffix=".npz.tmp") as handle:
         np.savez(handle, mu=stats.mu, sigma=stats.sigma, num=np.int64(stats.num),
                  meta=np.array(json.dumps(stats.meta, sort_keys=True, default=str)))
-    os.replace(handle.name, path)
     return path
 
 

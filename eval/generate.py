@@ -5,6 +5,7 @@ resuming and cross-backend comparison sound. Images stay in memory; nothing is w
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -29,8 +30,15 @@ class SamplingPlan:
         return [self.prompts[i % len(self.prompts)] for i in range(start, stop)]
 
     def record(self) -> dict:
+        """What the samples depend on (feature caches are keyed on it): the prompts by content, so a cache
+        made with another prompts file of the same length is refused rather than mixed in."""
         return {"steps": self.steps, "sampler": self.sampler, "seed": self.seed, "num_prompts":
-                len(self.prompts) if self.prompts else 0, "guidance_scale": self.guidance_scale}
+                len(self.prompts) if self.prompts else 0, "prompts_sha1": _prompts_hash(self.prompts),
+                "guidance_scale": self.guidance_scale}
+
+
+def _prompts_hash(prompts: Sequence[str] | None) -> str | None:
+    return hashlib.sha1("\n".join(prompts).encode()).hexdigest() if prompts else None
 
 
 def sample_producer(pipe, plan: SamplingPlan, on_progress: StepProgress | None = None):

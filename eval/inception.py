@@ -59,12 +59,10 @@ def file_sha1(path: Path) -> str:
 
 
 def resolve_device(device: str) -> str:
-    import torch
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ToolkitError(f"device '{device}' asked for but torch sees no CUDA GPU; pass --device cpu")
-    return device
+    """'auto' is CUDA when torch sees a GPU, else CPU; anything else is checked as the torch backend checks it
+    (a malformed name or a missing GPU is an error naming the fix, never a silent CPU run)."""
+    from runtime.backends.torch_backend import TorchBackend, torch_device
+    return str(torch_device(TorchBackend.default_device() if device == "auto" else device))
 
 
 class InceptionFeatures:

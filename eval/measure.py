@@ -12,6 +12,7 @@ from eval.fid import FeatureStats
 from eval.inception import InceptionFeatures
 from eval.sources import resolve_source, take
 from runtime.errors import ToolkitError
+from runtime.export_manifest import tree_fingerprint
 
 
 def source_features(source, extractor: InceptionFeatures, *, cache_dir: str | os.PathLike | None = None,
@@ -58,6 +59,14 @@ def check_extractor(extractor: InceptionFeatures, ref: FeatureStats) -> list[str
     """``check_comparable`` before any features are computed: fail before a long generation run."""
     planned = FeatureStats(np.zeros(0), np.zeros((0, 0)), 0, {"extractor": extractor.describe()})
     return check_comparable(planned, ref)
+
+
+def model_identity(pipe) -> dict:
+    """What a feature cache of generated samples is keyed on for the model: its path and name, and the sha256
+    of its files, so retraining or re-exporting into the same directory never reuses stale features
+    (hashing costs seconds; generating the samples of one chunk costs more)."""
+    fingerprint = tree_fingerprint(pipe.source.path)
+    return {"path": fingerprint["path"], "name": pipe.spec.name, "sha256": fingerprint["sha256"]}
 
 
 def cache_subdir(cache_dir: str | os.PathLike | None, name: str) -> Path | None:

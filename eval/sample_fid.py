@@ -3,7 +3,6 @@ batch by batch in memory (no PNGs), with the per-chunk feature cache so an inter
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import time
 from pathlib import Path
 
@@ -11,7 +10,7 @@ from eval.features import FeatureCache, chunked_measure
 from eval.fid import FeatureStats, fid_from_stats
 from eval.generate import SamplingPlan, sample_producer
 from eval.inception import InceptionFeatures
-from eval.measure import cache_subdir, check_comparable, check_extractor
+from eval.measure import cache_subdir, check_comparable, check_extractor, model_identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,12 +32,11 @@ class SampleFIDConfig:
 
 
 def generated_features(pipe, plan: SamplingPlan, extractor: InceptionFeatures, num: int, *, chunk_size: int,
-                       cache_dir: Path | None, model_id: dict, progress=None):
+                       cache_dir: Path | None, model_id: dict | None, progress=None):
     """Inception features of ``num`` samples of ``pipe`` under ``plan`` (cached per chunk when asked)."""
     cache = None
     if cache_dir is not None:
         cache = FeatureCache(cache_dir, {"model": model_id, "backend": pipe.backend.describe(), "plan": plan.record(),
-                                         "prompts_sha1": _prompts_hash(plan.prompts),
                                          "extractor": extractor.describe(), "chunk_size": chunk_size})
     produce = sample_producer(pipe, plan, on_progress=progress)
     return chunked_measure(num, produce, lambda images, *_: {"inception": extractor(images)}, chunk_size=chunk_size,
@@ -47,14 +45,14 @@ def generated_features(pipe, plan: SamplingPlan, extractor: InceptionFeatures, n
 
 def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor: InceptionFeatures,
                    progress_for=None) -> list[dict]:
-    """One row per NFE: {nfe, fid, num, seconds, backend}. ``progress_for(nfe)`` returns a callback
+    """One row per NFE: {nfe, fid, num, seconds, backend, model_sha256}. ``progress_for(nfe)`` returns a callback
     taking the number of samples done."""
     from runtime.pipeline import Pipeline
     rows = []
     check_extractor(extractor, ref)
     with Pipeline.load(config.model, backend=config.backend, device=config.device, dtype=config.dtype,
                        **config.backend_options) as pipe:
-        model_id = {"path": str(pipe.source.path.resolve()), "name": pipe.spec.name}
+        model_id = model_identity(pipe)   # recorded with every row, and the cache key
         for nfe in config.nfes:
             plan = SamplingPlan(steps=nfe, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
                                 prompts=config.prompts, guidance_scale=config.guidance_scale)
@@ -65,9 +63,6 @@ def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor: Incept
             stats = FeatureStats.from_features(feats, meta={"extractor": extractor.describe()})
             check_comparable(stats, ref)
             rows.append({"nfe": nfe, "fid": fid_from_stats(stats, ref), "num": config.num,
-                         "seconds": round(time.perf_counter() - started, 2), "backend": pipe.backend.describe()})
+                         "seconds": round(time.perf_counter() - started, 2), "backend": pipe.backend.describe(),
+                         "model_sha256": model_id["sha256"]})
     return rows
-
-
-def _prompts_hash(prompts) -> str | None:
-    return hashlib.sha1("\n".join(prompts).encode()).hexdigest() if prompts else None

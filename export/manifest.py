@@ -8,31 +8,18 @@ The runtime reads it back with ``runtime.export_manifest`` (no torch needed ther
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 import time
-from importlib import metadata
 from pathlib import Path
 
 from export.contracts import ExportContract
 from runtime.export_manifest import FORMAT, FORMAT_VERSION, sha256_file
 from runtime.model_source import MANIFEST
 from runtime.model_spec import ModelSpec
+from runtime.staging import atomic_file
+from runtime.versions import RUNTIME_PACKAGES, package_versions
 
-_VERSIONED = ("at-diffusion-toolkit", "torch", "diffusers", "transformers", "onnx", "onnxruntime",
-              "onnxruntime-gpu", "numpy")
-
-
-def package_versions() -> dict[str, str]:
-    found = {}
-    for dist in _VERSIONED:
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    found.setdefault("at-diffusion-toolkit", "not installed (source checkout)")
-    return found
+_VERSIONED = (*RUNTIME_PACKAGES, "onnx")   # plus the exporter's own format library
 
 
 def file_entries(root: Path) -> dict[str, dict]:
@@ -41,17 +28,6 @@ def file_entries(root: Path) -> dict[str, dict]:
     for path in sorted(p for p in root.rglob("*") if p.is_file() and p.name != MANIFEST):
         entries[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
     return entries
-
-
-def source_fingerprint(source: Path) -> dict:
-    """One sha256 over the source model directory (relative paths and file hashes), to tell later whether
-    the checkpoint an export came from is still the same one."""
-    digest = hashlib.sha256()
-    count = 0
-    for path in sorted(p for p in source.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(source).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
-        count += 1
-    return {"path": str(source.resolve()), "sha256": digest.hexdigest(), "files": count}
 
 
 def build_manifest(root: Path, *, spec: ModelSpec, precision: str, contracts: dict[str, ExportContract],
@@ -64,14 +40,13 @@ def build_manifest(root: Path, *, spec: ModelSpec, precision: str, contracts: di
         "components": {name: {"file": component_files[name], "precision": c.precision, "note": c.note,
                               "contract": c.to_dict()} for name, c in contracts.items()},
         "files": file_entries(root), "tokenizer_files": tokenizer_files,
-        "source": source, "settings": settings, "versions": package_versions(), "validation": None,
+        "source": source, "settings": settings, "versions": package_versions(_VERSIONED), "validation": None,
     }
 
 
 def write_manifest(root: Path, data: dict) -> Path:
     """Write manifest.json through a temporary file, so a reader never sees half a manifest."""
     path = root / MANIFEST
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    with atomic_file(path, "w") as handle:
+        handle.write(json.dumps(data, indent=2, sort_keys=False) + "\n")
     return path

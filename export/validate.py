@@ -21,7 +21,7 @@ from export.contracts import ExportContract, Tolerance
 from runtime.backends.ort_backend import OrtRunner, parse_device, providers_for, session_options
 from runtime.backends.ort_binding import make_arrays
 from runtime.errors import ToolkitError
-from runtime.export_manifest import ExportManifest, read_manifest, verify_files
+from runtime.export_manifest import ExportManifest, read_manifest, tree_fingerprint, verify_files
 
 # Images decoded from fp32 ORT and fp32 torch differ only by rounding (identical in practice); fp16
 # networks move pixel values by a few levels. 30 dB is a mean error of ~8 levels of 255.
@@ -83,7 +83,6 @@ def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
 
 def check_components(manifest: ExportManifest, networks: dict, seed: int = 0, device: str = "cpu") -> list[Check]:
     """Per-component parity at every distinct profile point of each contract."""
-    from export.torch_modules import reference_outputs  # torch: imported only when validating
     kind, device_id = parse_device(device)
     options, providers = session_options(), providers_for(kind, device_id, cuda_graph=False)
     # torch and ORT alternate here: ORT's spinning idle threads would steal the cores torch needs
@@ -94,17 +93,24 @@ def check_components(manifest: ExportManifest, networks: dict, seed: int = 0, de
         # on CUDA, the IO-binding path the backend serves with (host numpy in and out: the reference is numpy)
         arrays = None if device_id is None else make_arrays("numpy", kind, device_id)
         runner = OrtRunner(manifest.component_path(name), entry["contract"], options, providers, arrays)
-        output = contract.output_names()[0]
-        for point in contract.distinct_points():
-            inputs = contract.sample_inputs(point, seed)
-            max_abs, margin, ok = compare(reference_outputs(networks[name], contract, inputs),
-                                          runner(inputs)[output], contract.tolerance)
-            shape = "x".join(map(str, inputs[contract.input_names()[0]].shape))
-            tol = contract.tolerance
-            checks.append(Check(name, f"{point} {shape} {_SHORT[contract.precision]}", max_abs,
-                                f"margin {margin:.1e}", f"atol {tol.atol:.0e} rtol {tol.rtol:.0e}", ok))
-        runner.close()
+        try:
+            checks += [_component_check(name, contract, point, networks[name], runner, seed)
+                       for point in contract.distinct_points()]
+        finally:
+            runner.close()
     return checks
+
+
+def _component_check(name: str, contract: ExportContract, point: str, network, runner: OrtRunner, seed: int) -> Check:
+    """ORT vs the float32 torch network on the contract's sample inputs at one profile point."""
+    from export.torch_modules import reference_outputs  # torch: imported only when validating
+    inputs = contract.sample_inputs(point, seed)
+    output = contract.output_names()[0]
+    tol = contract.tolerance
+    max_abs, margin, ok = compare(reference_outputs(network, contract, inputs), runner(inputs)[output], tol)
+    shape = "x".join(map(str, inputs[contract.input_names()[0]].shape))
+    return Check(name, f"{point} {shape} {_SHORT[contract.precision]}", max_abs, f"margin {margin:.1e}",
+                 f"atol {tol.atol:.0e} rtol {tol.rtol:.0e}", ok)
 
 
 def check_tokenizer(manifest: ExportManifest, source: Path) -> list[Check]:
@@ -163,13 +169,12 @@ def validate_export(export_dir: str | Path, *, source: str | Path | None = None,
 
 
 def resolve_source(manifest: ExportManifest, source: str | Path | None) -> Path:
-    from export.manifest import source_fingerprint
     recorded = manifest.data["source"]
     path = Path(source) if source is not None else Path(recorded["path"])
     if not path.is_dir():
         raise ToolkitError(f"the source model {path} is not there to compare against; pass --source DIR "
                            "(the diffusers directory this export was made from)")
-    if source_fingerprint(path)["sha256"] != recorded["sha256"]:
+    if tree_fingerprint(path)["sha256"] != recorded["sha256"]:
         raise ToolkitError(f"{path} is not the model this export was made from (its files' sha256 differs from "
                            "the manifest's source.sha256); pass --source with the original, or re-export")
     return path

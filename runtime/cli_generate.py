@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import re
-from importlib import metadata
 from pathlib import Path
 
 from rich.console import Console
@@ -13,6 +12,7 @@ from runtime.default_model import default_model
 from runtime.errors import ToolkitError
 from runtime.images import save_png
 from runtime.pipeline import Pipeline
+from runtime.versions import package_versions
 
 console = Console(stderr=True)
 
@@ -21,21 +21,13 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def versions() -> dict[str, str]:
-    found = {}
-    for dist in ("at-diffusion-toolkit", "torch", "diffusers", "onnxruntime", "onnxruntime-gpu", "tensorrt"):
-        try:
-            found[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return found
-
-
 def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidance_scale, negative_prompt,
                  height, width, class_label, eps_scale, eta, batch_size, backend, backend_option, device, dtype,
                  out) -> None:
     model = model or default_model()
     options = parse_options(backend_option or [])
+    if Path(out).exists() and not Path(out).is_dir():  # fail before the slow part, not when writing
+        raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs")
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}) on {pipe.backend.describe()}")
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -76,6 +68,6 @@ def write_images(output, out_dir: Path, model: str) -> list[Path]:
     for array, seed, text in zip(output.arrays, output.seeds, prompts):
         name = f"{slug(text)}-seed{seed}.png" if text is not None else f"sample-seed{seed}.png"
         record = {"prompt": text, "seed": seed, "model": str(model), "backend": output.backend,
-                  **output.request, "versions": versions()}
+                  **output.request, "versions": package_versions()}
         paths.append(save_png(array, out_dir / name, record))
     return paths

@@ -18,6 +18,7 @@ def default_model() -> str:
     if BUNDLED.is_dir():
         return str(BUNDLED)
     raise ToolkitError(
-        "no --model given and no default model is bundled yet; pass --model DIR (a diffusers or export "
-        "directory, or a hub id), set $TOOLKIT_MODEL, or make a tiny random one with "
+        "no model given and no default model is bundled yet; pass one (--model DIR; for 'toolkit export', "
+        "the MODEL argument: a diffusers or export directory, or a hub id), set $TOOLKIT_MODEL, or make a "
+        "tiny random one with "
         "'python scripts/make_tiny_model.py models/tiny-lcm'")

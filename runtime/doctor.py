@@ -5,6 +5,7 @@ import importlib
 from importlib import metadata
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 
@@ -56,5 +57,6 @@ def report() -> None:
     for column in ("component", "version", "status"):
         table.add_column(column)
     for row in _torch_rows() + _ort_rows() + _plain_rows():
-        table.add_row(*row)
+        # escape: rich would read "[gpu]" in the install hints (and brackets in errors) as markup and drop it
+        table.add_row(*(escape(cell) for cell in row))
     Console().print(table)

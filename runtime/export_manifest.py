@@ -27,6 +27,18 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def tree_fingerprint(root: str | Path) -> dict:
+    """One sha256 over a model directory (relative paths and file hashes): tells whether the model an export
+    or a cached evaluation came from is still the same one, wherever it was copied to."""
+    root = Path(root)
+    digest = hashlib.sha256()
+    count = 0
+    for path in sorted(p for p in root.rglob("*") if p.is_file()):
+        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
+        count += 1
+    return {"path": str(root.resolve()), "sha256": digest.hexdigest(), "files": count}
+
+
 @dataclasses.dataclass(frozen=True)
 class ExportManifest:
     root: Path

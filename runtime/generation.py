@@ -83,7 +83,7 @@ class GenerationRequest:
                                                 class_labels))
             count = fields.pop("count")
         fields["seeds"] = seeds_for(count, seed, seeds)
-        fields["batch_size"] = _positive(batch_size or count, "batch_size")
+        fields["batch_size"] = _positive(count if batch_size is None else batch_size, "batch_size")
         return cls(**fields)
 
 
@@ -151,7 +151,7 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
                            'e.g. toolkit generate "astronaut in a jungle"')
     if class_labels is not None:
         raise ToolkitError("class labels are for class-conditional pixel models; this model takes prompts")
-    per_prompt = _positive(num_images or 1, "num_images")
+    per_prompt = _positive(1 if num_images is None else num_images, "num_images")
     negatives = _as_list(negative_prompt, "negative_prompt") or [""]
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
@@ -164,6 +164,11 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
     else:
         scale = CFG_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
         guidance = "cfg" if scale > 1.0 else "none"
+    if negative_prompt is not None and guidance != "cfg":  # it would be silently unused
+        raise ToolkitError("a negative prompt needs classifier-free guidance: "
+                           + ("this LCM embeds the guidance scale instead" if guidance == "embedding"
+                              else f"guidance scale {scale} <= 1 turns it off") + "; drop the negative prompt"
+                           + ("" if guidance == "embedding" else " or pass a guidance scale above 1"))
     return dict(prompts=expand(prompts), negative_prompts=expand(negatives) if guidance == "cfg" else None,
                 guidance=guidance, guidance_scale=scale)
 
@@ -174,7 +179,7 @@ def _unconditional_fields(spec, prompts, num_images, guidance_scale, negative_pr
                            "omit it and pass num_images (--num-images)")
     if guidance_scale is not None or negative_prompt is not None:
         raise ToolkitError(f"model '{spec.name}' is unconditional; guidance scale and negative prompts do not apply")
-    count = _positive(num_images or 1, "num_images")
+    count = _positive(1 if num_images is None else num_images, "num_images")
     return dict(count=count, class_labels=_class_labels(spec, class_labels, count))
 
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from runtime.staging import atomic_file
+
 
 def to_uint8(images: np.ndarray) -> np.ndarray:
     """[N, C, H, W] float in about [-1, 1] -> [N, H, W, 3] uint8, rounded as diffusers' image processor does."""
@@ -25,7 +27,6 @@ def save_png(array: np.ndarray, path: Path, metadata: dict) -> Path:
     from PIL import Image, PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_text("at-diffusion-toolkit", json.dumps(metadata, sort_keys=True))
-    tmp = path.with_suffix(".png.tmp")
-    Image.fromarray(array).save(tmp, format="PNG", pnginfo=info)
-    tmp.replace(path)
+    with atomic_file(path, suffix=".png.tmp") as handle:
+        Image.fromarray(array).save(handle, format="PNG", pnginfo=info)
     return path

@@ -96,7 +96,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def _unet_fields(unet: dict) -> dict:
     return dict(unet_in_channels=unet["in_channels"], unet_out_channels=unet["out_channels"],
-                sample_size=_as_int(unet["sample_size"]), unet_downsample=2 ** (len(unet["block_out_channels"]) - 1), time_cond_proj_dim=unet.get("time_cond_proj_dim"),
+                sample_size=_as_int(unet["sample_size"]), unet_downsample=2 ** (len(unet["block_out_channels"]) - 1),
+                time_cond_proj_dim=unet.get("time_cond_proj_dim"),
                 cross_attention_dim=unet.get("cross_attention_dim"), num_class_embeds=unet.get("num_class_embeds"))
 
 
@@ -108,9 +109,17 @@ def _as_int(size) -> int:
     return int(size)
 
 
+def _model_name(root: Path) -> str:
+    """The directory's name, except for a training run's output (``runs/NAME/model`` with its
+    training.json): there it is NAME, so default export paths (exports/NAME) and printed names tell runs
+    apart instead of every run being called 'model'."""
+    root = root.resolve()
+    return root.parent.name if root.name == "model" and (root / "training.json").is_file() else root.name
+
+
 def _unconditional_spec(root: Path, unet_dir: Path, sched: Path) -> ModelSpec:
     scheduler = _read_json(sched)
-    return ModelSpec(kind=UNCONDITIONAL, name=root.resolve().name, scheduler_config=scheduler,
+    return ModelSpec(kind=UNCONDITIONAL, name=_model_name(root), scheduler_config=scheduler,
                      scheduler_class=scheduler.get("_class_name", "DDPMScheduler"),
                      **_unet_fields(_read_json(unet_dir / "config.json")))
 
@@ -123,7 +132,7 @@ def _text_to_image_spec(root: Path, sched: Path) -> ModelSpec:
     max_len = _read_json(tok_cfg).get("model_max_length") if tok_cfg.exists() else None
     if max_len is None or max_len > 10_000:  # transformers writes a huge sentinel when unset
         max_len = text.get("max_position_embeddings", 77)
-    return ModelSpec(kind=TEXT_TO_IMAGE, name=root.resolve().name, scheduler_config=scheduler,
+    return ModelSpec(kind=TEXT_TO_IMAGE, name=_model_name(root), scheduler_config=scheduler,
                      scheduler_class=scheduler.get("_class_name", "LCMScheduler"),
                      vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
                      vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),

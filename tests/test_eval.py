@@ -285,6 +285,14 @@ def test_unknown_clip_model_fails_with_a_fix():
         ClipScorer("no-such-clip-arch", None, device="cpu")
 
 
+@pytest.mark.parametrize("device", ["gpu", "cuda:x"])
+def test_malformed_metric_device_is_an_error(device):
+    # was accepted as given and failed later inside torch with a RuntimeError traceback
+    from eval.inception import resolve_device
+    with pytest.raises(ToolkitError, match=f"unknown device '{device}'"):
+        resolve_device(device)
+
+
 # ---- sources -----------------------------------------------------------------------------------------
 
 def test_idx_dataset_is_read_from_its_package_layout(tmp_path, monkeypatch):

@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
 import onnx
+import onnxruntime
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from export.contracts import ExportShapes, contracts_for
@@ -153,6 +154,32 @@ def test_out_that_is_not_an_export_is_refused(tiny_uncond_dir, tmp_path):
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
+def test_atomic_file_keeps_the_previous_content_when_writing_fails(tmp_path):
+    from runtime.staging import atomic_file
+    target = tmp_path / "result.json"
+    target.write_text("old")
+    with pytest.raises(RuntimeError, match="disk full"):
+        with atomic_file(target, "w") as handle:
+            handle.write("half of the new")
+            raise RuntimeError("disk full")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    with atomic_file(target, "w") as handle:
+        handle.write("new")
+    assert target.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["result.json"]
+    mask = os.umask(0)
+    os.umask(mask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~mask  # as a plain open() would make it, not mkstemp's 0600
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in onnxruntime.get_available_providers(),
+                    reason="checks the error raised when onnxruntime has no CUDA provider")
+def test_validation_device_is_checked_before_exporting(tiny_uncond_dir, tmp_path):
+    # used to export everything, then fail in validation (or on torch's missing GPU first)
+    with pytest.raises(BackendError, match="gpu extra"):
+        _export(tiny_uncond_dir, tmp_path / "out", device="cuda")
+    assert not list(tmp_path.iterdir())
+
+
 def test_dtype_other_than_the_exports_is_an_error(uncond_export):
     with pytest.raises(BackendError, match="float32"):
         Pipeline.load(uncond_export.out, backend="onnxruntime", device="cpu", dtype="float16")
@@ -175,6 +202,7 @@ def test_cli_exports_and_validates(tiny_uncond_dir, tmp_path):
     (["export", "MODEL", "--batch-sizes", "1,x"], "--batch-sizes"),
     (["export", "MODEL", "--components", "unet,vae"], "--components"),
     (["export", "validate", "/no/such/export"], "no manifest.json"),
+    (["export", "MODEL", "--seed", "-1"], "--seed"),   # was a ValueError from numpy's generator after loading
 ])
 def test_cli_bad_input_is_one_line(tiny_uncond_dir, args, message):
     from toolkit import app

@@ -264,6 +264,21 @@ def test_resume_continues_bit_for_bit_including_target_network(tiny_sd_dir, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_lcm_at_fp16_steps_with_latent_cache_run_on_gpu(tiny_sd_dir, tmp_path):
+    """The GPU paths: the cache encoded on the device, per-step generators on CUDA, GradScaler + autocast
+    around the teacher, student and target network, and free AT's delta under a scaled loss."""
+    from train.lcm_cli import DistillOptions, distill
+    from train.lcm_losses import AdvSettings
+    options = DistillOptions(teacher=str(tiny_sd_dir), data=str(_imagefolder(tmp_path / "d")), out=tmp_path / "run",
+                             max_steps=2, batch_size=2, device="cuda", mixed_precision="fp16", resolution=32,
+                             cache_latents=tmp_path / "cache", progress=False, save_every=1)
+    result = distill(options, adv=AdvSettings(steps=2))
+    assert result.step == 2 and result.optimizer_steps == 4 and result.model_dir is not None
+    metrics = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(m["loss"]) and 0 <= m["delta_rms"] <= 0.05 + 1e-6 for m in metrics)
+
+
 # ---- the output pipeline ---------------------------------------------------------------------------
 
 def test_output_loads_in_diffusers_lcm_pipeline_and_generates(lcm_run):
@@ -298,6 +313,20 @@ def test_images_without_captions_are_refused(tiny_sd_dir, tmp_path):
     _tar_shard(tmp_path / "s.tar", [("k0.png", _png_bytes(rng)), ("k0.txt", b"ok"), ("k1.png", _png_bytes(rng))])
     with pytest.raises(ToolkitError, match="k1 .* no caption"):
         find_records(str(tmp_path / "s.tar"))
+
+
+def test_tar_members_group_by_file_name_like_webdataset(tmp_path):
+    """``tar -C dir .`` writes ``./0001.jpg``; a dotted folder holds ``a.b/0002.png``: the sample key ends at
+    the first dot of the file name, not of the whole path (webdataset's rule)."""
+    rng = np.random.default_rng(0)
+    shard = _tar_shard(tmp_path / "s.tar", [
+        ("./0001.png", _png_bytes(rng)), ("./0001.txt", b"a red cube"),
+        ("v1.2/0002.png", _png_bytes(rng)), ("v1.2/0002.json", b'{"text": "a cat"}')])
+    records = find_records(str(shard))
+    assert sorted(r.caption for r in records) == ["a cat", "a red cube"]
+    with tarfile.open(shard) as tar:
+        offsets = {m.name: m.offset_data for m in tar}
+    assert sorted(r.offset for r in records) == sorted([offsets["./0001.png"], offsets["v1.2/0002.png"]])
 
 
 def test_student_without_time_cond_proj_dim_is_refused_with_w_embedding(tiny_sd_dir, tmp_path):

@@ -85,6 +85,12 @@ def test_diffusers_directory_is_not_an_export(tiny_uncond_dir):
         OrtBackend.load(tiny_uncond_dir, None, device="cpu", dtype="auto")
 
 
+def test_torch_backend_refuses_an_export_directory(uncond_export):
+    # diffusers' from_pretrained would fail on it with a bare OSError (a traceback in the CLI)
+    with pytest.raises(BackendError, match="is an ONNX export; the torch backend runs the diffusers directory"):
+        Pipeline.load(uncond_export, backend="torch", device="cpu")
+
+
 def test_missing_component_names_the_fix(lcm_export, tmp_path):
     # an export made with --components unet,vae_decoder (the manifest lists only what was exported)
     out = shutil.copytree(lcm_export, tmp_path / "partial")

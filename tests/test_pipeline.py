@@ -63,6 +63,9 @@ def test_cfg_ddim_matches_diffusers_sd_pipeline(tiny_sd_dir):
         out = pipe(PROMPTS[:1], steps=5, seed=5, guidance_scale=7.5, negative_prompt="blurry")
     assert out.request["guidance"] == "cfg"
     np.testing.assert_allclose(np.clip(out.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), expected, atol=2e-4)
+    with Pipeline.load(tiny_sd_dir, device="cpu") as pipe, \
+            pytest.raises(ToolkitError, match="guidance scale 1.0 <= 1 turns it off"):  # was silently unused
+        pipe(PROMPTS[:1], steps=1, guidance_scale=1.0, negative_prompt="blurry")
 
 
 def test_deterministic_and_seed_sensitive(lcm_pipe):
@@ -128,8 +131,11 @@ def test_class_conditional_model(tmp_path):
     (dict(prompts=PROMPTS, sampler="euler"), "euler"),
     (dict(prompts=PROMPTS, steps=2, nfe=3), "disagree"),
     (dict(prompts=PROMPTS, negative_prompt=["a", "b", "c"]), "negative prompts"),
+    (dict(prompts=PROMPTS, negative_prompt="blurry"), "embeds the guidance"),   # was silently unused on an LCM
     (dict(prompts=PROMPTS, sampler_options={"bogus": 1}), "bogus"),
     (dict(prompts=PROMPTS, class_labels=1), "class labels"),
+    (dict(prompts=PROMPTS, seed=-1), "non-negative"),          # was a ValueError from numpy's PCG64
+    (dict(prompts=PROMPTS, seeds=[0, -5]), "non-negative"),
 ])
 def test_bad_text_to_image_input(lcm_pipe, kwargs, message):
     prompts = kwargs.pop("prompts")
@@ -149,6 +155,8 @@ def test_bad_unconditional_input(uncond_pipe):
     ("SimianLuo/LCM_Dreamshaper_v7", {}, "not in the local Hugging Face cache"),
     (None, dict(backend="tensorflow"), "unknown backend"),
     (None, dict(dtype="float16"), "float16 inference needs a GPU"),
+    (None, dict(device="cudax"), "unknown device 'cudax'"),     # was a bare RuntimeError from torch.device
+    (None, dict(device="cuda:one"), "unknown device 'cuda:one'"),
 ])
 def test_bad_load_arguments(tiny_lcm_dir, model, kwargs, message):
     with pytest.raises(ToolkitError, match=message):
@@ -170,3 +178,29 @@ def test_torch_backend_variants_stay_close_to_fp32(tiny_lcm_dir, lcm_pipe, optio
     assert np.isfinite(out.samples).all()
     assert np.abs(out.samples - reference).mean() < tolerance
     assert options.get("dtype", "float32") in out.backend
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("model", ["lcm", "uncond"])
+def test_torch_backend_auto_on_cuda_is_fp16_and_close_to_cpu(tiny_lcm_dir, tiny_uncond_dir, model):
+    # the GPU path end to end: host noise moved to the device, fp16 casts inside, float32 back at the boundary
+    path, request = {"lcm": (tiny_lcm_dir, dict(prompts=PROMPTS, steps=2, seed=1)),
+                     "uncond": (tiny_uncond_dir, dict(num_images=2, nfe=2, seed=1))}[model]
+    with Pipeline.load(path, device="cpu") as pipe:
+        reference = pipe(**request)
+    with Pipeline.load(path, device="cuda", dtype="auto") as pipe:
+        out = pipe(**request)
+    assert "cuda" in out.backend and "float16" in out.backend
+    assert out.samples.dtype == np.float32 and np.isfinite(out.samples).all()
+    assert np.abs(out.samples - reference.samples).mean() < 0.1   # fp16 keeps ~3 significant digits
+
+
+def test_a_training_runs_model_is_named_after_the_run(tiny_uncond_dir, tmp_path):
+    # runs/NAME/model used to be called 'model', so `toolkit export` wrote every run to exports/model
+    import shutil
+    from runtime.model_spec import ModelSpec
+    model = tmp_path / "fm-adm-at" / "model"
+    shutil.copytree(tiny_uncond_dir, model)
+    assert ModelSpec.from_diffusers_dir(model).name == "model"      # not a training output: its own name
+    (model / "training.json").write_text("{}")
+    assert ModelSpec.from_diffusers_dir(model).name == "fm-adm-at"

@@ -96,6 +96,16 @@ def test_resume_after_n_steps_equals_uninterrupted_run_bitwise(tmp_path):
         assert torch.equal(a[key], b[key]), f"EMA export differs at {key}"
 
 
+def test_a_new_run_over_an_existing_one_is_refused(tmp_path):
+    # it used to train from scratch, appending to the old metrics.jsonl and keeping the old run's later
+    # checkpoints for a future --resume to pick up
+    Trainer(config(tmp_path, max_steps=3)).fit(toy_model(), ToyDataset(), ToyObjective())
+    metrics = (tmp_path / "run" / "metrics.jsonl").read_text()
+    with pytest.raises(ToolkitError, match="already holds a training run .*--resume"):
+        Trainer(config(tmp_path, max_steps=2)).fit(toy_model(), ToyDataset(), ToyObjective())
+    assert (tmp_path / "run" / "metrics.jsonl").read_text() == metrics
+
+
 def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     def interrupt(step):
         if step == 1:  # during the second step
@@ -107,6 +117,9 @@ def test_ctrl_c_saves_a_checkpoint_and_stops_cleanly(tmp_path):
     state = json.loads((tmp_path / "run/checkpoints/step-2/trainer_state.json").read_text())
     assert state["step"] == 2 and state["optimizer_steps"] == 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    lines = (tmp_path / "run/metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]  # the stop step is logged once, with its loss
+    assert all("loss" in json.loads(line) for line in lines)
 
 
 def test_checkpoints_are_written_every_n_steps_without_temp_dirs(tmp_path):

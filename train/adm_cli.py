@@ -7,10 +7,8 @@ option table (typer reads ``__signature__``), so an option is declared once. ``t
 """
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
-import platform
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -95,26 +93,11 @@ def _export_pipeline(scheduler_config: dict, record: dict):
     """The trainer's export hook: a DDPMPipeline directory plus training.json (config, versions, hashes)."""
     def export(model, out_dir: Path) -> None:
         from diffusers import DDPMPipeline, DDPMScheduler
+
+        from train.run_log import file_hashes
         DDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(scheduler_config)).save_pretrained(out_dir)
-        hashes = {str(p.relative_to(out_dir)): _sha256(p) for p in sorted(out_dir.rglob("*")) if p.is_file()}
-        (out_dir / "training.json").write_text(json.dumps({**record, "files_sha256": hashes}, indent=2))
+        (out_dir / "training.json").write_text(json.dumps({**record, "files_sha256": file_hashes(out_dir)}, indent=2))
     return export
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import accelerate
-    import diffusers
-    import torch
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "accelerate": accelerate.__version__}
 
 
 def train_adm(kind: str, **opts: Any):
@@ -124,6 +107,7 @@ def train_adm(kind: str, **opts: Any):
     from train.adm_losses import NoiseLevels
     from train.image_data import load_image_dataset
     from train.presets import build_model
+    from train.run_log import versions
     from train.timestep_sampler import make_timestep_sampler
     from train.trainer import Trainer, TrainerConfig
 
@@ -138,7 +122,7 @@ def train_adm(kind: str, **opts: Any):
     model = build_model(unet_config, opts["init"])  # shape errors surface here, before training
     record = {"command": f"toolkit train {kind}", "options": {k: _jsonable(v) for k, v in opts.items()},
               "data": dataset.info.to_json(), "unet_config": unet_config, "scheduler_config": scheduler_config,
-              "versions": _versions()}
+              "versions": versions()}
     config = TrainerConfig(
         run_dir=Path(opts["out"]), max_steps=opts["max_steps"], batch_size=opts["batch_size"], lr=opts["lr"],
         lr_warmup_steps=opts["lr_warmup_steps"], grad_accum=opts["grad_accum"],

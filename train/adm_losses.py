@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from runtime.errors import ToolkitError
-from train.adversarial import ascend, init_delta, per_sample_norm, radius_for
+from train.adversarial import free_at_steps, init_delta, per_sample_norm, radius_for
 
 
 class NoiseLevels:
@@ -105,13 +105,14 @@ class ADMObjective:
         self._seen.append((draw.t, losses.detach()))
         return (losses * draw.weights).mean()
 
-    def plain_loss(self, model, micro_batch: dict, draw: Draw) -> torch.Tensor:
+    def loss(self, model, micro_batch: dict, draw: Draw) -> torch.Tensor:
+        """The plain DDPM loss; subclasses with one optimizer step per batch override only this."""
         x_t = noisy_input(micro_batch["x"], draw.eps, draw.sqrt_abar, draw.sqrt_one_minus)
         return self.weighted(per_sample_mse(self.predict(model, x_t, draw.t, micro_batch), draw.eps), draw)
 
     def __call__(self, ctx, micro_batches: list) -> dict[str, float]:
         draws = [self.draw(ctx, mb) for mb in micro_batches]
-        loss = ctx.update(micro_batches, lambda i, mb: self.plain_loss(ctx.model, mb, draws[i]))
+        loss = ctx.update(micro_batches, lambda i, mb: self.loss(ctx.model, mb, draws[i]))
         self.update_sampler(ctx)
         return {"loss": loss}
 
@@ -140,15 +141,9 @@ class InputPerturbationObjective(ADMObjective):
             raise ToolkitError(f"--ip-gamma must be >= 0, got {gamma}")
         self.gamma = gamma
 
-    def ip_loss(self, model, micro_batch: dict, draw: Draw) -> torch.Tensor:
+    def loss(self, model, micro_batch: dict, draw: Draw) -> torch.Tensor:
         x_t = ip_input(micro_batch["x"], draw.eps, draw.xi, self.gamma, draw.sqrt_abar, draw.sqrt_one_minus)
         return self.weighted(per_sample_mse(self.predict(model, x_t, draw.t, micro_batch), draw.eps), draw)
-
-    def __call__(self, ctx, micro_batches: list) -> dict[str, float]:
-        draws = [self.draw(ctx, mb) for mb in micro_batches]
-        loss = ctx.update(micro_batches, lambda i, mb: self.ip_loss(ctx.model, mb, draws[i]))
-        self.update_sampler(ctx)
-        return {"loss": loss}
 
 
 class FreeATObjective(ADMObjective):
@@ -173,16 +168,11 @@ class FreeATObjective(ADMObjective):
         return radius_for(x.shape, self.adv_max_norm) if self.adv_max_norm > 0 else None
 
     def __call__(self, ctx, micro_batches: list) -> dict[str, float]:
-        draws = [self.draw(ctx, mb) for mb in micro_batches]
+        draws = [self.draw(ctx, mb) for mb in micro_batches]  # x0, t, eps: fixed for the K inner steps
         deltas = [init_delta(mb["x"]) for mb in micro_batches]
-        losses = []
-        for k in range(self.adv_steps):
-            # ONE forward/backward: fills the parameters' .grad (used by the optimizer step inside
-            # ctx.update) and delta.grad (used by ascend below).
-            losses.append(ctx.update(micro_batches, lambda i, mb: self.at_loss(ctx.model, mb, draws[i], deltas[i])))
-            if k < self.adv_steps - 1:  # the last delta step would never be used
-                for delta, mb in zip(deltas, micro_batches):
-                    ascend(delta, self.adv_lr, self.radius(mb["x"]))
+        losses = free_at_steps(ctx, micro_batches, deltas,
+                               lambda i, mb, delta: self.at_loss(ctx.model, mb, draws[i], delta),
+                               self.adv_steps, self.adv_lr, self.radius(micro_batches[0]["x"]))
         self.update_sampler(ctx)
         delta_norm = torch.cat([per_sample_norm(d.detach()).flatten() for d in deltas]).mean().item()
         return {"loss": sum(losses) / len(losses), "loss_clean": losses[0], "loss_adv": losses[-1],

@@ -2,14 +2,17 @@
 
 Free AT (Shafahi et al. 2019; Algorithm 1 of the seed paper): the perturbation ``delta`` is a leaf
 tensor that requires grad; ONE backward of the training loss fills both ``delta.grad`` and the
-parameters' ``.grad``. The caller then takes the optimizer step on the parameters and calls
-``ascend`` on delta, so K inner steps cost about K plain training steps, not 2K.
+parameters' ``.grad``. The optimizer step then uses the parameters' gradients and ``ascend`` uses
+delta's, so K inner steps cost about K plain training steps, not 2K. ``free_at_steps`` is that loop
+(Algorithm 1, lines 5-10); ADM-AT and LCM-AT differ only in the loss they hand it.
 
 Norms are per sample (over all non-batch dims), as in the paper's ``g / ||g||``.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -54,3 +57,28 @@ def project_(delta: torch.Tensor, radius: float) -> torch.Tensor:
     """Scale each sample of ``delta`` back onto the L2 ball of ``radius`` if it left it."""
     scale = (radius / (per_sample_norm(delta) + 1e-12)).clamp(max=1.0)
     return delta.mul_(scale)
+
+
+def free_at_steps(ctx, micro_batches: list, deltas: list[torch.Tensor],
+                  loss_fn: Callable[[int, Any, torch.Tensor], torch.Tensor], steps: int, step_size: float,
+                  radius: float | None, after_update: Callable[[], None] | None = None) -> list[float]:
+    """Algorithm 1, lines 6-10, on one step's micro-batches (``deltas[i]``: micro-batch i's ``init_delta``).
+    ``steps`` times: ONE forward/backward of ``loss_fn(i, micro_batch, deltas[i])`` plus the optimizer step
+    (``ctx.update``), then ``after_update()`` (e.g. a target-network EMA), then the ascent on each delta.
+    Returns the ``steps`` mean losses; the deltas end as the last loss saw them.
+
+    The last ascent is skipped: its delta would never be used. When the optimizer skipped its step (an fp16
+    loss-scale overflow: the gradients are inf/NaN) delta does not move either, as lines 8 and 9 share one
+    gradient."""
+    losses = []
+    for k in range(steps):
+        losses.append(ctx.update(micro_batches, lambda i, mb: loss_fn(i, mb, deltas[i])))
+        if after_update is not None:
+            after_update()
+        skipped = ctx.accelerator.optimizer_step_was_skipped
+        for delta in deltas:
+            if k < steps - 1 and not skipped:
+                ascend(delta, step_size, radius)
+            else:
+                delta.grad = None
+    return losses

@@ -26,6 +26,7 @@ import glob
 import hashlib
 import io
 import json
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -112,13 +113,24 @@ def _tar_shard(shard: Path) -> list[Record]:
     try:
         with tarfile.open(shard, "r:") as tar:  # uncompressed only: records are byte ranges of the file
             for member in tar:
-                if member.isfile():
-                    key, _, ext = member.name.partition(".")
+                if member.isfile() and (split := _sample_key(member.name)):
+                    key, ext = split
                     samples.setdefault(key, {})["." + ext.lower()] = member
             records = [_tar_record(shard, tar, key, members) for key, members in samples.items()]
     except tarfile.TarError as exc:
         raise ToolkitError(f"cannot read shard {shard} ({exc}); webdataset shards must be uncompressed .tar") from None
     return [r for r in records if r is not None]
+
+
+# webdataset's rule (``base_plus_ext``): the key is the path up to the first dot of the file name, so
+# ``./0001.jpg`` (``tar -C dir .``) and ``a.b/0001.jpg`` split at the name, not at the first dot of the path.
+_KEY_AND_EXT = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")
+
+
+def _sample_key(member_name: str) -> tuple[str, str] | None:
+    """(key, extension) of a tar member, or None for a name without an extension."""
+    match = _KEY_AND_EXT.match(member_name)
+    return (match.group(1), match.group(2)) if match else None
 
 
 def _tar_record(shard: Path, tar: tarfile.TarFile, key: str, members: dict) -> Record | None:

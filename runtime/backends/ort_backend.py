@@ -131,7 +131,8 @@ class OrtRunner:
         key = tuple(sorted((n, tuple(a.shape)) for n, a in feed.items()))
         buffers = self._buffers.get(key)
         if buffers is None:
-            # graph id 0 is reserved by ORT; one captured graph per input-shape signature
+            # one captured graph per input-shape signature; ids start at 1 because 0 is ORT's default
+            # annotation (runs that name none) and -1 means 'do not capture'
             graph_id = len(self._buffers) + 1 if self.cuda_graph else None
             buffers = self._buffers[key] = BoundBuffers(self.session, self.contract, feed, self.arrays,
                                                         (self.input_types, self.output_types), graph_id)
@@ -175,11 +176,12 @@ class OrtBackend(Backend):
             raise BackendError(f"export {source_dir} runs {manifest.precision} (fixed at export); pass dtype "
                                f"'{manifest.precision}' or 'auto', or re-export "
                                f"{'without' if manifest.precision == 'float16' else 'with'} --fp16")
+        providers_for(kind, device_id, cuda_graph, cuda_options)  # option errors before the slow parts
+        array_adapter = make_arrays(arrays, kind, device_id)     # and a missing torch, too
         if verify:
             verify_files(manifest)
         backend = cls(spec, device, manifest.precision)
-        providers_for(kind, device_id, cuda_graph, cuda_options)  # option errors before any session loads
-        backend._arrays = make_arrays(arrays, kind, device_id)  # and a missing torch, too
+        backend._arrays = array_adapter
         backend._open(manifest, session_options(intra_op_threads, inter_op_threads, graph_optimization),
                       kind, device_id, cuda_graph, cuda_options)
         return backend

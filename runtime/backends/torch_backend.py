@@ -2,6 +2,7 @@
 torch.compile). The only place in runtime/ that imports torch or diffusers."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -9,18 +10,27 @@ import numpy as np
 import torch
 
 from runtime.backends.base import Backend, BackendError
+from runtime.model_source import MANIFEST
 from runtime.model_spec import ModelSpec
 
+_DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 def torch_device(device: str) -> torch.device:
     """Validate a device string; asking for CUDA without one is an error, never a silent CPU run."""
-    if device.startswith("cuda") and not torch.cuda.is_available():
+    match = _DEVICE.fullmatch(device)
+    if match is None:
+        raise BackendError(f"unknown device '{device}' for torch; use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
         raise BackendError(f"device '{device}' asked for, but torch sees no CUDA GPU "
                            f"(torch {torch.__version__}); pass --device cpu or install a CUDA build of torch")
-    if not (device == "cpu" or device.startswith("cuda")):
-        raise BackendError(f"unknown device '{device}' for the torch backend; use cpu, cuda or cuda:N")
+    count = torch.cuda.device_count()
+    if match.group(1) is not None and int(match.group(1)) >= count:
+        raise BackendError(f"device '{device}' asked for, but torch sees {count} GPU(s); use cuda:0 to "
+                           f"cuda:{count - 1}")
     return torch.device(device)
 
 
@@ -43,7 +53,11 @@ class TorchBackend(Backend):
     def load(cls, source_dir, spec: ModelSpec, *, device: str, dtype: str, channels_last: bool = False,
              compile: bool = False, **options: Any) -> "TorchBackend":
         if options:
-            raise BackendError(f"the torch backend takes no options {sorted(options)}")
+            raise BackendError(f"the torch backend has no option(s) {sorted(options)}; "
+                               "it takes channels_last=true|false and compile=true|false")
+        if (Path(source_dir) / MANIFEST).is_file():  # diffusers would fail on it with a bare OSError
+            raise BackendError(f"{source_dir} is an ONNX export; the torch backend runs the diffusers directory "
+                               "it was exported from (manifest.json's source.path), or pass --backend onnxruntime")
         backend = cls(spec, device, dtype)
         backend._load(Path(source_dir), channels_last, compile)
         return backend
@@ -61,7 +75,8 @@ class TorchBackend(Backend):
         if self.spec.is_latent:
             from transformers import CLIPTextModel
             self.text_encoder = self._prepare(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self._dtype))
-            self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._dtype), channels_last)
+            self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._dtype),
+                                     channels_last)
 
     def _prepare(self, module: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
         module = module.to(self._device).eval().requires_grad_(False)

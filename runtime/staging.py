@@ -1,0 +1,84 @@
+"""Write a directory or a file atomically: build it under a temporary name beside the target, then swap it in.
+
+A failed or interrupted run removes its temporary directory and leaves the previous output untouched; a
+successful one replaces it with two renames on the same filesystem (the old one is deleted only after
+the new one is in place). Shared by ``toolkit export`` (marker ``manifest.json``) and the eval reports
+(marker ``record.json``); ``atomic_file`` does the same for one file (JSON results, stats, cached chunks).
+Standard library only.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+
+from runtime.errors import ToolkitError
+
+
+def check_target(out: Path, marker: str, what: str = "output") -> None:
+    """Refuse to replace a directory this toolkit did not write (it lacks ``marker``): a typo in --out must
+    not delete a folder of someone's files. An empty directory is fine."""
+    out = Path(out)
+    if out.exists() and not (out / marker).is_file() and (not out.is_dir() or any(out.iterdir())):
+        raise ToolkitError(f"--out {out} exists and is not an {what} directory (no {marker}); "
+                           "choose a new path or remove it first")
+
+
+@contextlib.contextmanager
+def staged_directory(out: Path, marker: str, what: str = "output"):
+    """Yield a fresh temporary directory; on normal exit it becomes ``out``, on an exception it is removed."""
+    out = Path(out)
+    check_target(out, marker, what)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get normal permissions
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    swap_in(staging, out)
+
+
+def swap_in(staging: Path, out: Path) -> None:
+    """Replace ``out`` by the finished directory ``staging`` (same filesystem). A previous ``out`` is moved
+    aside first, put back if the rename fails, and deleted only once the new one is in place."""
+    previous = None
+    if out.exists():
+        previous = out.with_name(f".{out.name}.previous-{uuid.uuid4().hex[:8]}")
+        out.rename(previous)
+    try:
+        staging.rename(out)
+    except BaseException:
+        if previous is not None:
+            previous.rename(out)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if previous is not None:
+        shutil.rmtree(previous, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp"):
+    """Yield an open temporary file beside ``path``; on normal exit it replaces ``path`` (so a reader never
+    sees half a file), on an exception it is removed and ``path`` keeps its previous content."""
+    path = Path(path)
+    handle = tempfile.NamedTemporaryFile(mode, dir=path.parent, suffix=suffix, delete=False)
+    try:
+        with handle:
+            yield handle
+        os.chmod(handle.name, 0o666 & ~_umask())  # NamedTemporaryFile makes it 0600; outputs get normal permissions
+        os.replace(handle.name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(handle.name)
+        raise
