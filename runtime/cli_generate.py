@@ -10,6 +10,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from runtime.default_model import default_model
 from runtime.errors import ToolkitError
+from runtime.fingerprint import model_sha256
 from runtime.images import save_png
 from runtime.pipeline import Pipeline
 from runtime.versions import package_versions
@@ -39,7 +40,8 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
                           class_labels=(class_label[0] if len(class_label) == 1 else class_label) if class_label else None,
                           sampler_options=None if eta is None else {"eta": eta},
                           progress=lambda done, total: bar.update(task, completed=done, total=total))
-    paths = write_images(output, Path(out), model)
+        source = {"model": str(model), "model_sha256": model_sha256(pipe.source.path)}
+    paths = write_images(output, Path(out), source)
     for path in paths:
         print(path)
     t = output.timings
@@ -61,13 +63,13 @@ def parse_options(pairs: list[str]) -> dict:
     return options
 
 
-def write_images(output, out_dir: Path, model: str) -> list[Path]:
+def write_images(output, out_dir: Path, source: dict) -> list[Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     prompts = output.prompts or [None] * len(output.seeds)
     paths = []
     for array, seed, text in zip(output.arrays, output.seeds, prompts):
         name = f"{slug(text)}-seed{seed}.png" if text is not None else f"sample-seed{seed}.png"
-        record = {"prompt": text, "seed": seed, "model": str(model), "backend": output.backend,
+        record = {"prompt": text, "seed": seed, **source, "backend": output.backend,
                   **output.request, "versions": package_versions()}
         paths.append(save_png(array, out_dir / name, record))
     return paths

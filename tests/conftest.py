@@ -2,12 +2,15 @@
 from __future__ import annotations
 
 import os
+import tempfile
 
 import pytest
 
 # Tests never reach a model hub; fail fast instead of retrying network calls.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# ... and never write into the user's ~/.cache (model hashes cached by `toolkit generate`).
+os.environ.setdefault("TOOLKIT_CACHE_DIR", tempfile.mkdtemp(prefix="toolkit-test-cache-"))
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -27,6 +27,8 @@ def test_generate_writes_pngs_with_their_record(tiny_lcm_dir, tmp_path):
     record = json.loads(image.text["at-diffusion-toolkit"])
     assert record["seed"] == 3 and record["steps"] == 4 and record["sampler"] == "lcm"
     assert record["prompt"] == "astronaut in a jungle" and "torch" in record["versions"]
+    from runtime.export_manifest import tree_fingerprint
+    assert record["model_sha256"] == tree_fingerprint(tiny_lcm_dir)["sha256"]
 
 
 def test_generate_unconditional_with_sampler_and_nfe(tiny_uncond_dir, tmp_path):
