@@ -180,6 +180,17 @@ def test_torch_backend_variants_stay_close_to_fp32(tiny_lcm_dir, lcm_pipe, optio
     assert options.get("dtype", "float32") in out.backend
 
 
+def test_fp16_keeps_force_upcast_vaes_in_fp32(tiny_lcm_dir):
+    # fp16 needs a GPU, so the rule is checked on its own here (the CUDA test below checks it end to end)
+    from pathlib import Path
+    from runtime.backends.torch_backend import TorchBackend
+    backend = TorchBackend.__new__(TorchBackend)
+    backend._dtype = torch.float16
+    assert backend._vae_dtype(Path(tiny_lcm_dir)) == torch.float32   # diffusers' VAEs default to force_upcast
+    backend._dtype = torch.bfloat16
+    assert backend._vae_dtype(Path(tiny_lcm_dir)) == torch.bfloat16  # bf16 has fp32's range: no overflow
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("model", ["lcm", "uncond"])
 def test_torch_backend_auto_on_cuda_is_fp16_and_close_to_cpu(tiny_lcm_dir, tiny_uncond_dir, model):
@@ -191,6 +202,7 @@ def test_torch_backend_auto_on_cuda_is_fp16_and_close_to_cpu(tiny_lcm_dir, tiny_
     with Pipeline.load(path, device="cuda", dtype="auto") as pipe:
         out = pipe(**request)
     assert "cuda" in out.backend and "float16" in out.backend
+    assert model == "uncond" or "VAE float32" in out.backend   # force_upcast VAEs stay fp32
     assert out.samples.dtype == np.float32 and np.isfinite(out.samples).all()
     assert np.abs(out.samples - reference.samples).mean() < 0.1   # fp16 keeps ~3 significant digits
 

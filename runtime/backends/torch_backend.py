@@ -3,6 +3,7 @@ torch.compile). The only place in runtime/ that imports torch or diffusers."""
 from __future__ import annotations
 
 import re
+import json
 from pathlib import Path
 from typing import Any
 
@@ -75,8 +76,16 @@ class TorchBackend(Backend):
         if self.spec.is_latent:
             from transformers import CLIPTextModel
             self.text_encoder = self._prepare(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self._dtype))
-            self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._dtype),
+            self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._vae_dtype(root)),
                                      channels_last)
+
+    def _vae_dtype(self, root: Path) -> torch.dtype:
+        """SD-family VAEs overflow in fp16 (NaN / black images); their config says so with ``force_upcast``
+        (diffusers' default), so fp16 runs keep the VAE in fp32, as the ONNX export does. It runs once per
+        image, so this costs little."""
+        config = json.loads((root / "vae" / "config.json").read_text())
+        upcast = self._dtype == torch.float16 and config.get("force_upcast", True)
+        return torch.float32 if upcast else self._dtype
 
     def _prepare(self, module: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
         module = module.to(self._device).eval().requires_grad_(False)
@@ -110,7 +119,7 @@ class TorchBackend(Backend):
     def decode(self, latents) -> torch.Tensor:
         if self.vae is None:
             return super().decode(latents)
-        return self.vae.decode(latents.to(self._dtype)).sample.float()
+        return self.vae.decode(latents.to(self.vae.dtype)).sample.float()
 
     def synchronize(self) -> None:
         if self._device.type == "cuda":
@@ -122,4 +131,5 @@ class TorchBackend(Backend):
             torch.cuda.empty_cache()
 
     def describe(self) -> str:
-        return f"torch {torch.__version__} on {self.device} ({self.dtype})"
+        vae = f", VAE {str(self.vae.dtype).removeprefix('torch.')}" if self.vae is not None and self.vae.dtype != self._dtype else ""
+        return f"torch {torch.__version__} on {self.device} ({self.dtype}{vae})"
