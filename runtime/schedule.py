@@ -60,7 +60,7 @@ class NoiseSchedule:
             steps_offset=int(config.get("steps_offset", 0)),
             original_inference_steps=int(config.get("original_inference_steps") or 50),
             timestep_scaling=float(config.get("timestep_scaling", 10.0)),
-            clip_sample=bool(config.get("clip_sample", False)),
+            clip_sample=bool(config.get("clip_sample", _CLIPS_BY_DEFAULT.get(config.get("_class_name"), False))),
             clip_sample_range=float(config.get("clip_sample_range", 1.0)),
             variance_type=config.get("variance_type") or "fixed_small",
             beta_schedule=config.get("beta_schedule", "linear"),
@@ -74,6 +74,10 @@ class NoiseSchedule:
         """alpha_bar at training timestep ``t`` as a Python float; ``t < 0`` is the step past the end
         of the chain, ``final_alpha_cumprod`` (DDIM / LCM convention)."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+
+# diffusers' defaults for a config that omits clip_sample (hand-written ones; save_pretrained writes it)
+_CLIPS_BY_DEFAULT = {"DDIMScheduler": True, "DDPMScheduler": True}
 
 
 def _betas(config: dict) -> np.ndarray:

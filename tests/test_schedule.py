@@ -157,3 +157,12 @@ def test_predict_x0_eps_inverts_each_parameterization(prediction_type):
     np.testing.assert_allclose(got_eps, eps, atol=1e-12)
     np.testing.assert_allclose(predict_x0(torch.from_numpy(output), torch.from_numpy(x), ab, prediction_type),
                                x0, atol=1e-12)
+
+
+@pytest.mark.parametrize("class_name, clips", [("DDIMScheduler", True), ("DDPMScheduler", True),
+                                               ("LCMScheduler", False), ("DPMSolverMultistepScheduler", False)])
+def test_clip_sample_default_follows_diffusers_when_the_config_omits_it(class_name, clips):
+    import diffusers
+    assert NoiseSchedule.from_config({"_class_name": class_name}).clip_sample == clips
+    default = getattr(diffusers, class_name)().config.get("clip_sample", False)
+    assert default == clips
