@@ -74,7 +74,7 @@ class GenerationRequest:
         factor = spec.vae_scale_factor
         fields = dict(sampler=sampler, steps=steps, timesteps=timesteps, sampler_fn_options=fn_options,
                       latent_shape=(spec.unet_in_channels, height // factor, width // factor),
-                      height=height, width=width, eps_scale=_eps_scale(eps_scale))
+                      height=height, width=width, eps_scale=_eps_scale(eps_scale, pipe.schedule.prediction_type))
         if spec.is_latent:
             fields.update(_text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, class_labels))
             count = len(fields["prompts"])
@@ -127,11 +127,14 @@ def _size(value: int | None, default: int, multiple: int, name: str) -> int:
     return value
 
 
-def _eps_scale(eps_scale: float | None) -> float | None:
+def _eps_scale(eps_scale: float | None, prediction_type: str) -> float | None:
     if eps_scale is None or float(eps_scale) == 1.0:
         return None
     if float(eps_scale) <= 0:
         raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {eps_scale}")
+    if prediction_type != "epsilon":  # checked here too so a bad call fails before any network runs
+        raise ToolkitError(f"epsilon scaling needs an epsilon-prediction model; this one predicts "
+                           f"'{prediction_type}': drop --eps-scale")
     return float(eps_scale)
 
 

@@ -216,3 +216,15 @@ def test_a_training_runs_model_is_named_after_the_run(tiny_uncond_dir, tmp_path)
     assert ModelSpec.from_diffusers_dir(model).name == "model"      # not a training output: its own name
     (model / "training.json").write_text("{}")
     assert ModelSpec.from_diffusers_dir(model).name == "fm-adm-at"
+
+
+def test_eps_scaling_on_a_v_prediction_model_fails_before_any_network_runs(tiny_uncond_dir, tmp_path):
+    import json
+    import shutil
+    model = shutil.copytree(tiny_uncond_dir, tmp_path / "v-model")
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "prediction_type": "v_prediction"}))
+    with Pipeline.load(model, device="cpu") as pipe:
+        pipe.backend.denoise = None   # any network call would now fail with a TypeError, not the message
+        with pytest.raises(ToolkitError, match="epsilon-prediction"):
+            pipe(num_images=1, nfe=2, eps_scale=1.017)
