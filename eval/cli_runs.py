@@ -13,15 +13,17 @@ from eval.measure import source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
 from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
+from runtime.model_spec import model_name
 from runtime.staging import check_target
 
 
 def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
-    """['a=path', 'path2'] -> {'a': 'path', '<dir name of path2>': 'path2'} (order kept, names unique)."""
+    """['a=path', 'path2'] -> {'a': 'path', '<name of path2>': 'path2'} (order kept, names unique; a training
+    run's runs/NAME/model is called NAME, as everywhere)."""
     pairs = {}
     for value in values or []:
         name, sep, path = value.partition("=")
-        name, path = (name, path) if sep else (Path(value).name, value)
+        name, path = (name, path) if sep else (model_name(Path(value)), value)
         if not name or not path:
             raise ToolkitError(f"--{option} '{value}' is not NAME=PATH")
         if name in pairs:
@@ -81,7 +83,8 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
     validate(config)  # before the slow parts: a missing export or a bad --out fails at once
     check_target(out, RECORD, "eval compare report")
     if ref is None and (no_clip or not config.prompts):
-        raise ToolkitError("nothing to measure: pass --ref for FID, and/or --prompts for CLIP score")
+        raise ToolkitError("nothing to measure: pass --ref for FID" + (" (--no-clip turns CLIP score off)" if no_clip
+                                                                      else ", and/or --prompts for CLIP score"))
     extractor = InceptionFeatures(inception, device=device, resize=resize) if ref is not None else None
     ref_stats = _reference(ref, extractor, cache, chunk_size) if ref is not None else None
     clip = None

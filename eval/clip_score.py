@@ -35,10 +35,12 @@ class ClipScorer:
                 self.model, _, self.preprocess = open_clip.create_model_and_transforms(
                     name, pretrained=pretrained or None, device=self.device)
         except RuntimeError as exc:
-            reason = str(exc).splitlines()[0][:200]
+            # first sentence only: open_clip's download errors run on for several lines
+            reason = str(exc).splitlines()[0].split(". ")[0].rstrip(".")[:300]
             raise ToolkitError(f"could not load CLIP '{name}' with weights '{pretrained}' ({reason}); "
                                "offline, pass --clip-pretrained /path/to/checkpoint.pt (an open_clip checkpoint "
-                               "for this architecture)") from None
+                               "for this architecture); HF_HUB_OFFLINE=1 makes a missing download fail at once "
+                               "instead of after a minute of retries") from None
         self.model.eval()
         self.tokenizer = open_clip.get_tokenizer(name)
 

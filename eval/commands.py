@@ -117,7 +117,8 @@ def _png_prompt(path: Path) -> str:
         text = getattr(image, "text", {}).get("at-diffusion-toolkit")
     prompt = json.loads(text).get("prompt") if text else None
     if not prompt:
-        raise ToolkitError(f"{path} carries no prompt in its metadata (not made by 'toolkit generate'); "
+        why = "an unconditional sample" if text else "not made by 'toolkit generate'"
+        raise ToolkitError(f"{path} carries no prompt in its metadata ({why}); "
                            "pass --prompts FILE with one prompt per image")
     return prompt
 

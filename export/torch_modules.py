@@ -53,7 +53,11 @@ def contract_module(network: torch.nn.Module, contract: ExportContract) -> Contr
     so the float32 network stays available as the validation reference)."""
     dtype = _TORCH_DTYPES[contract.precision]
     if next(network.parameters()).dtype != dtype:
-        network = copy.deepcopy(network).to(dtype)
+        network = copy.deepcopy(network)
+        # diffusers' ModelMixin.to warns "modules that should be kept in float32: []" on every dtype cast, even
+        # with none to keep (diffusers 0.42); plain nn.Module.to casts the same way without that noise.
+        cast = type(network).to if getattr(network, "_keep_in_fp32_modules", None) else torch.nn.Module.to
+        network = cast(network, dtype)
     return ContractModule(network, contract).eval()
 
 

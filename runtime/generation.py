@@ -165,7 +165,10 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
     if spec.time_cond_proj_dim:
         guidance, scale = "embedding", LCM_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
     else:
-        scale = CFG_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
+        # An LCM without the w-embedding (`toolkit train lcm --no-w-embedding`, LCM-LoRA's layout) has its
+        # guidance baked in: by default it samples without CFG, as docs/lcm-at.md says.
+        default = 1.0 if spec.scheduler_class == "LCMScheduler" else CFG_DEFAULT_GUIDANCE
+        scale = default if guidance_scale is None else float(guidance_scale)
         guidance = "cfg" if scale > 1.0 else "none"
     if negative_prompt is not None and guidance != "cfg":  # it would be silently unused
         raise ToolkitError("a negative prompt needs classifier-free guidance: "

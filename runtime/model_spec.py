@@ -73,9 +73,11 @@ class ModelSpec:
         if index is None:
             if (path / "config.json").exists() and (path / "scheduler_config.json").exists():
                 return _unconditional_spec(path, path, path / "scheduler_config.json")
+            run_model = path / "model" / "model_index.json"  # a training run directory: the model is inside
+            hint = f" (this looks like a training run: its model is {path / 'model'})" if run_model.is_file() else ""
             raise ModelFormatError(
                 f"{path} has no model_index.json: pass a diffusers pipeline directory "
-                "(as written by `toolkit train ...` or `save_pretrained`) or an export directory")
+                f"(as written by `toolkit train ...` or `save_pretrained`) or an export directory{hint}")
         for part in ("unet", "scheduler"):
             if part not in index or not (path / part).is_dir():
                 raise ModelFormatError(f"{path} has no '{part}/' component; it is not a diffusion pipeline")
@@ -109,7 +111,7 @@ def _as_int(size) -> int:
     return int(size)
 
 
-def _model_name(root: Path) -> str:
+def model_name(root: Path) -> str:
     """The directory's name, except for a training run's output (``runs/NAME/model`` with its
     training.json): there it is NAME, so default export paths (exports/NAME) and printed names tell runs
     apart instead of every run being called 'model'."""
@@ -119,7 +121,7 @@ def _model_name(root: Path) -> str:
 
 def _unconditional_spec(root: Path, unet_dir: Path, sched: Path) -> ModelSpec:
     scheduler = _read_json(sched)
-    return ModelSpec(kind=UNCONDITIONAL, name=_model_name(root), scheduler_config=scheduler,
+    return ModelSpec(kind=UNCONDITIONAL, name=model_name(root), scheduler_config=scheduler,
                      scheduler_class=scheduler.get("_class_name", "DDPMScheduler"),
                      **_unet_fields(_read_json(unet_dir / "config.json")))
 
@@ -132,7 +134,7 @@ def _text_to_image_spec(root: Path, sched: Path) -> ModelSpec:
     max_len = _read_json(tok_cfg).get("model_max_length") if tok_cfg.exists() else None
     if max_len is None or max_len > 10_000:  # transformers writes a huge sentinel when unset
         max_len = text.get("max_position_embeddings", 77)
-    return ModelSpec(kind=TEXT_TO_IMAGE, name=_model_name(root), scheduler_config=scheduler,
+    return ModelSpec(kind=TEXT_TO_IMAGE, name=model_name(root), scheduler_config=scheduler,
                      scheduler_class=scheduler.get("_class_name", "LCMScheduler"),
                      vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
                      vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),

@@ -206,6 +206,19 @@ def test_compare_names_the_missing_export(tiny_uncond_dir, ref_stats, feature_ne
     assert "--export base=EXPORT_DIR" in result.output
 
 
+def test_training_runs_are_named_after_the_run_and_no_clip_is_explained(tmp_path):
+    # `--model runs/a/model --model runs/b/model` used to be refused as the name 'model' given twice
+    from eval.cli_runs import parse_pairs
+    for run in ("a", "b"):
+        (tmp_path / run / "model").mkdir(parents=True)
+        (tmp_path / run / "model" / "training.json").write_text("{}")
+    assert list(parse_pairs([str(tmp_path / "a" / "model"), str(tmp_path / "b" / "model")], "model")) == ["a", "b"]
+    (tmp_path / "p.txt").write_text("a prompt\n")
+    result = _invoke("compare", "--model", f"x={tmp_path / 'a' / 'model'}", "--prompts", tmp_path / "p.txt",
+                     "--no-clip", "--out", tmp_path / "r")
+    assert result.exit_code == 2 and "--no-clip turns CLIP score off" in result.output
+
+
 def test_compare_never_replaces_a_folder_that_is_not_a_report(tiny_uncond_dir, ref_stats, feature_net, tmp_path):
     out = tmp_path / "my-results"
     out.mkdir()

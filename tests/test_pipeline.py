@@ -216,6 +216,8 @@ def test_a_training_runs_model_is_named_after_the_run(tiny_uncond_dir, tmp_path)
     assert ModelSpec.from_diffusers_dir(model).name == "model"      # not a training output: its own name
     (model / "training.json").write_text("{}")
     assert ModelSpec.from_diffusers_dir(model).name == "fm-adm-at"
+    with pytest.raises(ToolkitError, match="looks like a training run: its model is .*fm-adm-at/model"):
+        ModelSpec.from_diffusers_dir(model.parent)   # the run directory instead of its model
 
 
 def test_eps_scaling_on_a_v_prediction_model_fails_before_any_network_runs(tiny_uncond_dir, tmp_path):
@@ -228,3 +230,18 @@ def test_eps_scaling_on_a_v_prediction_model_fails_before_any_network_runs(tiny_
         pipe.backend.denoise = None   # any network call would now fail with a TypeError, not the message
         with pytest.raises(ToolkitError, match="epsilon-prediction"):
             pipe(num_images=1, nfe=2, eps_scale=1.017)
+
+
+def test_lcm_without_w_embedding_samples_without_cfg_by_default(tiny_sd_dir, tmp_path):
+    # `toolkit train lcm --no-w-embedding` saves an SD pipeline with an LCMScheduler, guidance baked in; it
+    # used to get CFG 7.5 by default, against docs/lcm-at.md ("sample it without CFG")
+    import json
+    import shutil
+    model = tmp_path / "lcm-no-w"
+    shutil.copytree(tiny_sd_dir, model)
+    config_path = model / "scheduler" / "scheduler_config.json"
+    config = json.loads(config_path.read_text())
+    config_path.write_text(json.dumps({**config, "_class_name": "LCMScheduler", "original_inference_steps": 50}))
+    with Pipeline.load(model, device="cpu") as pipe:
+        assert pipe(PROMPTS[:1], steps=1).request["guidance"] == "none"
+        assert pipe(PROMPTS[:1], steps=1, guidance_scale=2.0).request["guidance"] == "cfg"
