@@ -68,6 +68,21 @@ def doctor() -> None:
 
 _mount_groups()
 
+bench = typer.Typer(help="Benchmarks: results go to JSON files and docs, never to timed assertions in tests.",
+                    no_args_is_help=True)
+app.add_typer(bench, name="bench")
+
+
+def _mount_benchmarks() -> None:
+    # Each benchmark lives beside the code it measures; their modules import torch only when they run.
+    from export import bench_ort
+    from train import bench_adm_at
+    bench.command("ort")(handles_errors(bench_ort.command))
+    bench.command("adm-at")(handles_errors(bench_adm_at.command))
+
+
+_mount_benchmarks()
+
 
 def main() -> None:
     app(prog_name="toolkit")

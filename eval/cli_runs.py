@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.clip_score import ClipScorer, read_prompts
-from eval.commands import console, progress_bar, versions, write_json
+from eval.commands import console, progress_bar, versions
 from eval.compare import CellMetrics, CompareConfig, run_compare, validate
 from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
@@ -14,7 +14,7 @@ from eval.sample_fid import SampleFIDConfig, run_sample_fid
 from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
 from runtime.model_spec import model_name
-from runtime.staging import check_target
+from runtime.staging import check_target, write_json
 
 
 def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from eval.kid import kernel_inception_distance
 from eval.measure import cache_subdir, check_comparable, source_features, source_stats
 from eval.sources import FolderSource, resolve_source, take
 from runtime.errors import ToolkitError
-from runtime.staging import atomic_file
+from runtime.staging import write_json
 from runtime.versions import RUNTIME_PACKAGES, package_versions
 
 console = Console(stderr=True)
@@ -128,10 +128,3 @@ def _finish(result: dict, out: Path | None, config: dict) -> None:
     print(json.dumps(result, indent=2, default=str))
     if out is not None:
         write_json(out, {**result, "config": config, "versions": versions()})
-
-
-def write_json(path: Path, data: dict) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_file(path, "w") as handle:
-        json.dump(data, handle, indent=2, default=str)

@@ -1,7 +1,7 @@
 """Time an exported UNet under ONNX Runtime (CUDA EP with and without CUDA graphs) against torch eager.
 
-    python -m export.bench_ort --out /tmp/bench --size sd --device cuda   # SD-1.5-size LCM UNet, fp16
-    python -m export.bench_ort --out /tmp/bench --size tiny --device cpu  # the same plumbing on a CPU
+    toolkit bench ort --out bench/ort-sd --size sd --device cuda      # SD-1.5-size LCM UNet, fp16
+    toolkit bench ort --out /tmp/bench --size tiny --device cpu --no-fp16   # the same plumbing on a CPU
 
 Builds a random-weight model (timing does not depend on weight values), exports its UNet with
 ``toolkit export``'s code path (contracts, fp16, validation), then times one UNet call per backend the way
@@ -11,16 +11,20 @@ anchors in ../shared/bench/README.md measured on the same card.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import time
 from pathlib import Path
 
 import numpy as np
+import typer
+
+from runtime.errors import ToolkitError, handles_errors
+from runtime.staging import write_json
 
 # SD-1.5's UNet (diffusers' defaults are SD-1.5's) with LCM's guidance embedding, as LCM-Dreamshaper-v7.
 SD_UNET = dict(sample_size=64, cross_attention_dim=768, time_cond_proj_dim=256)
+SIZES = ("sd", "tiny")
 
 
 def build_model(root: Path, size: str, seed: int = 0) -> Path:
@@ -87,44 +91,46 @@ def time_torch(model: Path, device: str, feed: dict, iters: int) -> dict:
     return {"ms": median_ms(call, iters), "output": reference}
 
 
-def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, required=True)
-    parser.add_argument("--size", choices=("sd", "tiny"), default="sd")
-    parser.add_argument("--device", default="cuda")
-    parser.add_argument("--iters", type=int, default=30)
-    parser.add_argument("--fp16", action=argparse.BooleanOptionalAction, default=True)
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random weights and sample inputs")
-    args = parser.parse_args(argv)
+def run(out: Path, size: str = "sd", device: str = "cuda", iters: int = 30, fp16: bool = True, seed: int = 0) -> dict:
+    """Export, validate and time; writes ``out/bench.json`` and returns the results."""
     from export.exporter import ExportSettings, run_export
-    args.out.mkdir(parents=True, exist_ok=True)
-    model = build_model(args.out, args.size, args.seed)
-    latent = SD_UNET["sample_size"] if args.size == "sd" else 16
+    if size not in SIZES:
+        raise ToolkitError(f"unknown --size '{size}'; choose one of {', '.join(SIZES)}")
+    out.mkdir(parents=True, exist_ok=True)
+    model = build_model(out, size, seed)
+    latent = SD_UNET["sample_size"] if size == "sd" else 16
     start = time.perf_counter()
-    result = run_export(ExportSettings(model=str(model), out=args.out / "export", fp16=args.fp16, components=("unet",),
-                                       height=latent * 4, width=latent * 4, device=args.device, seed=args.seed),
+    result = run_export(ExportSettings(model=str(model), out=out / "export", fp16=fp16, components=("unet",),
+                                       height=latent * 4, width=latent * 4, device=device, seed=seed),
                         log=print)
-    results = {"size": args.size, "device": args.device, "fp16": args.fp16, "latent": latent, "seed": args.seed,
-               "iters": args.iters,
+    results = {"size": size, "device": device, "fp16": fp16, "latent": latent, "seed": seed, "iters": iters,
                "export_and_validate_s": round(time.perf_counter() - start, 1),
                "validation": result.report.to_dict(), "versions": result.manifest["versions"]}
-    plain = time_ort(result.out, args.device, False, args.iters, seed=args.seed)
-    torch_run = time_torch(model, args.device, plain["feed"], args.iters)
+    plain = time_ort(result.out, device, False, iters, seed=seed)
+    torch_run = time_torch(model, device, plain["feed"], iters)
     results["torch_eager_ms"] = torch_run["ms"]
     results["ort_ms"] = plain["ms"]
-    if args.device.startswith("cuda"):
-        results["ort_cuda_graph_ms"] = time_ort(result.out, args.device, True, args.iters, seed=args.seed)["ms"]
+    if device.startswith("cuda"):
+        results["ort_cuda_graph_ms"] = time_ort(result.out, device, True, iters, seed=seed)["ms"]
         # latents kept on the GPU (the pipeline's default on CUDA when torch sees the GPU)
         for graph, key in ((False, "ort_torch_arrays_ms"), (True, "ort_torch_arrays_cuda_graph_ms")):
-            results[key] = time_ort(result.out, args.device, graph, args.iters, "torch", args.seed)["ms"]
+            results[key] = time_ort(result.out, device, graph, iters, "torch", seed)["ms"]
     ref = torch_run["output"]
     results["ort_rel_l2_vs_torch"] = float(np.linalg.norm(plain["output"] - ref) / np.linalg.norm(ref))
-    tmp = args.out / "bench.json.tmp"   # written whole, then renamed: no half-written results
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(args.out / "bench.json")
-    print(json.dumps({k: v for k, v in results.items() if k != "validation"}, indent=2))
+    write_json(out / "bench.json", results)
     return results
 
 
+def command(out: Path = typer.Option(..., help="Directory for the model, its export and bench.json."),
+            size: str = typer.Option("sd", help="sd (SD-1.5-size LCM UNet) | tiny (the plumbing, in seconds)."),
+            device: str = typer.Option("cuda", help="cuda | cuda:N | cpu."),
+            iters: int = typer.Option(30, min=1, help="Timed calls per variant (median reported)."),
+            fp16: bool = typer.Option(True, help="Export the UNet in fp16 (needs a GPU for torch eager)."),
+            seed: int = typer.Option(0, min=0, help="Seed of the random weights and sample inputs.")) -> None:
+    """Time an exported UNet: torch eager vs ONNX Runtime (plain, CUDA graphs, device-resident latents)."""
+    results = run(out, size, device, iters, fp16, seed)
+    print(json.dumps({k: v for k, v in results.items() if k != "validation"}, indent=2))
+
+
 if __name__ == "__main__":
-    main()
+    typer.run(handles_errors(command))

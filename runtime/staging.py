@@ -9,6 +9,7 @@ Standard library only.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -82,3 +83,11 @@ def atomic_file(path: str | os.PathLike, mode: str = "wb", suffix: str = ".tmp")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(handle.name)
         raise
+
+
+def write_json(path: str | os.PathLike, data: dict) -> None:
+    """A JSON result file, written whole or not at all (parents created)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(path, "w") as handle:
+        json.dump(data, handle, indent=2, default=str)
