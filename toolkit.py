@@ -45,7 +45,7 @@ def generate(
     eps_scale: Optional[float] = typer.Option(None, help="Epsilon scaling (ES), e.g. 1.017."),
     eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic)."),
     batch_size: Optional[int] = typer.Option(None, help="Images per network batch (default: all)."),
-    backend: str = typer.Option("torch", help="torch | onnxruntime | tensorrt"),
+    backend: str = typer.Option("torch", help="torch | onnxruntime (tensorrt: planned)"),
     backend_option: Optional[list[str]] = typer.Option(
         None, help="KEY=VALUE passed to the backend, e.g. channels_last=true, compile=true (torch), "
                    "cuda_graph=true, intra_op_threads=4 (onnxruntime). Repeatable."),

@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
@@ -119,4 +120,7 @@ def print_report(report) -> None:
     for check in report.checks:
         table.add_row(check.name, check.case, f"{check.max_abs:.3g}", check.score, check.limit,
                       "[green]pass[/green]" if check.passed else "[red]FAIL[/red]")
-    Console().print(table)
+    console = Console()
+    console.print(table)
+    for note in report.notes:
+        console.print(f"note: {escape(note)}")

@@ -32,8 +32,12 @@ def _ort_rows() -> list[tuple[str, str, str]]:
         import onnxruntime as ort
     except ImportError:
         return [("onnxruntime", "missing", "pip install onnxruntime (or the [gpu] extra)")]
+    from runtime.backends.ort_backend import GPU_EXTRA_HINT
     providers = ort.get_available_providers()
-    note = "" if "CUDAExecutionProvider" in providers else " (CUDA: pip install 'at-diffusion-toolkit[gpu]')"
+    note = "" if "CUDAExecutionProvider" in providers else f" (CUDA: {GPU_EXTRA_HINT})"
+    if _version("onnxruntime") and _version("onnxruntime-gpu"):
+        note += " -- BROKEN: onnxruntime and onnxruntime-gpu are both installed and overwrite each other; " \
+                "pip uninstall -y onnxruntime onnxruntime-gpu && pip install onnxruntime-gpu"
     return [("onnxruntime", ort.__version__, ", ".join(providers) + note)]
 
 

@@ -245,3 +245,8 @@ def test_lcm_without_w_embedding_samples_without_cfg_by_default(tiny_sd_dir, tmp
     with Pipeline.load(model, device="cpu") as pipe:
         assert pipe(PROMPTS[:1], steps=1).request["guidance"] == "none"
         assert pipe(PROMPTS[:1], steps=1, guidance_scale=2.0).request["guidance"] == "cfg"
+
+
+def test_planned_tensorrt_backend_says_it_is_not_built_yet(tiny_lcm_dir):
+    with pytest.raises(ToolkitError, match="planned .* not implemented yet"):
+        Pipeline.load(tiny_lcm_dir, backend="tensorrt")

@@ -51,7 +51,8 @@ COMMON = [
 ]
 AT_OPTIONS = [
     _option("adv_steps", int, 3, "K: optimizer steps (and delta updates) per batch."),
-    _option("adv_lr", float, 0.1, "Step size of delta += adv_lr * g/||g|| (per sample L2)."),
+    _option("adv_lr", float, 0.1, "Step size of delta += adv_lr * g/||g|| (absolute per-sample L2, not scaled "
+            "by sqrt(C*H*W); with the defaults it, not the radius, limits delta)."),
     _option("adv_max_norm", float, 0.1, "Radius of the delta ball, times sqrt(C*H*W) (0: unbounded)."),
 ]
 IP_OPTIONS = [_option("ip_gamma", float, 0.15, "Input perturbation strength gamma (x_t sees eps + gamma*xi).")]

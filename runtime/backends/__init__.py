@@ -15,7 +15,8 @@ _REGISTRY: dict[str, str] = {
 # What to install when a backend's package is missing.
 _INSTALL_HINT = {
     "torch": "pip install torch diffusers",
-    "onnxruntime": "pip install onnxruntime (CPU) or pip install 'at-diffusion-toolkit[gpu]' (CUDA)",
+    "onnxruntime": "pip install onnxruntime (CPU) or, for CUDA, pip uninstall -y onnxruntime && "
+                   "pip install 'at-diffusion-toolkit[gpu]'",
     "tensorrt": "pip install 'at-diffusion-toolkit[tensorrt]' on a machine with an NVIDIA GPU",
 }
 
@@ -24,7 +25,14 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+# Named in the design but not built yet: say so rather than "unknown".
+_PLANNED = {"tensorrt": "the TensorRT backend is planned (engines built from the export contracts) but not "
+                        "implemented yet; use --backend onnxruntime (CUDA EP with CUDA graphs) or torch"}
+
+
 def get_backend_class(name: str) -> type[Backend]:
+    if name in _PLANNED:
+        raise BackendError(_PLANNED[name])
     if name not in _REGISTRY:
         raise BackendError(f"unknown backend '{name}'; choose one of: {', '.join(available_backends())}")
     module_name, cls_name = _REGISTRY[name].split(":")
