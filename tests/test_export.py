@@ -198,6 +198,16 @@ def test_cli_exports_and_validates(tiny_uncond_dir, tmp_path):
     assert "end-to-end" in result.output and "FAIL" not in result.output
 
 
+def test_cli_validate_exits_nonzero_when_out_of_tolerance(uncond_export, monkeypatch):
+    import export.validate as validate
+    from toolkit import app
+    failing = validate.Check("end-to-end", "forced", 9.0, "PSNR 3 dB", "PSNR >= 40 dB", False)
+    monkeypatch.setattr(validate, "check_end_to_end", lambda *args, **kwargs: [failing])
+    result = CliRunner().invoke(app, ["export", "validate", str(uncond_export.out)])
+    assert result.exit_code == 2
+    assert "FAIL" in result.output and "end-to-end" in result.stderr
+
+
 @pytest.mark.parametrize("args, message", [
     (["export", "/no/such/model"], "does not exist"),
     (["export", "MODEL", "--batch-sizes", "1,x"], "--batch-sizes"),

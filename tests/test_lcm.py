@@ -371,3 +371,13 @@ def test_latent_cache_is_reused_and_refused_for_other_data(parts, tmp_path):
 def _scaled_linear_alphas_cumprod() -> np.ndarray:
     betas = np.linspace(math.sqrt(0.00085), math.sqrt(0.012), 1000, dtype=np.float64) ** 2
     return np.cumprod(1.0 - betas)
+
+
+def test_output_exports_and_runs_on_onnxruntime(lcm_run, tmp_path):
+    from export.exporter import ExportSettings, run_export
+    from runtime.pipeline import Pipeline
+    result = run_export(ExportSettings(model=str(lcm_run / "model"), out=tmp_path / "export"), log=lambda m: None)
+    assert result.report.passed
+    with Pipeline.load(result.out, backend="onnxruntime", device="cpu") as pipe:
+        out = pipe(["a red cube"], steps=2, seed=0)
+    assert out.arrays.shape == (1, 64, 64, 3)
