@@ -36,6 +36,9 @@ class NoiseSchedule:
     clip_sample_range: float = 1.0
     variance_type: str = "fixed_small"    # DDPM ancestral variance (iddpm sampler default)
     beta_schedule: str = "linear"         # kept because DPM-Solver's logSNR grid rounds differently for cosine
+    # DPM-Solver starts no higher than the timestep where lambda = log(alpha/sigma) falls below this
+    # (diffusers' ``lambda_min_clipped``); see ``default_lambda_min_clipped``.
+    lambda_min_clipped: float = -math.inf
 
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
@@ -64,6 +67,8 @@ class NoiseSchedule:
             clip_sample_range=float(config.get("clip_sample_range", 1.0)),
             variance_type=config.get("variance_type") or "fixed_small",
             beta_schedule=config.get("beta_schedule", "linear"),
+            lambda_min_clipped=float(config.get("lambda_min_clipped",
+                                                default_lambda_min_clipped(config.get("beta_schedule", "linear")))),
         )
 
     @property
@@ -74,6 +79,17 @@ class NoiseSchedule:
         """alpha_bar at training timestep ``t`` as a Python float; ``t < 0`` is the step past the end
         of the chain, ``final_alpha_cumprod`` (DDIM / LCM convention)."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+
+def default_lambda_min_clipped(beta_schedule: str) -> float:
+    """DPM-Solver's clipping of lambda when the scheduler config does not set ``lambda_min_clipped``.
+
+    The cosine schedule ends at alpha_bar(999) = 2.4e-9: a solver starting there multiplies any eps error by
+    1/sqrt(alpha_bar) ~ 2e4 in its first data prediction, and its logSNR grid spends calls near t=999. -5.1
+    (alpha_bar ~ 3.7e-5, t ~ 996 on cosine; the value diffusers documents for cosine models) removes that
+    tail; it is about where the linear DDPM schedule ends by itself (lambda(999) = -5.07), so linear and
+    scaled_linear schedules are left as they are (-inf, diffusers' default)."""
+    return -5.1 if beta_schedule == "squaredcos_cap_v2" else -math.inf
 
 
 # diffusers' defaults for a config that omits clip_sample (hand-written ones; save_pretrained writes it)

@@ -47,7 +47,7 @@ def run_options(data, out, **overrides) -> dict:
                 max_steps=2, ema_decay=0.9, mixed_precision="no", device="cpu", seed=0, save_every=0, resume=False,
                 grad_accum=1, class_cond=False, timestep_sampler="uniform", max_grad_norm=0.0, lr_warmup_steps=0,
                 export_weights="ema", num_workers=0, log_every=1, progress=False, adv_steps=3, adv_lr=0.1,
-                adv_max_norm=0.1,
+                adv_max_norm=0.1, adv_target_grad="full", ema_warmup=None,
                 ip_gamma=0.15)
     return {**base, **overrides}
 
@@ -154,6 +154,50 @@ def test_one_inner_step_with_zero_adv_lr_is_the_plain_ddpm_loss_and_gradients():
     assert plain.updates[0][0] == at.updates[0][0]
     for name, grad in plain.updates[0][1].items():
         assert torch.equal(grad, at.updates[0][1][name]), name
+
+
+def test_detached_target_drops_only_the_targets_term_from_deltas_gradient():
+    """'full' ascends d/d(delta) of the whole loss; 'detach' (the authors' script) leaves out the
+    -1/sqrt(1-abar) of the target: per element, grad_detach / grad_full = w / (w - 1/s) for eps = w x + b.
+    The loss and the parameters' gradients are the same."""
+    x0, eps = torch.rand(2, 1, 2, 2) * 2 - 1, torch.randn(2, 1, 2, 2)
+    s = torch.tensor([0.6, 0.8]).view(2, 1, 1, 1)
+    draw = Draw(t=torch.tensor([3, 7]), weights=torch.ones(2), eps=eps, sqrt_abar=(1 - s * s).sqrt(), sqrt_one_minus=s)
+    grads = {}
+    for mode in ("full", "detach"):
+        model, delta = RecordingModel(), torch.full_like(x0, 0.05).requires_grad_(True)
+        objective = FreeATObjective(linear_levels(), UniformSampler(1000), adv_target_grad=mode)
+        objective.at_loss(model, {"x": x0}, draw, delta).backward()
+        grads[mode] = (delta.grad, model.w.grad, model.b.grad)
+    torch.testing.assert_close(grads["detach"][0], grads["full"][0] * 0.7 / (0.7 - 1 / s))
+    assert torch.equal(grads["detach"][1], grads["full"][1]) and torch.equal(grads["detach"][2], grads["full"][2])
+    with pytest.raises(ToolkitError, match="adv-target-grad"):
+        FreeATObjective(linear_levels(), UniformSampler(1000), adv_target_grad="stop")
+
+
+@pytest.mark.parametrize("mode", ["full", "detach"])
+def test_at_training_runs_with_either_target_gradient(tmp_path, toy_npz, mode):
+    result = train_adm("adm-at", **run_options(toy_npz, tmp_path / mode, max_steps=1, adv_target_grad=mode))
+    assert result.optimizer_steps == 3
+    record = json.loads((tmp_path / mode / "model/training.json").read_text())
+    assert record["options"]["adv_target_grad"] == mode
+
+
+def test_fine_tuning_ema_continues_the_init_weights_at_a_constant_decay(tmp_path, toy_npz, tiny_uncond_dir):
+    """With --init the EMA starts as the init weights and every update uses --ema-decay (no warm-up):
+    after one optimizer step, ema = d * init + (1 - d) * raw. From scratch (or with --ema-warmup) diffusers'
+    warm-up makes the first update a copy (ema = raw)."""
+    init = safetensors_of(tiny_uncond_dir / "unet")
+    tune = dict(preset=None, init=tiny_uncond_dir, max_steps=1, ema_decay=0.9)
+    train_adm("adm", **run_options(toy_npz, tmp_path / "raw", export_weights="raw", **tune))
+    train_adm("adm", **run_options(toy_npz, tmp_path / "ema", **tune))
+    train_adm("adm", **run_options(toy_npz, tmp_path / "warm", ema_warmup=True, **tune))
+    raw, ema, warm = (safetensors_of(tmp_path / name / "model") for name in ("raw", "ema", "warm"))
+    assert any(not torch.equal(raw[k], init[k]) for k in raw)  # the step moved the weights
+    for k in raw:
+        torch.testing.assert_close(ema[k], 0.9 * init[k] + 0.1 * raw[k], rtol=1e-5, atol=1e-6)
+        assert torch.equal(warm[k], raw[k])
+    assert json.loads((tmp_path / "ema/model/training.json").read_text())["options"]["ema_warmup"] is False
 
 
 def test_plain_and_k1_at_training_runs_end_with_identical_weights(tmp_path, toy_npz):

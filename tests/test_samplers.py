@@ -11,6 +11,8 @@ comparison holds to float32 precision.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -127,10 +129,58 @@ def test_ddim_with_eta_matches_ddim_scheduler_fed_the_same_noise(prediction_type
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
 @pytest.mark.parametrize("variance", ["fixed_small", "fixed_large"])
-@pytest.mark.parametrize("steps, spacing", [(1000, "leading"), (25, "leading"), (25, "trailing")])
+@pytest.mark.parametrize("steps, spacing", [(1000, "leading"), (25, "leading"), (25, "trailing"), (25, "linspace")])
 def test_iddpm_matches_ddpm_scheduler(prediction_type, variance, steps, spacing):
     scheduler = DDPMScheduler(prediction_type=prediction_type, variance_type=variance, timestep_spacing=spacing)
-    assert parity(scheduler, "iddpm", steps) < 1e-10
+    assert parity(scheduler, "iddpm", steps, ts_options={"spacing": spacing}) < 1e-10
+
+
+def improved_diffusion_space_timesteps(num_timesteps: int, section_count: int) -> list[int]:
+    """improved-diffusion's ``respace.space_timesteps(T, [count])`` (one section), written out as the reference."""
+    frac_stride = (num_timesteps - 1) / (section_count - 1) if section_count > 1 else 1
+    cur_idx, taken = 0.0, []
+    for _ in range(section_count):
+        taken.append(round(cur_idx))
+        cur_idx += frac_stride
+    return sorted(set(taken), reverse=True)
+
+
+@pytest.mark.parametrize("steps", [2, 5, 10, 20, 50, 250])
+def test_iddpm_default_grid_is_improved_diffusions_respacing(steps):
+    """Whatever the scheduler config's own spacing, iddpm defaults to IDDPM's grid, which starts at T-1."""
+    schedule = NoiseSchedule.from_config({"timestep_spacing": "leading"})
+    ts = get_sampler("iddpm").timesteps(schedule, steps)
+    assert ts.tolist() == improved_diffusion_space_timesteps(1000, steps)
+    assert ts[0] == 999
+
+
+COSINE = dict(beta_schedule="squaredcos_cap_v2")
+
+
+@pytest.mark.parametrize("clip", [-5.1, -3.0])
+@pytest.mark.parametrize("steps", [5, 10, 20])
+def test_dpmpp_2m_lambda_min_clipped_matches_dpm_solver_multistep(clip, steps):
+    scheduler = DPMSolverMultistepScheduler(lambda_min_clipped=clip, **COSINE)
+    assert parity(scheduler, "dpmpp_2m", steps, float64=False) < 1e-4
+    assert scheduler.timesteps[0] < 999
+
+
+def test_dpmpp_2m_cosine_default_clips_the_start_and_an_explicit_setting_wins():
+    """On cosine the default lambda_min_clipped is -5.1: neither grid spends calls where alpha_bar ~ 1e-9.
+    A config that sets it (diffusers saves -inf in every DPMSolverMultistepScheduler config) keeps it."""
+    from runtime.samplers.dpmpp_2m import noise_levels
+    cosine = NoiseSchedule.from_config(COSINE)
+    assert cosine.lambda_min_clipped == -5.1
+    sampler = get_sampler("dpmpp_2m")
+    linspace, logsnr = sampler.timesteps(cosine, 5), sampler.timesteps(cosine, 5, spacing="logsnr")
+    for ts in (linspace, logsnr):
+        assert ts[0] < 997 and cosine.alpha_bar(int(ts[0])) > 1e-5
+    assert math.log(noise_levels(cosine, logsnr.tolist())[0]) == pytest.approx(5.1)
+    assert logsnr[1] < 950   # unclipped: [999, 997, 942, 160, 0], two calls at alpha_bar < 1e-5
+    unclipped = NoiseSchedule.from_config(dict(COSINE, lambda_min_clipped=-math.inf))
+    assert sampler.timesteps(unclipped, 5)[0] == 999
+    assert NoiseSchedule.from_config({}).lambda_min_clipped == -math.inf   # linear: as diffusers
+    assert sampler.timesteps(NoiseSchedule.from_config({}), 5)[0] == 999
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)
@@ -168,7 +218,7 @@ def test_tiny_unet_end_to_end_float32_matches_diffusers():
     schedule = NoiseSchedule.from_config(dict(scheduler.config))
     x_T = torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     ref, _ = run_diffusers(scheduler, model, x_T.clone(), 5, seed=3)
-    ours, _, _ = run_ours("iddpm", schedule, model, x_T.clone(), 5, 3)
+    ours, _, _ = run_ours("iddpm", schedule, model, x_T.clone(), 5, 3, {"spacing": "leading"})
     assert ours.dtype == torch.float32
     assert (ours - ref).abs().max().item() < 1e-4
 

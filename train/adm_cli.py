@@ -28,13 +28,16 @@ COMMON = [
             "or a CIFAR-10 python batches folder/archive."),
     _option("out", Path, ..., "Run directory (checkpoints/, metrics.jsonl, model/ = the trained DDPMPipeline)."),
     _option("preset", Optional[str], None,
-            "Architecture: cifar10 | imagenet64 | mnist | tiny (default: the --init checkpoint's config)."),
+            "Architecture: cifar10 | imagenet64 | mnist | fmnist | tiny (default: the --init checkpoint's config)."),
     _option("init", Optional[Path], None, "Fine-tune from this diffusers UNet2DModel / DDPMPipeline directory."),
     _option("resolution", Optional[int], None, "Center-crop and resize images to NxN (default: the images' own size)."),
     _option("batch_size", int, 128, "Images per step, over all GPUs and --grad-accum micro-batches."),
     _option("lr", float, 1e-4, "AdamW learning rate."),
     _option("max_steps", int, 10000, "Training steps (batches); free AT makes --adv-steps optimizer steps each."),
     _option("ema_decay", float, 0.9999, "EMA decay of the exported weights."),
+    _option("ema_warmup", Optional[bool], None, "EMA warm-up min(decay, (1+n)/(10+n)). Default: on when training "
+            "from scratch, off with --init (the EMA continues the init weights at a constant --ema-decay).",
+            "--ema-warmup/--no-ema-warmup"),
     _option("mixed_precision", str, "no", "no | fp16 | bf16 (fp16 needs a GPU)."),
     _option("device", str, "auto", "auto | cpu | cuda (cuda without a GPU is an error)."),
     _option("seed", int, 0, "Seeds the data order, timesteps, noise and init."),
@@ -54,6 +57,8 @@ AT_OPTIONS = [
     _option("adv_lr", float, 0.1, "Step size of delta += adv_lr * g/||g|| (absolute per-sample L2, not scaled "
             "by sqrt(C*H*W); with the defaults it, not the radius, limits delta)."),
     _option("adv_max_norm", float, 0.1, "Radius of the delta ball, times sqrt(C*H*W) (0: unbounded)."),
+    _option("adv_target_grad", str, "full", "full: delta ascends the whole loss gradient (Algorithm 1 as written); "
+            "detach: no gradient through the target's delta/sqrt(1-abar) (the authors' training script)."),
 ]
 IP_OPTIONS = [_option("ip_gamma", float, 0.15, "Input perturbation strength gamma (x_t sees eps + gamma*xi).")]
 
@@ -61,7 +66,8 @@ IP_OPTIONS = [_option("ip_gamma", float, 0.15, "Input perturbation strength gamm
 def _make_objective(kind: str, levels, sampler, opts: dict, class_cond: bool):
     from train.adm_losses import ADMObjective, FreeATObjective, InputPerturbationObjective
     if kind == "adm-at":
-        return FreeATObjective(levels, sampler, opts["adv_steps"], opts["adv_lr"], opts["adv_max_norm"], class_cond)
+        return FreeATObjective(levels, sampler, opts["adv_steps"], opts["adv_lr"], opts["adv_max_norm"], class_cond,
+                               opts["adv_target_grad"])
     if kind == "adm-ip":
         return InputPerturbationObjective(levels, sampler, opts["ip_gamma"], class_cond)
     return ADMObjective(levels, sampler, class_cond)
@@ -119,15 +125,17 @@ def train_adm(kind: str, **opts: Any):
     levels = NoiseLevels(scheduler_config)
     sampler = make_timestep_sampler(opts["timestep_sampler"], levels.num_timesteps)
     objective = _make_objective(kind, levels, sampler, opts, opts["class_cond"])
+    ema_warmup = opts["init"] is None if opts.get("ema_warmup") is None else opts["ema_warmup"]
     torch.manual_seed(opts["seed"])  # the fresh weights' init is part of what --seed fixes
     model = build_model(unet_config, opts["init"])  # shape errors surface here, before training
-    record = {"command": f"toolkit train {kind}", "options": {k: _jsonable(v) for k, v in opts.items()},
+    record = {"command": f"toolkit train {kind}",
+              "options": {**{k: _jsonable(v) for k, v in opts.items()}, "ema_warmup": ema_warmup},
               "data": dataset.info.to_json(), "unet_config": unet_config, "scheduler_config": scheduler_config,
               "versions": versions()}
     config = TrainerConfig(
         run_dir=Path(opts["out"]), max_steps=opts["max_steps"], batch_size=opts["batch_size"], lr=opts["lr"],
         lr_warmup_steps=opts["lr_warmup_steps"], grad_accum=opts["grad_accum"],
-        max_grad_norm=opts["max_grad_norm"] or None, ema_decay=opts["ema_decay"],
+        max_grad_norm=opts["max_grad_norm"] or None, ema_decay=opts["ema_decay"], ema_warmup=ema_warmup,
         mixed_precision=opts["mixed_precision"], device=opts["device"], seed=opts["seed"],
         save_every=opts["save_every"], resume=opts["resume"], num_workers=opts["num_workers"],
         log_every=opts["log_every"],

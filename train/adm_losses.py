@@ -12,8 +12,10 @@ Free AT: x0, t and eps are drawn once per batch and kept for the K inner steps; 
 each inner step is ONE forward/backward (``ctx.update``) that fills both the parameters' gradients and
 ``delta.grad``; the optimizer step (+ EMA) runs inside ``ctx.update`` and then
 ``delta += adv_lr * g / ||g||`` per sample, projected onto the ball of radius sqrt(C*H*W) * adv_max_norm
-(train/adversarial.py). The gradient w.r.t. delta is the full one of the loss above (through the model
-input and the target), as Algorithm 1 line 8 writes it.
+(train/adversarial.py). ``adv_target_grad``: 'full' (default) ascends the full gradient of the loss above
+w.r.t. delta (through the model input and the target), as Algorithm 1 line 8 writes it; 'detach' stops
+delta's gradient through the target term, as the authors' CIFAR-10 script does (adv_target_type=delta_detach).
+The loss, and so the parameters' gradient, is the same either way.
 """
 from __future__ import annotations
 
@@ -59,8 +61,10 @@ def noisy_input(x0, eps, sqrt_abar, sqrt_one_minus, delta=None):
     return x_t if delta is None else x_t + delta
 
 
-def at_target(eps, sqrt_one_minus, delta=None):
-    return eps if delta is None else eps + delta / sqrt_one_minus
+def at_target(eps, sqrt_one_minus, delta=None, detach: bool = False):
+    if delta is None:
+        return eps
+    return eps + (delta.detach() if detach else delta) / sqrt_one_minus
 
 
 def ip_input(x0, eps, xi, gamma: float, sqrt_abar, sqrt_one_minus):
@@ -146,21 +150,27 @@ class InputPerturbationObjective(ADMObjective):
         return self.weighted(per_sample_mse(self.predict(model, x_t, draw.t, micro_batch), draw.eps), draw)
 
 
+ADV_TARGET_GRADS = ("full", "detach")
+
+
 class FreeATObjective(ADMObjective):
     """ADM-AT: K optimizer steps per batch (Algorithm 1 lines 5-10)."""
 
     def __init__(self, levels, sampler, adv_steps: int = 3, adv_lr: float = 0.1, adv_max_norm: float = 0.1,
-                 class_cond: bool = False):
+                 class_cond: bool = False, adv_target_grad: str = "full"):
         super().__init__(levels, sampler, class_cond)
         if adv_steps < 1 or adv_lr < 0 or adv_max_norm < 0:
             raise ToolkitError(f"--adv-steps must be >= 1 and --adv-lr, --adv-max-norm >= 0 "
                                f"(got {adv_steps}, {adv_lr}, {adv_max_norm})")
+        if adv_target_grad not in ADV_TARGET_GRADS:
+            raise ToolkitError(f"unknown --adv-target-grad {adv_target_grad!r}; use one of {', '.join(ADV_TARGET_GRADS)}")
         self.adv_steps, self.adv_lr, self.adv_max_norm = adv_steps, adv_lr, adv_max_norm
+        self.detach_target = adv_target_grad == "detach"
         self.optimizer_steps_per_batch = adv_steps
 
     def at_loss(self, model, micro_batch: dict, draw: Draw, delta: torch.Tensor) -> torch.Tensor:
         x_t = noisy_input(micro_batch["x"], draw.eps, draw.sqrt_abar, draw.sqrt_one_minus, delta)
-        target = at_target(draw.eps, draw.sqrt_one_minus, delta)
+        target = at_target(draw.eps, draw.sqrt_one_minus, delta, detach=self.detach_target)
         return self.weighted(per_sample_mse(self.predict(model, x_t, draw.t, micro_batch), target), draw)
 
     def radius(self, x: torch.Tensor) -> float | None:

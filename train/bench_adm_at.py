@@ -92,7 +92,7 @@ def run(preset: str = "mnist", batch_size: int = 32, device: str = "cpu", adv_st
     return result
 
 
-def command(preset: str = typer.Option("mnist", help="Model preset: tiny | mnist | cifar10 | imagenet64."),
+def command(preset: str = typer.Option("mnist", help="Model preset: tiny | fmnist | mnist | cifar10 | imagenet64."),
             batch_size: int = typer.Option(32, help="Images per step."),
             device: str = typer.Option("cpu", help="cpu | cuda."),
             adv_steps: int = typer.Option(3, help="K."),

@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
+from diffusers.training_utils import EMAModel
 
 from runtime.errors import ToolkitError
 from runtime.staging import swap_in as _replace_dir  # move aside, rename, delete; restores on failure
@@ -69,6 +70,10 @@ class TrainerConfig:
     grad_accum: int = 1
     max_grad_norm: float | None = 1.0
     ema_decay: float | None = 0.9999   # None: no trainer EMA (an objective keeps its own, e.g. LCM's target)
+    # True: diffusers' warm-up min(decay, (1+n)/(10+n)), for training from scratch; False: the EMA starts
+    # as a copy of the initial weights and decays at ``ema_decay`` from the first update (fine-tuning
+    # continues a pre-trained EMA, as the ADM-AT authors do; a warm-up would forget it in ~10 steps).
+    ema_warmup: bool = True
     mixed_precision: str = "no"     # no | fp16 | bf16
     device: str = "auto"            # auto | cpu | cuda
     seed: int = 0
@@ -82,6 +87,13 @@ class TrainerConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+class ConstantDecayEMA(EMAModel):
+    """diffusers' EMAModel without its warm-up: every update uses ``decay`` (its checkpointing is kept)."""
+
+    def get_decay(self, optimization_step: int) -> float:
+        return self.decay
 
 
 class Objective(Protocol):
@@ -162,7 +174,6 @@ class Trainer:
 
     def _setup(self, model: torch.nn.Module, objective: Objective) -> None:
         from diffusers.optimization import get_scheduler
-        from diffusers.training_utils import EMAModel
         cfg = self.config
         optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         # The scheduler is NOT passed to prepare(): accelerate would step it once per process.
@@ -173,7 +184,8 @@ class Trainer:
         # accelerate can checkpoint it); shadow params live beside the model on the device.
         self.ema = None
         if cfg.ema_decay is not None:
-            self.ema = EMAModel(self.accelerator.unwrap_model(self.model).parameters(), decay=cfg.ema_decay)
+            ema_class = EMAModel if cfg.ema_warmup else ConstantDecayEMA
+            self.ema = ema_class(self.accelerator.unwrap_model(self.model).parameters(), decay=cfg.ema_decay)
             self.ema.to(self.accelerator.device)
         extra = [self.ema] if self.ema is not None else []
         self.accelerator.register_for_checkpointing(self.lr_scheduler, *extra, self._Counters(self))

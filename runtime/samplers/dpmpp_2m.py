@@ -3,7 +3,10 @@
 
 Works in sigma = sqrt((1 - alpha_bar) / alpha_bar) with lambda = -log(sigma) (half the logSNR). The first
 step is first order; later steps reuse the previous data prediction (multistep, second order).
-Like diffusers' solver, it does not apply the schedule's ``clip_sample``.
+Like diffusers' solver, it does not apply the schedule's ``clip_sample``. Both grids start below the
+schedule's ``lambda_min_clipped`` (diffusers' setting of that name; -5.1 by default on the cosine schedule,
+see ``runtime.schedule.default_lambda_min_clipped``): for 'linspace' exactly as diffusers does, and for
+'logsnr' by starting the logSNR range there (diffusers' ``use_lu_lambdas`` ignores the setting).
 """
 from __future__ import annotations
 
@@ -35,14 +38,23 @@ def _sigma_to_t(log_sigma: float, log_sigmas: np.ndarray) -> float:
 
 
 def _logsnr_log_sigmas(schedule: NoiseSchedule, steps: int) -> np.ndarray:
-    """``steps`` log-sigmas uniform in logSNR from the largest training noise level to the smallest
-    (Lu et al. 2022's 'logSNR' step selection; diffusers' ``use_lu_lambdas=True``)."""
+    """``steps`` log-sigmas uniform in logSNR from the largest training noise level (capped at
+    -lambda_min_clipped) to the smallest (Lu et al. 2022's 'logSNR' step selection; diffusers'
+    ``use_lu_lambdas=True``)."""
     log_sigmas = _log_sigmas(schedule)
-    return np.linspace(log_sigmas[-1], log_sigmas[0], steps)
+    return np.linspace(min(log_sigmas[-1], -schedule.lambda_min_clipped), log_sigmas[0], steps)
+
+
+def last_timestep(schedule: NoiseSchedule) -> int:
+    """One past the highest timestep the solver may start from: the training timesteps whose lambda =
+    -log(sigma) is below ``lambda_min_clipped`` are cut off the end (diffusers' ``clipped_idx``)."""
+    clipped = int(np.count_nonzero(-_log_sigmas(schedule) < schedule.lambda_min_clipped))
+    return schedule.num_train_timesteps - clipped
 
 
 def timesteps(schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace") -> np.ndarray:
-    """'linspace': time-uniform, round(linspace(0, T-1, steps+1)) descending without its final 0;
+    """'linspace': time-uniform, round(linspace(0, last-1, steps+1)) descending without its final 0, where
+    last is ``last_timestep`` (T unless lambda_min_clipped cuts the top);
     'logsnr': the timesteps nearest the logSNR-uniform noise levels (the sampler then uses those exact
     noise levels; the model sees the rounded timestep)."""
     if spacing not in SPACINGS:
@@ -51,7 +63,7 @@ def timesteps(schedule: NoiseSchedule, steps: int, *, spacing: str = "linspace")
     if not 1 <= int(steps) <= total:
         raise ToolkitError(f"steps must be between 1 and the model's {total} training timesteps, got {steps}")
     if spacing == "linspace":
-        return np.linspace(0, total - 1, int(steps) + 1).round()[::-1][:-1].astype(np.int64)
+        return np.linspace(0, last_timestep(schedule) - 1, int(steps) + 1).round()[::-1][:-1].astype(np.int64)
     log_sigmas = _log_sigmas(schedule)
     ts = np.array([_sigma_to_t(s, log_sigmas) for s in _logsnr_log_sigmas(schedule, int(steps))])
     # diffusers rounds, except for the cosine schedule where its int64 cast truncates

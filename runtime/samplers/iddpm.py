@@ -2,7 +2,12 @@
 respacing, as diffusers' ``DDPMScheduler`` with ``num_inference_steps``.
 
 Respacing (IDDPM's ``respace.py``) keeps a subset of the training timesteps and treats consecutive
-kept timesteps as one diffusion step: beta'_t = 1 - alpha_bar_t / alpha_bar_prev.
+kept timesteps as one diffusion step: beta'_t = 1 - alpha_bar_t / alpha_bar_prev. The default grid is
+improved-diffusion's own (``space_timesteps(T, [steps])``: round(linspace(0, T-1, steps)), so it starts at
+t = T-1), not the scheduler config's spacing; ``spacing="leading"`` / ``"trailing"`` give diffusers' grids.
+
+The UNets trained here predict epsilon only: the variances are fixed (``fixed_small`` / ``fixed_large``),
+not IDDPM's learned ones.
 """
 from __future__ import annotations
 
@@ -15,8 +20,11 @@ from runtime.schedule import NoiseSchedule, predict_x0, spaced_timesteps
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 
 
-def timesteps(schedule: NoiseSchedule, steps: int, *, spacing: str | None = None) -> np.ndarray:
-    """``steps`` timesteps spaced per ``spacing`` (default: the schedule's); steps = T is full DDPM."""
+DEFAULT_SPACING = "linspace"  # improved-diffusion's respacing
+
+
+def timesteps(schedule: NoiseSchedule, steps: int, *, spacing: str = DEFAULT_SPACING) -> np.ndarray:
+    """``steps`` timesteps spaced per ``spacing`` (default: IDDPM's linspace); steps = T is full DDPM."""
     return spaced_timesteps(schedule, steps, spacing)
 
 
