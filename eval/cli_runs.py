@@ -8,8 +8,7 @@ from eval.commands import console, progress_bar, versions
 from eval.compare import CellMetrics, CompareConfig, run_compare, validate
 from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
-from eval.inception import InceptionFeatures
-from eval.measure import source_stats
+from eval.measure import make_extractor, source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
 from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
@@ -43,21 +42,22 @@ def per_backend_options(values: list[str] | None) -> dict[str, dict]:
     return options
 
 
-def _reference(ref: str, extractor: InceptionFeatures, cache, chunk_size):
+def _reference(ref: str, extractor, cache, chunk_size):
     with progress_bar() as tracker:
         return source_stats(ref, extractor, cache_dir=None if cache is None else Path(cache) / "ref",
                             chunk_size=chunk_size, progress=tracker("reference features", 0))
 
 
 def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option, dtype, batch_size, prompts,
-                       guidance_scale, resize, inception, device, cache, chunk_size, seed, out) -> list[dict]:
+                       guidance_scale, eps_scale, resize, inception, features, device, cache, chunk_size, seed,
+                       out) -> list[dict]:
     if num < 2:
         raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
-    extractor = InceptionFeatures(inception, device=device, resize=resize)
+    extractor = make_extractor(features, inception=inception, device=device, resize=resize)
     config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
                              backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
                              chunk_size=chunk_size, prompts=as_tuple(read_prompts(prompts)) if prompts else None,
-                             guidance_scale=guidance_scale, cache_dir=cache,
+                             guidance_scale=guidance_scale, eps_scale=eps_scale, cache_dir=cache,
                              backend_options=parse_options(backend_option or []))
     ref_stats = _reference(ref, extractor, cache, chunk_size)
     with progress_bar() as tracker:
@@ -73,7 +73,7 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option
 
 def compare_command(*, model, export, backend, backend_option, steps, num, ref, prompts, out, baseline, sampler,
                     clip_model, clip_pretrained, no_clip, grid, bootstrap, dtype, batch_size, resize, inception,
-                    device, cache, chunk_size, seed) -> Path:
+                    features, device, cache, chunk_size, seed) -> Path:
     config = CompareConfig(models=parse_pairs(model, "model"), exports=parse_pairs(export, "export"),
                            backends=tuple(dict.fromkeys(backend)), steps=tuple(parse_int_list(steps, "steps")),
                            num=num, prompts=as_tuple(read_prompts(prompts)) if prompts else None, sampler=sampler,
@@ -85,7 +85,7 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
     if ref is None and (no_clip or not config.prompts):
         raise ToolkitError("nothing to measure: pass --ref for FID" + (" (--no-clip turns CLIP score off)" if no_clip
                                                                       else ", and/or --prompts for CLIP score"))
-    extractor = InceptionFeatures(inception, device=device, resize=resize) if ref is not None else None
+    extractor = make_extractor(features, inception=inception, device=device, resize=resize) if ref is not None else None
     ref_stats = _reference(ref, extractor, cache, chunk_size) if ref is not None else None
     clip = None
     if config.prompts and not no_clip:

@@ -23,6 +23,7 @@ class SamplingPlan:
     batch_size: int | None = None
     prompts: tuple[str, ...] | None = None
     guidance_scale: float | None = None
+    eps_scale: float | None = None        # ES sampler (epsilon scaling); None: plain
 
     def prompts_for(self, start: int, stop: int) -> list[str] | None:
         if not self.prompts:
@@ -34,7 +35,7 @@ class SamplingPlan:
         made with another prompts file of the same length is refused rather than mixed in."""
         return {"steps": self.steps, "sampler": self.sampler, "seed": self.seed, "num_prompts":
                 len(self.prompts) if self.prompts else 0, "prompts_sha1": _prompts_hash(self.prompts),
-                "guidance_scale": self.guidance_scale}
+                "guidance_scale": self.guidance_scale, **({"eps_scale": self.eps_scale} if self.eps_scale else {})}
 
 
 def _prompts_hash(prompts: Sequence[str] | None) -> str | None:
@@ -56,7 +57,7 @@ def sample_producer(pipe, plan: SamplingPlan, on_progress: StepProgress | None =
         if on_progress is not None:
             tick = lambda done, total: on_progress(start + (stop - start) * done / total)  # noqa: E731
         common = dict(steps=plan.steps, sampler=plan.sampler, seeds=seeds, batch_size=plan.batch_size,
-                      progress=tick)
+                      eps_scale=plan.eps_scale, progress=tick)
         if spec.is_latent:
             out = pipe(plan.prompts_for(start, stop), guidance_scale=plan.guidance_scale, **common)
         else:

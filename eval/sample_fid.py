@@ -9,7 +9,6 @@ from pathlib import Path
 from eval.features import FeatureCache, chunked_measure
 from eval.fid import FeatureStats, fid_from_stats
 from eval.generate import SamplingPlan, sample_producer
-from eval.inception import InceptionFeatures
 from eval.measure import cache_subdir, check_comparable, check_extractor, model_identity
 
 
@@ -27,13 +26,14 @@ class SampleFIDConfig:
     chunk_size: int = 500
     prompts: tuple[str, ...] | None = None
     guidance_scale: float | None = None
+    eps_scale: float | None = None
     cache_dir: Path | None = None
     backend_options: dict = dataclasses.field(default_factory=dict)
 
 
-def generated_features(pipe, plan: SamplingPlan, extractor: InceptionFeatures, num: int, *, chunk_size: int,
+def generated_features(pipe, plan: SamplingPlan, extractor, num: int, *, chunk_size: int,
                        cache_dir: Path | None, model_id: dict | None, progress=None):
-    """Inception features of ``num`` samples of ``pipe`` under ``plan`` (cached per chunk when asked)."""
+    """Features (``extractor``: eval.measure.make_extractor) of ``num`` samples of ``pipe`` under ``plan`` (cached per chunk when asked)."""
     cache = None
     if cache_dir is not None:
         cache = FeatureCache(cache_dir, {"model": model_id, "backend": pipe.backend.describe(), "plan": plan.record(),
@@ -43,7 +43,7 @@ def generated_features(pipe, plan: SamplingPlan, extractor: InceptionFeatures, n
                            cache=cache)["inception"]
 
 
-def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor: InceptionFeatures,
+def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor,
                    progress_for=None) -> list[dict]:
     """One row per NFE: {nfe, fid, num, seconds, backend, model_sha256}. ``progress_for(nfe)`` returns a callback
     taking the number of samples done."""
@@ -55,7 +55,8 @@ def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor: Incept
         model_id = model_identity(pipe)   # recorded with every row, and the cache key
         for nfe in config.nfes:
             plan = SamplingPlan(steps=nfe, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
-                                prompts=config.prompts, guidance_scale=config.guidance_scale)
+                                prompts=config.prompts, guidance_scale=config.guidance_scale,
+                                eps_scale=config.eps_scale)
             started = time.perf_counter()
             feats = generated_features(pipe, plan, extractor, config.num, chunk_size=config.chunk_size,
                                        cache_dir=cache_subdir(config.cache_dir, f"nfe-{nfe}"), model_id=model_id,

@@ -117,6 +117,14 @@ def dataset_source(name: str, split: str = "train") -> ArraySource:
     return ArraySource(images, {"kind": "dataset", "name": name, "split": split, "dir": str(directory)})
 
 
+def dataset_labels(name: str, split: str = "train") -> np.ndarray:
+    """The class index of every image of ``dataset_source(name, split)``, int64 [N]."""
+    if split not in ("train", "test"):
+        raise ToolkitError(f"unknown split '{split}' for {name}; use {name}:train or {name}:test")
+    prefix = "train" if split == "train" else "t10k"
+    return _read_idx(_idx_file(_dataset_dir(name), f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
+
+
 def _dataset_dir(name: str) -> Path:
     candidates = [Path(os.environ["TOOLKIT_DATASETS_DIR"]) / name] if os.environ.get("TOOLKIT_DATASETS_DIR") else []
     candidates += [Path(p) for p in _DATASET_DIRS[name]]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import typer
 
-from train import adm_cli, lcm_cli
+from train import adm_cli, classifier_cli, lcm_cli
 
 app = typer.Typer(help="Train ADM-style UNets (plain / AT / IP) and distill LCMs (plain / AT).",
                   no_args_is_help=True)
 adm_cli.register(app)
 lcm_cli.register(app)
+classifier_cli.register(app)

@@ -1,0 +1,164 @@
+"""The ADM study's report: the finished cells of scripts/repro_adm.py as tables, a plot and sample grids.
+
+Writes ``OUT/report/``: results.json and results.csv (one row per model x sampler x NFE x features x seed),
+table.md (the seed paper's layout: rows = training methods, columns = sampler x NFE, mean +- std over the
+sampling seeds), fid_vs_nfe.png, grid-<model>-nfe<N>.png, and the training budgets and wall times.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+from scripts import repro_adm as study
+from scripts.repro_adm import CLF
+
+SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
+CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
+
+
+def collect_rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((out / "cells").rglob("*.json")):
+        cell = json.loads(path.read_text())
+        for row in cell["rows"]:
+            rows.append({"features": cell["features"], "model": cell["model"], "sampler": cell["sampler"],
+                         "eps_scale": cell["eps_scale"], "nfe": row["nfe"], "seed": cell["seed"], "num": row["num"],
+                         "fid": row["fid"], "seconds": row["seconds"]})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """(features, model, sampler, nfe) -> {mean, std, n_seeds, num}."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["features"], row["model"], row["sampler"], row["nfe"]), []).append(row)
+    return {key: {"mean": statistics.fmean(r["fid"] for r in group),
+                  "std": statistics.stdev([r["fid"] for r in group]) if len(group) > 1 else None,
+                  "n_seeds": len(group), "num": group[0]["num"]}
+            for key, group in groups.items()}
+
+
+def _cell_text(stat: dict | None) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["std"] is not None else "")
+
+
+def table_markdown(agg: dict, features: str) -> list[str]:
+    keys = [k for k in agg if k[0] == features]
+    nfes = sorted({k[3] for k in keys})
+    columns = [(s, n) for s in study.SAMPLERS for n in nfes if any(k[2] == s and k[3] == n for k in keys)]
+    lines = ["| method | " + " | ".join(f"{SAMPLER_LABELS[s]} {n}" for s, n in columns) + " |",
+             "|---|" + "---|" * len(columns)]
+    for model in study.MODELS:
+        cells = [_cell_text(agg.get((features, model, s, n))) for s, n in columns]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {study.LABELS[model]} | " + " | ".join(cells) + " |")
+    sample = next(iter(agg[k] for k in keys), None)
+    if sample:
+        lines.append("")
+        lines.append(f"N = {sample['num']} samples per cell and seed; {sample['n_seeds']} sampling seed(s) per cell "
+                     "(mean ± std over seeds).")
+    return lines
+
+
+def training_summary(out: Path) -> list[dict]:
+    """Per run: batches, optimizer steps, wall time (sum of the metric-log intervals, so pauses between
+    resumed sessions do not count) and the options from training.json."""
+    summary = []
+    for model in study.MODELS:
+        run = out / "runs" / model
+        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (
+            run / "metrics.jsonl").is_file() else []
+        times = [x["time"] for x in lines]
+        wall = sum(b - a for a, b in zip(times, times[1:]) if 0 < b - a < 600)
+        record = run / "model" / "training.json"
+        options = json.loads(record.read_text())["options"] if record.is_file() else {}
+        summary.append({"model": model, "command": _command_name(record), "batches": lines[-1]["step"] if lines else 0,
+                        "optimizer_steps": lines[-1]["optimizer_steps"] if lines else 0,
+                        "wall_seconds": round(wall), "batch_size": options.get("batch_size"), "lr": options.get("lr"),
+                        "ema_decay": options.get("ema_decay")})
+    return summary
+
+
+def _command_name(record: Path) -> str | None:
+    return json.loads(record.read_text())["command"] if record.is_file() else None
+
+
+def plot(agg: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, len(study.SAMPLERS), figsize=(4 * len(study.SAMPLERS), 3.4), sharey=True)
+    for ax, sampler in zip(axes, study.SAMPLERS):
+        for model in study.MODELS:
+            points = sorted((k[3], v) for k, v in agg.items() if k[0] == CLF and k[1] == model and k[2] == sampler)
+            if points:
+                ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points],
+                            yerr=[p[1]["std"] or 0 for p in points], marker="o", capsize=3, label=study.LABELS[model])
+        nfes = sorted({k[3] for k in agg if k[0] == CLF})
+        ax.set_title(SAMPLER_LABELS[sampler])
+        ax.set_xscale("log")
+        ax.set_xticks(nfes, [str(n) for n in nfes])
+        ax.minorticks_off()
+        ax.set_xlabel("NFE")
+    axes[0].set_ylabel("classifier FID (lower is better)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
+    """count samples (DDIM, seeds 0..count-1) per model at each grid NFE, tiled 8 wide."""
+    import numpy as np
+    from PIL import Image
+
+    from runtime.pipeline import Pipeline
+    written = []
+    for model in study.MODELS:
+        with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
+            for nfe in cfg["grid"]["nfes"]:
+                arrays = pipe(num_images=cfg["grid"]["count"], steps=nfe, sampler="ddim", seed=0).arrays
+                rows = [np.concatenate(list(arrays[i:i + 8]), axis=1) for i in range(0, len(arrays), 8)]
+                name = f"grid-{model}-nfe{nfe}.png"
+                Image.fromarray(np.concatenate(rows, axis=0).squeeze()).resize(
+                    (rows[0].shape[1] * 2, len(rows) * rows[0].shape[0] * 2), Image.NEAREST).save(report / name)
+                written.append(name)
+    return written
+
+
+def write_report(out: Path, cfg: dict) -> Path:
+    from runtime.staging import write_json
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    rows = collect_rows(out)
+    agg = aggregate(rows)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    (report / "results.csv").write_text(buffer.getvalue())
+    es = {m: json.loads(p.read_text()) for m in study.MODELS if (p := study.es_path(out, m)).is_file()}
+    training = training_summary(out)
+    lines = ["## Classifier FID", ""] + table_markdown(agg, CLF) + ["", "## Inception FID", ""]
+    lines += table_markdown(agg, "inception") + ["", "## ES factor (DDIM, held-out seeds, train-split reference)", ""]
+    lines += [f"- {study.LABELS[m]}: lambda = {e['chosen']} (FID by lambda: "
+              + ", ".join(f"{k}: {v:.2f}" for k, v in e["fid_by_lambda"].items()) + ")" for m, e in es.items()]
+    lines += ["", "## Training", "", "| run | command | batches | optimizer steps | batch | lr | EMA | wall time |",
+              "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['model']} | {t['command']} | {t['batches']} | {t['optimizer_steps']} | {t['batch_size']} | "
+              f"{t['lr']} | {t['ema_decay']} | {t['wall_seconds'] / 60:.1f} min |" for t in training]
+    (report / "table.md").write_text("\n".join(lines) + "\n")
+    plot(agg, report / "fid_vs_nfe.png")
+    grids = sample_grids(out, cfg, report)
+    compare = out / "compare" / "record.json"
+    write_json(report / "results.json", {
+        "rows": rows, "aggregate": [dict(zip(("features", "model", "sampler", "nfe"), k), **v) for k, v in agg.items()],
+        "es": es, "training": training, "grids": grids,
+        "compare_verdict": json.loads(compare.read_text()).get("verdict") if compare.is_file() else None,
+        "config": cfg})
+    return report

@@ -1,0 +1,173 @@
+"""Rerun the ADM-AT study on Fashion-MNIST (docs/results.md), resumably, on a CPU.
+
+    python scripts/repro_adm.py --out /work/study/adm               # the real budgets: many CPU hours
+    python scripts/repro_adm.py --out /tmp/adm-quick --quick        # every stage with tiny budgets (minutes)
+    python scripts/repro_adm.py --out DIR --list                    # the jobs and whether each is done
+
+Stages (each a job; a rerun of the same command skips finished jobs and resumes the others):
+1. reference statistics: classifier features of the test split (the grid's reference) and of the train split
+   (the held-out reference for picking the ES factor), Inception features of the test split;
+2. one base ADM from scratch (``toolkit train adm --preset fmnist``), then four fine-tunes from its EMA weights
+   with the same number of optimizer steps: plain (``adm``), ADM-IP, ADM-AT full and ADM-AT detach (free AT makes
+   K=3 optimizer steps per batch, so its runs take a third of the batches);
+3. ES: the factor per model, the best classifier FID at NFE 10 (DDIM) on held-out seeds against the train split;
+4. the grid: DDIM, DPM-Solver++(2M), IDDPM and ES-DDIM at every NFE, 3 sampling seeds, classifier FID; the
+   NFE-10 column again with the Inception FID;
+5. deployment: fp16 ONNX exports of the plain fine-tune and ADM-AT, ``toolkit eval compare`` torch vs ONNX Runtime;
+6. the report: results.json / results.csv, table.md, fid_vs_nfe.png, sample grids.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
+
+from scripts.study_runner import Job, run_jobs  # noqa: E402
+
+CLF = "fmnist-classifier"
+
+MODELS = ("base", "ft", "ip", "at", "at-detach")
+LABELS = {"base": "ADM (base)", "ft": "ADM-FT", "ip": "ADM-IP", "at": "ADM-AT (full)", "at-detach": "ADM-AT (detach)"}
+SAMPLERS = ("ddim", "dpmpp_2m", "iddpm", "es_ddim")   # es_ddim: DDIM on eps / lambda (ES)
+
+FULL = dict(
+    base=dict(steps=10000, batch=64, lr=2e-4, ema=0.9995), finetune=dict(opt_steps=3000, batch=64, lr=1e-4, ema=0.999),
+    adv_steps=3, nfes=(5, 10, 20), base_nfes=(50,), seeds=(0, 1_000_000, 2_000_000), num=10000,
+    inception=dict(nfe=10, num=5000), es=dict(lambdas=(1.0, 1.005, 1.01, 1.015, 1.02, 1.03), num=2000, nfe=10,
+                                             seed=9_000_000),
+    compare=dict(nfe=10, num=10000), grid=dict(nfes=(5, 10), count=64), save_every=250, ref_num=None)
+QUICK = dict(
+    base=dict(steps=24, batch=16, lr=2e-4, ema=0.99), finetune=dict(opt_steps=6, batch=16, lr=1e-4, ema=0.9),
+    adv_steps=3, nfes=(2, 4), base_nfes=(6,), seeds=(0, 1000, 2000), num=64,
+    inception=dict(nfe=4, num=8), es=dict(lambdas=(1.0, 1.02), num=32, nfe=4, seed=9000),
+    compare=dict(nfe=4, num=32), grid=dict(nfes=(2, 4), count=16), save_every=0, ref_num=200)
+
+
+def toolkit(*args) -> list[str]:
+    return [sys.executable, "-m", "toolkit", *map(str, args)]
+
+
+def this_script(*args) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
+
+
+def model_dir(out: Path, name: str) -> Path:
+    return out / "runs" / name / "model"
+
+
+def train_command(out: Path, name: str, cfg: dict) -> list[str]:
+    """The training command of one row; fine-tunes share the optimizer-step budget."""
+    if name == "base":
+        b = cfg["base"]
+        return toolkit("train", "adm", "--data", "fashion-mnist", "--preset", "fmnist", "--out", out / "runs/base",
+                       "--max-steps", b["steps"], "--batch-size", b["batch"], "--lr", b["lr"], "--ema-decay", b["ema"],
+                       "--seed", 0, "--save-every", cfg["save_every"], "--log-every", 50, "--resume")
+    f = cfg["finetune"]
+    kind, extra = {"ft": ("adm", []), "ip": ("adm-ip", []),
+                   "at": ("adm-at", ["--adv-target-grad", "full", "--adv-steps", cfg["adv_steps"]]),
+                   "at-detach": ("adm-at", ["--adv-target-grad", "detach", "--adv-steps", cfg["adv_steps"]])}[name]
+    batches = f["opt_steps"] // (cfg["adv_steps"] if kind == "adm-at" else 1)
+    return toolkit("train", kind, "--data", "fashion-mnist", "--init", model_dir(out, "base"), "--out",
+                   out / "runs" / name, "--max-steps", batches, "--batch-size", f["batch"], "--lr", f["lr"],
+                   "--ema-decay", f["ema"], "--no-ema-warmup", "--seed", 1, "--save-every", cfg["save_every"],
+                   "--log-every", 10, "--resume", *extra)
+
+
+def stats_command(out: Path, cfg: dict, split: str, features: str) -> list[str]:
+    num = ["--num", cfg["ref_num"]] if cfg["ref_num"] else []
+    return toolkit("eval", "stats", f"fashion-mnist:{split}", "--features", features, "--device", "cpu",
+                   "--out", ref_path(out, split, features), "--cache", out / "cache" / f"ref-{features}-{split}", *num)
+
+
+def ref_path(out: Path, split: str, features: str) -> Path:
+    return out / "refs" / f"{features}-{split}.npz"
+
+
+def cell_path(out: Path, features: str, model: str, sampler: str, seed: int, nfe: int) -> Path:
+    return out / "cells" / features / model / f"{sampler}-seed{seed}-nfe{nfe}.json"
+
+
+def es_path(out: Path, model: str) -> Path:
+    return out / "es" / f"{model}.json"
+
+
+def grid_job(out: Path, cfg: dict, features: str, model: str, seed: int, nfes: tuple[int, ...], quick: bool) -> Job:
+    ref = "ref-inception-test" if features == "inception" else "ref-fmnist-classifier-test"
+    args = ["_grid", "--out", out, "--model", model, "--features", features, "--seed", seed,
+            "--nfes", ",".join(map(str, nfes))] + (["--quick"] if quick else [])
+    return Job(f"grid-{features}-{model}-seed{seed}-nfe{'-'.join(map(str, nfes))}", lambda: this_script(*args),
+               cell_path(out, features, model, SAMPLERS[-1], seed, nfes[-1]), (f"es-{model}", ref))
+
+
+def build_jobs(out: Path, quick: bool) -> list[Job]:
+    """Every job, in the order they are started when ready: the first complete table (one seed, every model and
+    sampler) comes before the Inception column, the deployment check, the other seeds and the base's NFE 50."""
+    cfg = QUICK if quick else FULL
+    q = ["--quick"] if quick else []
+    fixed = lambda cmd: (lambda: cmd)  # noqa: E731
+    jobs = [Job(f"ref-{feat}-{split}", fixed(stats_command(out, cfg, split, feat)), ref_path(out, split, feat))
+            for feat, split in (("fmnist-classifier", "test"), ("fmnist-classifier", "train"), ("inception", "test"))]
+    for name in MODELS:
+        jobs.append(Job(f"train-{name}", fixed(train_command(out, name, cfg)), model_dir(out, name) / "training.json",
+                        () if name == "base" else ("train-base",)))
+    jobs += [Job(f"es-{name}", fixed(this_script("_es", "--out", out, "--model", name, *q)), es_path(out, name),
+                 (f"train-{name}", "ref-fmnist-classifier-train")) for name in MODELS]
+    first, *others = cfg["seeds"]
+    jobs += [grid_job(out, cfg, CLF, name, first, cfg["nfes"], quick) for name in MODELS]
+    jobs += [grid_job(out, cfg, "inception", name, first, (cfg["inception"]["nfe"],), quick) for name in MODELS]
+    jobs += deployment_jobs(out, cfg)
+    jobs += [grid_job(out, cfg, CLF, name, seed, cfg["nfes"], quick) for seed in others for name in MODELS]
+    jobs += [grid_job(out, cfg, CLF, "base", seed, cfg["base_nfes"], quick) for seed in cfg["seeds"]]
+    jobs.append(Job("report", fixed(this_script("_report", "--out", out, *q)), out / "report" / "results.json",
+                    tuple(j.name for j in jobs)))
+    return jobs
+
+
+def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
+    jobs = []
+    for name in ("ft", "at"):
+        jobs.append(Job(f"export-{name}", lambda n=name: toolkit("export", model_dir(out, n), "--fp16", "--out",
+                                                                 out / "exports" / n),
+                        out / "exports" / name / "manifest.json", (f"train-{name}",)))
+    c = cfg["compare"]
+    command = toolkit("eval", "compare", "--model", f"ADM-FT={model_dir(out, 'ft')}", "--model",
+                      f"ADM-AT={model_dir(out, 'at')}", "--export", f"ADM-FT={out / 'exports/ft'}", "--export",
+                      f"ADM-AT={out / 'exports/at'}", "--backend", "torch", "--backend", "onnxruntime",
+                      "--steps", c["nfe"], "--num", c["num"],
+                      "--sampler", "ddim", "--ref", ref_path(out, "test", "fmnist-classifier"), "--features",
+                      "fmnist-classifier", "--no-clip", "--device", "cpu", "--cache", out / "cache/compare",
+                      "--out", out / "compare")
+    jobs.append(Job("compare", lambda: command, out / "compare" / "record.json",
+                    ("export-ft", "export-at", "ref-fmnist-classifier-test")))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = sys.argv[1] if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_") else None
+    if sub:  # internal stages, run by the jobs
+        from scripts import adm_study_stages
+        return adm_study_stages.main(sys.argv[1:], config_for=lambda quick: QUICK if quick else FULL)
+    parser.add_argument("--out", type=Path, required=True, help="Study directory (runs, caches, report).")
+    parser.add_argument("--quick", action="store_true", help="Tiny budgets: every stage, in minutes.")
+    parser.add_argument("--jobs", type=int, default=2, help="Commands run at once.")
+    parser.add_argument("--threads", type=int, default=1, help="Torch threads per command.")
+    parser.add_argument("--list", action="store_true", help="List the jobs and whether each is done.")
+    args = parser.parse_args(argv)
+    jobs = build_jobs(args.out.resolve(), args.quick)
+    if args.list:
+        for job in jobs:
+            print(f"{'done' if job.done.exists() else '    '}  {job.name}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "study.json").write_text(json.dumps({"quick": args.quick, "config": QUICK if args.quick else FULL},
+                                                    indent=2))
+    result = run_jobs(jobs, args.out / "logs", parallel=args.jobs, threads=args.threads)
+    return 1 if result["failed"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,72 @@
+"""The ADM study script (scripts/repro_adm.py): the job runner's ordering / resume / failure rules, and the
+whole study end to end with its --quick budgets (real Fashion-MNIST, real commands, tiny sizes)."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from scripts.study_runner import Job, run_jobs
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def touch_job(name: str, tmp_path: Path, deps=(), code: str = "") -> Job:
+    done = tmp_path / f"{name}.done"
+    script = f"{code}\nopen({str(done)!r}, 'w').write('')"
+    return Job(name, lambda: [sys.executable, "-c", script], done, tuple(deps))
+
+
+def test_jobs_run_after_their_deps_and_finished_jobs_are_skipped(tmp_path):
+    order = tmp_path / "order.txt"
+    log = f"open({str(order)!r}, 'a').write('{{}}\\n')"
+    jobs = [touch_job("b", tmp_path, ["a"], log.format("b")), touch_job("a", tmp_path, [], log.format("a")),
+            touch_job("c", tmp_path, ["b"], log.format("c"))]
+    result = run_jobs(jobs, tmp_path / "logs", parallel=2, verbose=False)
+    assert result["failed"] is None and order.read_text().split() == ["a", "b", "c"]
+    again = run_jobs(jobs, tmp_path / "logs", parallel=2, verbose=False)
+    assert again["report"] == {} and order.read_text().split() == ["a", "b", "c"]   # nothing reran
+
+
+def test_a_failing_job_stops_its_dependents_and_is_reported(tmp_path):
+    jobs = [touch_job("a", tmp_path, [], "raise SystemExit(3)"), touch_job("b", tmp_path, ["a"])]
+    result = run_jobs(jobs, tmp_path / "logs", parallel=1, verbose=False)
+    assert result["failed"] == "a" and result["pending"] == ["a", "b"]
+    assert not (tmp_path / "b.done").exists()
+    with pytest.raises(ValueError, match="unknown jobs"):
+        run_jobs([touch_job("x", tmp_path, ["nope"])], tmp_path / "logs")
+
+
+def fashion_mnist_installed() -> bool:
+    return Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fashion_mnist_installed(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
+def test_quick_study_runs_every_stage_and_resumes(tmp_path):
+    out = tmp_path / "study"
+    command = [sys.executable, str(ROOT / "scripts/repro_adm.py"), "--out", str(out), "--quick", "--jobs", "2"]
+    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    results = json.loads((out / "report/results.json").read_text())
+    from scripts import repro_adm
+    cfg = repro_adm.QUICK
+    cells = {(r["features"], r["model"], r["sampler"], r["nfe"]) for r in results["aggregate"]}
+    for model in repro_adm.MODELS:
+        for sampler in repro_adm.SAMPLERS:
+            for nfe in cfg["nfes"]:
+                assert ("fmnist-classifier", model, sampler, nfe) in cells
+            assert ("inception", model, sampler, cfg["inception"]["nfe"]) in cells
+    assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in results["rows"])
+    seeds = {r["seed"] for r in results["rows"] if r["features"] == "fmnist-classifier"}
+    assert seeds == set(cfg["seeds"])
+    steps = {t["model"]: t["optimizer_steps"] for t in results["training"]}
+    assert steps["ft"] == steps["ip"] == steps["at"] == steps["at-detach"] == cfg["finetune"]["opt_steps"]
+    assert results["compare_verdict"] is not None and len(results["grids"]) == 2 * len(repro_adm.MODELS)
+    assert "ADM-AT (full)" in (out / "report/table.md").read_text()
+    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
