@@ -135,6 +135,21 @@ def test_sample_fid_scores_each_nfe_without_writing_images(tiny_uncond_dir, ref_
     assert [r["fid"] for r in json.loads(out.read_text())["results"]] == [r["fid"] for r in rows]
 
 
+def test_sample_fid_eps_scale_is_the_es_sampler_and_keys_the_cache(tiny_uncond_dir, ref_stats, feature_net, tmp_path):
+    common = ("--ref", ref_stats, "--nfe", "2", "--num", "4", "--sampler", "ddim", "--inception", feature_net,
+              "--device", "cpu")
+    plain = _invoke("sample-fid", tiny_uncond_dir, *common, "--cache", tmp_path / "c1", "--out", tmp_path / "plain.json")
+    scaled = _invoke("sample-fid", tiny_uncond_dir, *common, "--eps-scale", "1.5", "--cache", tmp_path / "c2",
+                     "--out", tmp_path / "es.json")
+    assert plain.exit_code == 0 and scaled.exit_code == 0, plain.output + scaled.output
+    fids = [json.loads((tmp_path / f).read_text())["results"][0]["fid"] for f in ("plain.json", "es.json")]
+    assert fids[0] != fids[1]
+    assert json.loads((tmp_path / "es.json").read_text())["config"]["eps_scale"] == 1.5
+    # the plain run's cached features are never reused for an ES run
+    mixed = _invoke("sample-fid", tiny_uncond_dir, *common, "--eps-scale", "1.5", "--cache", tmp_path / "c1")
+    assert mixed.exit_code == 2 and "was made for" in mixed.output
+
+
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 2 samples of 32 features: FID itself is not checked
 def test_sample_fid_cache_of_a_retrained_model_is_refused(ref_stats, feature_net, tmp_path):
     # the cache used to be keyed on the model's path alone: features of the old weights were reused
