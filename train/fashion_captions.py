@@ -1,0 +1,95 @@
+"""Captioned Fashion-MNIST: the offline text-to-image data of the demo model (issue: real results II).
+
+Each image gets a caption from its class name and one of a few templates ("a photo of a sneaker", "a black
+and white picture of an ankle boot", ...), chosen by the image's index so the data set is fixed. They are
+written as webdataset tar shards (``000000.png`` + ``000000.txt`` per sample, read by train/caption_data.py),
+so VAE, teacher and LCM training all read the same files, and a small subset can ship with the toolkit.
+"""
+from __future__ import annotations
+
+import io
+import tarfile
+from pathlib import Path
+
+import numpy as np
+
+from runtime.errors import ToolkitError
+
+# What each Fashion-MNIST class is called in a caption (the data set's own names are "T-shirt/top", ...).
+CLASS_PHRASES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                 "ankle boot")
+TEMPLATES = ("a photo of {a} {c}", "a black and white picture of {a} {c}", "{a} {c}", "a product photo of {a} {c}",
+             "a grayscale image of {a} {c}", "a picture of {a} {c} on a black background", "a small photo of {a} {c}",
+             "a low resolution photo of {a} {c}")
+
+
+def article(phrase: str) -> str:
+    return "an" if phrase[0] in "aeiou" else "a"
+
+
+def caption(label: int, index: int) -> str:
+    phrase = CLASS_PHRASES[label]
+    return TEMPLATES[index % len(TEMPLATES)].format(a=article(phrase), c=phrase)
+
+
+def class_prompts() -> list[str]:
+    """One prompt per class, in label order ("a photo of a t-shirt", ...): what prompt adherence is measured on."""
+    return [TEMPLATES[0].format(a=article(p), c=p) for p in CLASS_PHRASES]
+
+
+def write_shards(out: Path, *, split: str = "train", num: int | None = None, resolution: int = 32,
+                 per_shard: int = 10000) -> list[Path]:
+    """Write the first ``num`` images of ``split`` (all by default), resized to ``resolution`` (bicubic, as
+    ``toolkit train adm --resolution`` does) as RGB PNGs with captions, into ``out/fmnist-{split}-NNN.tar``."""
+    from PIL import Image
+
+    from eval.sources import dataset_labels, dataset_source
+    images, labels = dataset_source("fashion-mnist", split).images, dataset_labels("fashion-mnist", split)
+    num = len(images) if num is None else num
+    if not 1 <= num <= len(images):
+        raise ToolkitError(f"--num must be between 1 and {len(images)}, got {num}")
+    out.mkdir(parents=True, exist_ok=True)
+    shards = []
+    for first in range(0, num, per_shard):
+        path = out / f"fmnist-{split}-{first // per_shard:03d}.tar"
+        tmp = path.with_suffix(".tar.tmp")
+        with tarfile.open(tmp, "w") as tar:
+            for i in range(first, min(first + per_shard, num)):
+                image = Image.fromarray(images[i]).resize((resolution, resolution), Image.BICUBIC).convert("RGB")
+                buffer = io.BytesIO()
+                image.save(buffer, format="PNG")
+                _add(tar, f"{i:06d}.png", buffer.getvalue())
+                _add(tar, f"{i:06d}.txt", caption(int(labels[i]), i).encode())
+        tmp.replace(path)
+        shards.append(path)
+    return shards
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    info.mtime = 0  # reproducible bytes: the latent cache and fingerprints key on them
+    tar.addfile(info, io.BytesIO(data))
+
+
+def labels_of(captions: list[str]) -> np.ndarray:
+    """The class index each caption names (-1 when none), longest phrase first ("shirt" is in "t-shirt")."""
+    order = sorted(range(len(CLASS_PHRASES)), key=lambda k: -len(CLASS_PHRASES[k]))
+    found = [next((k for k in order if CLASS_PHRASES[k] in c), -1) for c in captions]
+    return np.asarray(found, dtype=np.int64)
+
+
+def register(app) -> None:
+    import typer
+
+    from runtime.errors import handles_errors
+
+    @app.command("captions")
+    @handles_errors
+    def captions(out: Path = typer.Option(Path("data/fmnist-captions"), help="Folder for the .tar shards."),
+                 split: str = typer.Option("train", help="train | test"),
+                 num: int = typer.Option(None, help="Only the first NUM images (default: the whole split)."),
+                 resolution: int = typer.Option(32, help="Image size (bicubic from 28x28).")) -> None:
+        """Write captioned Fashion-MNIST as webdataset shards for `toolkit train vae / teacher / lcm / lcm-at`."""
+        shards = write_shards(out, split=split, num=num, resolution=resolution)
+        typer.echo(f"wrote {len(shards)} shard(s) to {out}; pass --data '{out}/*.tar'")
