@@ -49,11 +49,11 @@ def _reference(ref: str, extractor, cache, chunk_size):
 
 
 def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option, dtype, batch_size, prompts,
-                       guidance_scale, eps_scale, resize, inception, features, device, cache, chunk_size, seed,
-                       out) -> list[dict]:
+                       guidance_scale, eps_scale, resize, inception, features, inception_engine, device, cache,
+                       chunk_size, seed, out) -> list[dict]:
     if num < 2:
         raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
-    extractor = make_extractor(features, inception=inception, device=device, resize=resize)
+    extractor = make_extractor(features, inception=inception, device=device, resize=resize, engine=inception_engine)
     config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
                              backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
                              chunk_size=chunk_size, prompts=as_tuple(read_prompts(prompts)) if prompts else None,
@@ -73,7 +73,7 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option
 
 def compare_command(*, model, export, backend, backend_option, steps, num, ref, prompts, out, baseline, sampler,
                     clip_model, clip_pretrained, no_clip, grid, bootstrap, dtype, batch_size, resize, inception,
-                    features, device, cache, chunk_size, seed) -> Path:
+                    features, inception_engine, device, cache, chunk_size, seed) -> Path:
     config = CompareConfig(models=parse_pairs(model, "model"), exports=parse_pairs(export, "export"),
                            backends=tuple(dict.fromkeys(backend)), steps=tuple(parse_int_list(steps, "steps")),
                            num=num, prompts=as_tuple(read_prompts(prompts)) if prompts else None, sampler=sampler,
@@ -85,7 +85,8 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
     if ref is None and (no_clip or not config.prompts):
         raise ToolkitError("nothing to measure: pass --ref for FID" + (" (--no-clip turns CLIP score off)" if no_clip
                                                                       else ", and/or --prompts for CLIP score"))
-    extractor = make_extractor(features, inception=inception, device=device, resize=resize) if ref is not None else None
+    extractor = (make_extractor(features, inception=inception, device=device, resize=resize, engine=inception_engine)
+                 if ref is not None else None)
     ref_stats = _reference(ref, extractor, cache, chunk_size) if ref is not None else None
     clip = None
     if config.prompts and not no_clip:

@@ -69,10 +69,15 @@ class InceptionFeatures:
     """uint8 images [N, H, W, C] (C = 1 or 3, any size) -> float32 pool3 features [N, 2048]."""
 
     def __init__(self, weights: str | os.PathLike | None = None, *, device: str = "auto",
-                 resize: str = "clean", batch_size: int = 50):
+                 resize: str = "clean", batch_size: int = 50, engine: str = "auto"):
+        """``engine``: torch (the TorchScript file) | onnxruntime (the same weights exported to ONNX, 1.5x faster
+        on a CPU, eval/inception_onnx.py) | auto (onnxruntime on the CPU for the standard weights when it is
+        installed, else torch)."""
         import torch
         if resize not in RESIZE_MODES:
             raise ToolkitError(f"unknown resize mode '{resize}'; choose one of {', '.join(RESIZE_MODES)}")
+        if engine not in ENGINES:
+            raise ToolkitError(f"unknown Inception engine '{engine}'; choose one of {', '.join(ENGINES)}")
         self.path = inception_weights_path(weights)
         self.sha1 = file_sha1(self.path)
         self.device = resolve_device(device)
@@ -85,11 +90,16 @@ class InceptionFeatures:
         except RuntimeError as exc:
             raise ToolkitError(f"could not load FID Inception weights {self.path} ({str(exc).splitlines()[0]}); "
                                f"{_INSTALL_HINT}") from None
+        self.engine = _pick_engine(engine, self.device, known=self.sha1 == DEFAULT_1_SHA1)
+        self._onnx = None
+        if self.engine == "onnxruntime":
+            from eval.inception_onnx import onnx_inception
+            self._onnx = onnx_inception(self.model, self.sha1, torch.get_num_threads())
 
     def describe(self) -> dict:
         """Everything that changes the numbers; stored with cached features and stats."""
         return {"network": "inception-2015-12-05 pool3", "weights_sha1": self.sha1, "resize": self.resize,
-                "known_weights": self.sha1 == DEFAULT_1_SHA1}
+                "known_weights": self.sha1 == DEFAULT_1_SHA1, "engine": self.engine}
 
     def __call__(self, images) -> np.ndarray:
         """``images``: uint8 [N, H, W(, C)] or a list of [H, W(, C)] arrays (sizes may differ)."""
@@ -98,9 +108,27 @@ class InceptionFeatures:
         out = []
         with torch.inference_mode():
             for lo in range(0, len(images), self.batch_size):
-                batch = preprocess(images[lo:lo + self.batch_size], self.resize).to(self.device)
-                out.append(self.model(batch).float().cpu().numpy())
+                batch = preprocess(images[lo:lo + self.batch_size], self.resize)
+                if self._onnx is not None:
+                    out.append(self._onnx(batch.numpy()))
+                else:
+                    out.append(self.model(batch.to(self.device)).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, FEATURE_DIM), np.float32)
+
+
+ENGINES = ("auto", "torch", "onnxruntime")
+
+
+def _pick_engine(engine: str, device: str, known: bool) -> str:
+    """auto: ONNX Runtime on the CPU for the standard weights (checked to export and agree); torch otherwise."""
+    import importlib.util
+    has_ort = importlib.util.find_spec("onnxruntime") is not None
+    if engine == "auto":
+        return "onnxruntime" if device == "cpu" and has_ort and known else "torch"
+    if engine == "onnxruntime" and (device != "cpu" or not has_ort):
+        raise ToolkitError("--inception-engine onnxruntime runs on the CPU with the onnxruntime package; "
+                           "use --device cpu (and pip install onnxruntime) or --inception-engine torch")
+    return engine
 
 
 def as_rgb_list(images) -> list[np.ndarray]:

@@ -19,11 +19,11 @@ FEATURES = ("inception", "fmnist-classifier")
 
 
 def make_extractor(features: str = "inception", *, inception=None, device: str = "auto", resize: str = "clean",
-                   batch_size: int = 50):
+                   batch_size: int = 50, engine: str = "auto"):
     """The feature network behind FID: the standard FID Inception, or the shipped in-domain Fashion-MNIST
     classifier (eval/classifier.py; 'classifier FID', ~100x cheaper on a CPU, comparable only with itself)."""
     if features == "inception":
-        return InceptionFeatures(inception, device=device, resize=resize, batch_size=batch_size)
+        return InceptionFeatures(inception, device=device, resize=resize, batch_size=batch_size, engine=engine)
     if features == "fmnist-classifier":
         from eval.classifier import FashionClassifierFeatures
         return FashionClassifierFeatures(device=device)
