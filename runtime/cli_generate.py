@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from runtime.default_model import default_model
 from runtime.errors import ToolkitError
 from runtime.fingerprint import model_sha256
-from runtime.images import save_png
+from runtime.images import reserve_new_path, save_png
 from runtime.pipeline import Pipeline
 from runtime.versions import package_versions
 
@@ -71,5 +71,5 @@ def write_images(output, out_dir: Path, source: dict) -> list[Path]:
         name = f"{slug(text)}-seed{seed}.png" if text is not None else f"sample-seed{seed}.png"
         record = {"prompt": text, "seed": seed, **source, "backend": output.backend,
                   **output.request, "versions": package_versions()}
-        paths.append(save_png(array, out_dir / name, record))
+        paths.append(save_png(array, reserve_new_path(out_dir / name), record))
     return paths

@@ -21,6 +21,21 @@ def to_pil(arrays: np.ndarray) -> list:
     return [Image.fromarray(a) for a in arrays]
 
 
+def reserve_new_path(path: Path) -> Path:
+    """``path``, or ``stem-1.png``, ``stem-2.png``, ... : the first name nobody has, created empty (O_EXCL, so two
+    processes writing into one folder never pick the same name). Existing images are never overwritten."""
+    import os
+    stem, suffix = path.stem, path.suffix
+    for k in range(100000):
+        candidate = path if k == 0 else path.with_name(f"{stem}-{k}{suffix}")
+        try:
+            os.close(os.open(candidate, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free file name for {path} after 100000 tries")
+
+
 def save_png(array: np.ndarray, path: Path, metadata: dict) -> Path:
     """Write one image with its generation record (prompt, seed, model, versions) in a PNG text chunk,
     via a temporary file so an interrupted run never leaves a truncated PNG."""

@@ -25,12 +25,16 @@ KINDS = {"lcm": lambda d, s: build_tiny_text_to_image(d, seed=s, lcm=True),
 
 
 @handles_errors
-def main(out: Path = typer.Argument(..., help="Directory to write (replaced if it exists)."),
+def main(out: Path = typer.Argument(..., help="Directory to write (must be new or empty; see --force)."),
          kind: str = typer.Option("lcm", help="lcm | sd | unconditional"),
-         seed: int = typer.Option(0, help="Seed of the random weights.")) -> None:
+         seed: int = typer.Option(0, help="Seed of the random weights."),
+         force: bool = typer.Option(False, "--force", help="Replace OUT even if it is a non-empty directory.")) -> None:
     from runtime.errors import ToolkitError
     if kind not in KINDS:
         raise ToolkitError(f"unknown kind '{kind}'; choose one of {', '.join(KINDS)}")
+    if out.exists() and not force and (not out.is_dir() or any(out.iterdir())):
+        raise ToolkitError(f"{out} exists and is not empty; choose another directory, or pass --force to replace it "
+                           "(everything in it is deleted)")
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     KINDS[kind](tmp, seed)

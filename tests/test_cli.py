@@ -113,3 +113,30 @@ def test_out_that_is_a_file_fails_before_generating(tiny_lcm_dir, tmp_path):
     result = _run("generate", "x", "--model", str(tiny_lcm_dir), "--device", "cpu", "--out", taken)
     assert result.exit_code == 2 and "is a file" in result.stderr
     assert "model " not in result.stderr   # nothing was loaded
+
+
+def test_generate_never_overwrites_an_existing_image(tiny_lcm_dir, tmp_path):
+    args = ("generate", "a red cube", "--model", tiny_lcm_dir, "--steps", "1", "--device", "cpu", "--out", tmp_path)
+    first, second = _run(*args), _run(*args)
+    assert first.exit_code == 0 and second.exit_code == 0, first.output + second.output
+    names = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert names == ["a-red-cube-seed0-1.png", "a-red-cube-seed0.png"]
+    assert "a-red-cube-seed0-1.png" in second.stdout   # says where the image went
+    assert all(p.stat().st_size > 0 for p in tmp_path.glob("*.png"))
+
+
+def test_make_tiny_model_refuses_a_non_empty_directory_without_force(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+    script = Path(__file__).resolve().parent.parent / "scripts/make_tiny_model.py"
+    target = tmp_path / "mine"
+    target.mkdir()
+    (target / "notes.txt").write_text("keep me")
+    refused = subprocess.run([sys.executable, str(script), str(target), "--kind", "unconditional"],
+                             capture_output=True, text=True)
+    assert refused.returncode == 2 and "--force" in refused.stderr
+    assert (target / "notes.txt").read_text() == "keep me"
+    forced = subprocess.run([sys.executable, str(script), str(target), "--kind", "unconditional", "--force"],
+                            capture_output=True, text=True)
+    assert forced.returncode == 0 and (target / "model_index.json").is_file()

@@ -16,8 +16,8 @@ _REGISTRY: dict[str, str] = {
 _INSTALL_HINT = {
     "torch": "pip install torch diffusers",
     "onnxruntime": "pip install onnxruntime (CPU) or, for CUDA, pip uninstall -y onnxruntime && "
-                   "pip install 'at-diffusion-toolkit[gpu]'",
-    "tensorrt": "pip install 'at-diffusion-toolkit[tensorrt]' on a machine with an NVIDIA GPU",
+                   "pip install -e '.[gpu]' (in the toolkit's checkout)",
+    "tensorrt": "pip install -e '.[tensorrt]' (in the toolkit's checkout) on a machine with an NVIDIA GPU",
 }
 
 

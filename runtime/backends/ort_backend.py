@@ -37,7 +37,7 @@ from runtime.model_spec import ModelSpec
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module and break each other when both are
 # present, so the CPU build must be removed first (pip cannot express "instead of" in an extra).
-GPU_EXTRA_HINT = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install 'at-diffusion-toolkit[gpu]' "
+GPU_EXTRA_HINT = ("pip uninstall -y onnxruntime onnxruntime-gpu && pip install -e '.[gpu]' (in the toolkit's checkout) "
                   "(onnxruntime-gpu replaces the CPU-only onnxruntime)")
 _NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(double)": np.float64,
                 "tensor(int64)": np.int64, "tensor(int32)": np.int32}
