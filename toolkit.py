@@ -44,7 +44,7 @@ def generate(
     class_label: Optional[list[int]] = typer.Option(None, help="Class label(s) for class-conditional models."),
     eps_scale: Optional[float] = typer.Option(None, help="Epsilon scaling (ES), e.g. 1.017."),
     eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic)."),
-    batch_size: Optional[int] = typer.Option(None, help="Images per network batch (default: all)."),
+    batch_size: Optional[int] = typer.Option(None, help="Images per network batch (default: up to 8)."),
     backend: str = typer.Option("torch", help="torch | onnxruntime (tensorrt: planned)"),
     backend_option: Optional[list[str]] = typer.Option(
         None, help="KEY=VALUE passed to the backend, e.g. channels_last=true, compile=true (torch), "

@@ -56,7 +56,8 @@ def sample_producer(pipe, plan: SamplingPlan, on_progress: StepProgress | None =
         tick = None
         if on_progress is not None:
             tick = lambda done, total: on_progress(start + (stop - start) * done / total)  # noqa: E731
-        common = dict(steps=plan.steps, sampler=plan.sampler, seeds=seeds, batch_size=plan.batch_size,
+        # default: the whole chunk in one batch (chunks are sized for memory already; see --chunk-size)
+        common = dict(steps=plan.steps, sampler=plan.sampler, seeds=seeds, batch_size=plan.batch_size or stop - start,
                       eps_scale=plan.eps_scale, progress=tick)
         if spec.is_latent:
             out = pipe(plan.prompts_for(start, stop), guidance_scale=plan.guidance_scale, **common)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from pathlib import Path
 
 from rich.console import Console
@@ -12,7 +13,7 @@ from runtime.default_model import default_model
 from runtime.errors import ToolkitError
 from runtime.fingerprint import model_sha256
 from runtime.images import reserve_new_path, save_png
-from runtime.pipeline import Pipeline
+from runtime.pipeline import Pipeline, PromptTruncatedWarning
 from runtime.versions import package_versions
 
 console = Console(stderr=True)
@@ -34,12 +35,16 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("generate", total=None)
-            output = pipe(prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed,
-                          sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                          height=height, width=width, eps_scale=eps_scale, batch_size=batch_size,
-                          class_labels=(class_label[0] if len(class_label) == 1 else class_label) if class_label else None,
-                          sampler_options=None if eta is None else {"eta": eta},
-                          progress=lambda done, total: bar.update(task, completed=done, total=total))
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", PromptTruncatedWarning)
+                output = pipe(prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed,
+                              sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
+                              height=height, width=width, eps_scale=eps_scale, batch_size=batch_size,
+                              class_labels=_class_labels(class_label),
+                              sampler_options=None if eta is None else {"eta": eta},
+                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+        for warning in caught:
+            console.print(f"warning: {warning.message}", markup=False, highlight=False)
         source = {"model": str(model), "model_sha256": model_sha256(pipe.source.path)}
     paths = write_images(output, Path(out), source)
     for path in paths:
@@ -47,6 +52,10 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
     t = output.timings
     console.print(f"{len(paths)} image(s) in {t['total_s']:.2f} s (text {t['encode_s']:.2f} s, "
                   f"sampling {t['sample_s']:.2f} s, decode {t['decode_s']:.2f} s) on {output.backend}")
+
+
+def _class_labels(class_label: list[int] | None):
+    return (class_label[0] if len(class_label) == 1 else class_label) if class_label else None
 
 
 def parse_options(pairs: list[str]) -> dict:

@@ -24,6 +24,9 @@ LCM_DEFAULT_GUIDANCE = 8.5   # LCM-Dreamshaper's default w (diffusers' LatentCon
 CFG_DEFAULT_GUIDANCE = 7.5   # Stable Diffusion's default classifier-free guidance scale
 DEFAULT_STEPS = {"lcm": 4}   # few-step LCM; the other samplers default to 20 network evaluations
 OTHER_DEFAULT_STEPS = 20
+# Images per network batch when the caller does not say: bounded, so --num-images 128 on a real model does
+# not try to hold 128 images' activations at once (results do not depend on the batch size).
+DEFAULT_BATCH_SIZE = 8
 
 
 @dataclasses.dataclass
@@ -43,6 +46,7 @@ class GenerationRequest:
     class_labels: np.ndarray | None = None
     eps_scale: float | None = None
     batch_size: int = 1
+    truncated_prompts: dict[int, int] = dataclasses.field(default_factory=dict)  # index -> token count
 
     @property
     def num_samples(self) -> int:
@@ -58,7 +62,12 @@ class GenerationRequest:
                 "sampler_options": self.sampler_fn_options, "height": self.height, "width": self.width,
                 "guidance": self.guidance, "guidance_scale": self.guidance_scale,
                 "eps_scale": self.eps_scale,
-                "class_labels": None if self.class_labels is None else self.class_labels.tolist()}
+                "class_labels": None if self.class_labels is None else self.class_labels.tolist(),
+                **({"truncated_prompts": self.truncated_prompts} if self.truncated_prompts else {})}
+
+    def truncation_warnings(self, max_length: int) -> list[str]:
+        return [f"prompt {i + 1} has {n} tokens; the text encoder reads only the first {max_length} "
+                f"({self.prompts[i][:40]!r}...)" for i, n in self.truncated_prompts.items()]
 
     @classmethod
     def build(cls, pipe: "Pipeline", *, prompts, num_images, steps, nfe, seed, seeds, sampler, guidance_scale,
@@ -77,13 +86,15 @@ class GenerationRequest:
                       height=height, width=width, eps_scale=_eps_scale(eps_scale, pipe.schedule.prediction_type))
         if spec.is_latent:
             fields.update(_text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, class_labels))
+            fields["truncated_prompts"] = pipe.tokenizer().too_long(fields["prompts"])
             count = len(fields["prompts"])
         else:
             fields.update(_unconditional_fields(spec, prompts, num_images, guidance_scale, negative_prompt,
                                                 class_labels))
             count = fields.pop("count")
         fields["seeds"] = seeds_for(count, seed, seeds)
-        fields["batch_size"] = _positive(count if batch_size is None else batch_size, "batch_size")
+        fields["batch_size"] = _positive(min(count, DEFAULT_BATCH_SIZE) if batch_size is None else batch_size,
+                                         "batch_size")
         return cls(**fields)
 
 

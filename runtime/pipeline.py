@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,6 +30,10 @@ from runtime.model_source import ModelSource, open_model
 from runtime.noise import SeededNoise
 from runtime.samplers import eps_scaling, get_sampler
 from runtime.schedule import NoiseSchedule
+
+
+class PromptTruncatedWarning(UserWarning):
+    """A prompt is longer than the text encoder's context; the images follow only its first tokens."""
 
 
 class Pipeline:
@@ -81,13 +86,15 @@ class Pipeline:
         Unconditional: no prompts, ``num_images`` samples (class-conditional models need
         ``class_labels``). ``steps`` (alias ``nfe``: every sampler here makes one network call per step).
         ``seed=s`` gives image i the seed s+i; ``seeds`` sets them one by one. ``batch_size`` splits the
-        work into chunks of that many images (default: all at once); results do not depend on it.
+        work into chunks of that many images (default: up to 8, ``DEFAULT_BATCH_SIZE``); results do not depend on it.
         ``progress(done, total)`` is called after each network evaluation."""
         request = GenerationRequest.build(
             self, prompts=prompts, num_images=num_images, steps=steps, nfe=nfe, seed=seed, seeds=seeds,
             sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height,
             width=width, class_labels=class_labels, eps_scale=eps_scale, batch_size=batch_size,
             sampler_options=sampler_options)
+        for message in request.truncation_warnings(self.spec.tokenizer_max_length):
+            warnings.warn(message, PromptTruncatedWarning, stacklevel=2)
         return self.run(request, progress=progress)
 
     def run(self, request: GenerationRequest, progress=None) -> GenerationOutput:

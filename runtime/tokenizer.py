@@ -30,6 +30,10 @@ class PromptTokenizer:
         from tokenizers import Tokenizer
         tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
         pad_token = _pad_token(tokenizer_dir)
+        counter = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        counter.no_truncation()
+        counter.no_padding()
+        self._count = lambda prompts: [len(e.ids) for e in counter.encode_batch(list(prompts))]
         tok.enable_truncation(self.max_length)
         tok.enable_padding(length=self.max_length, pad_id=tok.token_to_id(pad_token), pad_token=pad_token)
         return lambda prompts: [e.ids for e in tok.encode_batch(list(prompts))]
@@ -37,8 +41,14 @@ class PromptTokenizer:
     def _transformers(self, tokenizer_dir: Path):
         from transformers import CLIPTokenizer
         tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        self._count = lambda prompts: [len(ids) for ids in tok(list(prompts), truncation=False).input_ids]
         return lambda prompts: tok(list(prompts), padding="max_length", max_length=self.max_length,
                                    truncation=True).input_ids
+
+    def too_long(self, prompts: Sequence[str]) -> dict[int, int]:
+        """{prompt index: its token count} for the prompts the text encoder will see cut to ``max_length``
+        (counts include the start and end tokens)."""
+        return {i: n for i, n in enumerate(self._count(prompts)) if n > self.max_length}
 
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids [B, max_length] int64, padded and truncated as Stable Diffusion's pipelines do."""

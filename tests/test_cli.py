@@ -140,3 +140,15 @@ def test_make_tiny_model_refuses_a_non_empty_directory_without_force(tmp_path):
     forced = subprocess.run([sys.executable, str(script), str(target), "--kind", "unconditional", "--force"],
                             capture_output=True, text=True)
     assert forced.returncode == 0 and (target / "model_index.json").is_file()
+
+
+def test_a_prompt_longer_than_77_tokens_is_warned_about_and_recorded(tiny_lcm_dir, tmp_path):
+    long_prompt = " ".join(["a red cube on a table"] * 20)   # ~120 tokens
+    result = _run("generate", long_prompt, "short", "--model", tiny_lcm_dir, "--steps", "1", "--device", "cpu",
+                  "--out", tmp_path)
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "prompt 1 has" in warnings[0] and "first 77" in warnings[0]
+    from PIL import Image
+    record = json.loads(Image.open(next(tmp_path.glob("a-red-cube*.png"))).text["at-diffusion-toolkit"])
+    assert list(record["truncated_prompts"]) == ["0"] and record["truncated_prompts"]["0"] > 77

@@ -105,7 +105,7 @@ def test_missing_component_names_the_fix(lcm_export, tmp_path):
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="this machine has the CUDA provider; the error case cannot happen")
 def test_cuda_without_cuda_provider_says_install_gpu_extra(uncond_export):
-    with pytest.raises(BackendError, match=r"at-diffusion-toolkit\[gpu\]"):
+    with pytest.raises(BackendError, match=r"pip install -e '\.\[gpu\]' \(in the toolkit's checkout\)"):
         Pipeline.load(uncond_export, backend="onnxruntime", device="cuda")
 
 

@@ -250,3 +250,26 @@ def test_lcm_without_w_embedding_samples_without_cfg_by_default(tiny_sd_dir, tmp
 def test_planned_tensorrt_backend_says_it_is_not_built_yet(tiny_lcm_dir):
     with pytest.raises(ToolkitError, match="planned .* not implemented yet"):
         Pipeline.load(tiny_lcm_dir, backend="tensorrt")
+
+
+def test_default_batch_is_bounded_and_changes_nothing(uncond_pipe):
+    """Without batch_size the network sees at most DEFAULT_BATCH_SIZE images at once (a big --num-images
+    must not run out of memory); the images equal one batch of all of them."""
+    from runtime.generation import DEFAULT_BATCH_SIZE
+    calls = []
+    out = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, nfe=2, seed=0,
+                      progress=lambda done, total: calls.append((done, total)))
+    assert len(calls) == 2 * 2   # two chunks x two steps
+    whole = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, nfe=2, seed=0, batch_size=DEFAULT_BATCH_SIZE + 3)
+    np.testing.assert_allclose(out.samples, whole.samples, rtol=1e-4, atol=1e-4)
+
+
+def test_long_prompts_warn_from_the_python_api(lcm_pipe):
+    from runtime.pipeline import PromptTruncatedWarning
+    with pytest.warns(PromptTruncatedWarning, match="first 77"):
+        out = lcm_pipe([" ".join(["word"] * 100)], steps=1, seed=0)
+    assert list(out.request["truncated_prompts"]) == [0]
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PromptTruncatedWarning)
+        assert "truncated_prompts" not in lcm_pipe(["short"], steps=1, seed=0).request
