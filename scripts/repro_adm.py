@@ -34,7 +34,7 @@ LABELS = {"base": "ADM (base)", "ft": "ADM-FT", "ip": "ADM-IP", "at": "ADM-AT (f
 SAMPLERS = ("ddim", "dpmpp_2m", "iddpm", "es_ddim")   # es_ddim: DDIM on eps / lambda (ES)
 
 FULL = dict(
-    base=dict(steps=10000, batch=64, lr=2e-4, ema=0.9995), finetune=dict(opt_steps=3000, batch=64, lr=1e-4, ema=0.999),
+    base=dict(steps=8000, batch=64, lr=2e-4, ema=0.9995), finetune=dict(opt_steps=3000, batch=64, lr=1e-4, ema=0.999),
     adv_steps=3, nfes=(5, 10, 20), base_nfes=(50,), seeds=(0, 1_000_000, 2_000_000), num=10000,
     inception=dict(nfe=10, num=5000), es=dict(lambdas=(1.0, 1.005, 1.01, 1.015, 1.02, 1.03), num=2000, nfe=10,
                                              seed=9_000_000),
@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, required=True, help="Study directory (runs, caches, report).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: every stage, in minutes.")
     parser.add_argument("--jobs", type=int, default=2, help="Commands run at once.")
-    parser.add_argument("--threads", type=int, default=1, help="Torch threads per command.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="Torch threads per command (0: all cores for a job that runs alone, else one).")
     parser.add_argument("--list", action="store_true", help="List the jobs and whether each is done.")
     args = parser.parse_args(argv)
     jobs = build_jobs(args.out.resolve(), args.quick)

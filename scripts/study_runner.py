@@ -3,7 +3,8 @@
 Each job is a command line with the jobs it waits for and the file that proves it finished. A rerun skips
 finished jobs, and every command resumes by itself (trainers with --resume, FID runs from their per-chunk
 caches), so a study killed at any point continues where it stopped. Up to ``jobs`` commands run at once,
-each with ``threads`` torch threads (2 cores: two 1-thread jobs beat one 2-thread job on these small nets).
+each with ``threads`` torch threads (2 cores: two 1-thread jobs beat one 2-thread job on these small nets);
+``threads=0`` gives a job started alone all the cores and jobs started beside others one core each.
 Hand-written because it is ~80 lines over subprocess; make/snakemake would add a dependency and still need
 the same commands.
 """
@@ -27,7 +28,7 @@ class Job:
     deps: tuple[str, ...] = ()
 
 
-def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int = 1, verbose: bool = True) -> dict:
+def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int = 0, verbose: bool = True) -> dict:
     """Run ``jobs`` in dependency order; returns {name: {"seconds", "returncode"}} for the jobs run now and
     appends the same to ``log_dir/jobs.jsonl``. Stops at the first failing job (after the running ones end)."""
     by_name = {job.name: job for job in jobs}
@@ -35,16 +36,15 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
     if unknown:
         raise ValueError(f"jobs depend on unknown jobs {sorted(unknown)}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     finished = {job.name for job in jobs if job.done.exists()}
-    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    running: dict[str, tuple[subprocess.Popen, float, int]] = {}
     report, failed = {}, None
     while True:
-        for name, (proc, started) in list(running.items()):
+        for name, (proc, started, n) in list(running.items()):
             if proc.poll() is None:
                 continue
             del running[name]
-            entry = {"job": name, "seconds": round(time.time() - started, 1), "returncode": proc.returncode}
+            entry = {"job": name, "seconds": round(time.time() - started, 1), "threads": n, "returncode": proc.returncode}
             report[name] = entry
             with open(log_dir / "jobs.jsonl", "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
@@ -57,12 +57,16 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
                       f"({entry['seconds']} s)", flush=True)
         ready = [job for job in jobs if job.name not in finished and job.name not in running and not failed
                  and all(d in finished for d in job.deps)]
-        for job in ready[:max(0, parallel - len(running))]:
+        starting = ready[:max(0, parallel - len(running))]
+        for job in starting:
+            n = threads or ((os.cpu_count() or 1) if len(running) + len(starting) == 1 else 1)
+            env = dict(os.environ, OMP_NUM_THREADS=str(n), MKL_NUM_THREADS=str(n), PYTHONUNBUFFERED="1")
             command = job.command()
             if verbose:
-                print(f"[{time.strftime('%H:%M:%S')}] start {job.name}: {' '.join(command)}", flush=True)
+                print(f"[{time.strftime('%H:%M:%S')}] start {job.name} ({n} thread(s)): {' '.join(command)}",
+                      flush=True)
             log = open(log_dir / f"{job.name}.log", "a")
-            running[job.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.time())
+            running[job.name] = (subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env), time.time(), n)
         if not running:
             break
         time.sleep(0.5)

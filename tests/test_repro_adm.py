@@ -70,3 +70,11 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     assert "ADM-AT (full)" in (out / "report/table.md").read_text()
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
+
+
+def test_a_job_started_alone_gets_every_core_and_jobs_side_by_side_one(tmp_path):
+    import os
+    jobs = [touch_job("solo", tmp_path, [], ""), touch_job("a", tmp_path, ["solo"]), touch_job("b", tmp_path, ["solo"])]
+    result = run_jobs(jobs, tmp_path / "logs", parallel=2, threads=0, verbose=False)
+    assert result["report"]["solo"]["threads"] == (os.cpu_count() or 1)
+    assert result["report"]["a"]["threads"] == result["report"]["b"]["threads"] == 1
