@@ -23,6 +23,7 @@ Options (``Pipeline.load(..., backend="onnxruntime", <option>=...)``):
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -112,6 +113,7 @@ class OrtRunner:
         self.output_types = {o.name: _numpy_type(o.type) for o in self.session.get_outputs()}
         self.output_names = [o.name for o in self.session.get_outputs()]
         self._buffers: dict[tuple, BoundBuffers] = {}
+        self._buffers_lock = threading.Lock()   # two threads meeting a new shape must not make two buffer sets
 
     @property
     def input_names(self) -> list[str]:
@@ -132,13 +134,14 @@ class OrtRunner:
 
     def _run_bound(self, feed: dict) -> dict:
         key = tuple(sorted((n, tuple(a.shape)) for n, a in feed.items()))
-        buffers = self._buffers.get(key)
-        if buffers is None:
-            # one captured graph per input-shape signature; ids start at 1 because 0 is ORT's default
-            # annotation (runs that name none) and -1 means 'do not capture'
-            graph_id = len(self._buffers) + 1 if self.cuda_graph else None
-            buffers = self._buffers[key] = BoundBuffers(self.session, self.contract, feed, self.arrays,
-                                                        (self.input_types, self.output_types), graph_id)
+        with self._buffers_lock:
+            buffers = self._buffers.get(key)
+            if buffers is None:
+                # one captured graph per input-shape signature; ids start at 1 because 0 is ORT's default
+                # annotation (runs that name none) and -1 means 'do not capture'
+                graph_id = len(self._buffers) + 1 if self.cuda_graph else None
+                buffers = self._buffers[key] = BoundBuffers(self.session, self.contract, feed, self.arrays,
+                                                            (self.input_types, self.output_types), graph_id)
         return run_bound(self.session, buffers, feed, self.arrays, self.input_types)
 
     def close(self) -> None:

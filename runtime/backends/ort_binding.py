@@ -10,9 +10,16 @@ Either way a runner keeps one ``BoundBuffers`` per input-shape signature, copies
 replay needs. Outputs are copied out of the buffers as float32, so a value the sampler holds is never
 overwritten by the next call.
 
+Threads: the copy-in / run / copy-out of one call holds that buffer set's lock, so calls of one shape from
+many threads take turns on the shared buffers (they would contend for the device anyway, and a per-call
+buffer set would break CUDA graph replay, which needs fixed addresses); calls of different shapes use
+different buffer sets and run side by side. Without the lock, 8 threads got 7 wrong images (issue 12).
+
 torch is imported only when ``TorchArrays`` is constructed, so serving with numpy never needs it.
 """
 from __future__ import annotations
+
+import threading
 
 import numpy as np
 import onnxruntime as ort
@@ -152,6 +159,7 @@ class BoundBuffers:
             name = tensor["name"]
             shape = resolve_shape(tensor["shape"], dims)
             self.outputs[name] = self._bind(arrays, self.binding.bind_output, name, shape, output_types[name])
+        self.lock = threading.Lock()   # one call at a time on these addresses (see the module docstring)
         self.run_options = ort.RunOptions()
         if graph_id is not None:
             self.run_options.add_run_config_entry("gpu_graph_id", str(graph_id))
@@ -165,9 +173,11 @@ class BoundBuffers:
 
 
 def run_bound(session: ort.InferenceSession, buffers: BoundBuffers, feed: dict, arrays, input_types: dict) -> dict:
-    """Copy ``feed`` into the bound inputs, run, and return float32 copies of the outputs."""
-    for name, value in feed.items():
-        arrays.write(buffers.inputs[name], value, input_types[name])
-    arrays.before_run()
-    session.run_with_iobinding(buffers.binding, buffers.run_options)
-    return {name: arrays.read(buffer) for name, buffer in buffers.outputs.items()}
+    """Copy ``feed`` into the bound inputs, run, and return float32 copies of the outputs (atomically per
+    buffer set: another thread's call cannot write the inputs or read the outputs in between)."""
+    with buffers.lock:
+        for name, value in feed.items():
+            arrays.write(buffers.inputs[name], value, input_types[name])
+        arrays.before_run()
+        session.run_with_iobinding(buffers.binding, buffers.run_options)
+        return {name: arrays.read(buffer) for name, buffer in buffers.outputs.items()}
