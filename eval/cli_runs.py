@@ -13,7 +13,7 @@ from eval.sample_fid import SampleFIDConfig, run_sample_fid
 from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
 from runtime.model_spec import model_name
-from runtime.staging import check_target, write_json
+from runtime.staging import check_target, check_writable, write_json
 
 
 def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:
@@ -53,6 +53,8 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option
                        chunk_size, seed, out) -> list[dict]:
     if num < 2:
         raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
+    if out is not None:
+        check_writable(out, parent=True)
     extractor = make_extractor(features, inception=inception, device=device, resize=resize, engine=inception_engine)
     config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
                              backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
@@ -82,6 +84,7 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
                            backend_options=per_backend_options(backend_option))
     validate(config)  # before the slow parts: a missing export or a bad --out fails at once
     check_target(out, RECORD, "eval compare report")
+    check_writable(out, parent=True)
     if ref is None and (no_clip or not config.prompts):
         raise ToolkitError("nothing to measure: pass --ref for FID" + (" (--no-clip turns CLIP score off)" if no_clip
                                                                       else ", and/or --prompts for CLIP score"))

@@ -17,6 +17,7 @@ from export.contracts import ExportShapes, contracts_for, select_components
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
 from export.staging import check_target, staged_directory
+from runtime.staging import check_writable
 from export.validate import ExportValidationError, ValidationReport, validate_export
 from runtime.backends.ort_backend import parse_device
 from runtime.errors import ToolkitError
@@ -58,6 +59,7 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
     precision = "float16" if settings.fp16 else "float32"
     contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
     check_target(settings.out)  # before the slow part: a bad --out fails at once
+    check_writable(settings.out, parent=True)
     if settings.validate:
         parse_device(settings.device)  # and so does a --device ONNX Runtime cannot validate on
 

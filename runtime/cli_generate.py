@@ -14,6 +14,7 @@ from runtime.errors import ToolkitError
 from runtime.fingerprint import model_sha256
 from runtime.images import reserve_new_path, save_png
 from runtime.pipeline import Pipeline, PromptTruncatedWarning
+from runtime.staging import check_writable
 from runtime.versions import package_versions
 
 console = Console(stderr=True)
@@ -30,6 +31,7 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
     options = parse_options(backend_option or [])
     if Path(out).exists() and not Path(out).is_dir():  # fail before the slow part, not when writing
         raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs")
+    check_writable(out)
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}) on {pipe.backend.describe()}")
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

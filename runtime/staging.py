@@ -19,6 +19,28 @@ from pathlib import Path
 from runtime.errors import ToolkitError
 
 
+def check_writable(path: str | os.PathLike, option: str = "--out", *, parent: bool = False) -> None:
+    """Fail at once, before any model loads, when ``path`` (a directory to write into, or with ``parent`` the
+    folder a file or directory will be created in) cannot be written. Creates nothing that stays: the probe
+    file is removed, and a directory that does not exist yet is checked through its nearest existing parent."""
+    target = Path(path).expanduser().absolute()
+    folder = target.parent if parent else target
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    problem = None
+    if existing is None or not existing.is_dir():
+        problem = f"{existing} is not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = f"no permission to write in {existing}"
+    else:
+        try:
+            with tempfile.NamedTemporaryFile(dir=existing, prefix=".toolkit-write-check-"):
+                pass
+        except OSError as exc:
+            problem = f"{existing} is not writable ({exc.strerror or exc})"
+    if problem:
+        raise ToolkitError(f"cannot write {option} {path}: {problem}; choose a writable location")
+
+
 def check_target(out: Path, marker: str, what: str = "output") -> None:
     """Refuse to replace a directory this toolkit did not write (it lacks ``marker``): a typo in --out must
     not delete a folder of someone's files. An empty directory is fine."""

@@ -152,3 +152,19 @@ def test_a_prompt_longer_than_77_tokens_is_warned_about_and_recorded(tiny_lcm_di
     from PIL import Image
     record = json.loads(Image.open(next(tmp_path.glob("a-red-cube*.png"))).text["at-diffusion-toolkit"])
     assert list(record["truncated_prompts"]) == ["0"] and record["truncated_prompts"]["0"] > 77
+
+
+@pytest.mark.parametrize("command", [
+    ["generate", "x", "--steps", "1", "--device", "cpu", "--out", "{bad}"],
+    ["export", "{model}", "--out", "{bad}/export"],
+    ["eval", "sample-fid", "{model}", "--ref", "{bad}/ref.npz", "--nfe", "1", "--num", "2", "--out", "{bad}/r.json"],
+])
+def test_an_unwritable_out_fails_before_any_model_loads(tiny_lcm_dir, tmp_path, command):
+    bad = "/proc/at-diffusion-toolkit-test"
+    args = [a.format(bad=bad, model=tiny_lcm_dir) for a in command]
+    if args[0] == "generate":
+        args += ["--model", str(tiny_lcm_dir)]
+    result = _run(*args)
+    assert result.exit_code == 2, result.output
+    assert "error:" in result.stderr and "Traceback" not in result.output + result.stderr
+    assert "cannot write" in result.stderr or "does not exist" in result.stderr

@@ -140,8 +140,10 @@ class StepContext:
 
 class Trainer:
     def __init__(self, config: TrainerConfig):
+        from runtime.staging import check_writable
         self.config = config
         self.run_dir = Path(config.run_dir)
+        check_writable(self.run_dir, parent=True)  # before any step: a bad --out fails at once
         self.optimizer_steps = 0
         self._stop_requested = False
 
