@@ -188,3 +188,30 @@ def test_cuda_without_gpu_is_an_error_not_a_cpu_run(tmp_path):
 def test_bad_batch_split_is_a_clear_error(tmp_path):
     with pytest.raises(ToolkitError, match="divisible"):
         Trainer(config(tmp_path, batch_size=5, grad_accum=2)).fit(toy_model(), ToyDataset(), ToyObjective())
+
+
+def test_a_second_trainer_on_a_running_run_dir_is_refused_naming_the_holder(tmp_path):
+    import subprocess
+    import sys
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "run").mkdir()
+        (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
+                                                            "started": "2026-11-29 12:00:00"}))
+        with pytest.raises(ToolkitError, match=f"in use by another trainer \\(pid {holder.pid}"):
+            Trainer(config(tmp_path, max_steps=1, resume=True)).fit(toy_model(), ToyDataset(), ToyObjective())
+    finally:
+        holder.kill()
+        holder.wait()
+    # the holder is gone: its lock is stale and taken over; the lock goes away with the run
+    Trainer(config(tmp_path, max_steps=1, resume=True)).fit(toy_model(), ToyDataset(), ToyObjective())
+    assert not (tmp_path / "run" / ".lock").exists()
+
+
+def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
+    Trainer(config(tmp_path, max_steps=2, save_every=2)).fit(toy_model(), ToyDataset(), ToyObjective())
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    with metrics.open("a") as handle:  # a killed run logged step 3 but died before its checkpoint
+        handle.write(json.dumps({"step": 3, "loss": 1.0, "time": 0}) + "\n")
+    Trainer(config(tmp_path, max_steps=4, save_every=2, resume=True)).fit(toy_model(), ToyDataset(), ToyObjective())
+    assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]

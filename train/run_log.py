@@ -13,6 +13,20 @@ from collections.abc import Callable
 from pathlib import Path
 
 
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Drop metrics.jsonl lines logged after ``step`` (a resumed run repeats the steps after its checkpoint,
+    which would otherwise appear twice). Rewritten atomically."""
+    from runtime.staging import atomic_file
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = [line for line in lines if line.strip() and json.loads(line).get("step", 0) <= step]
+    if len(kept) != len(lines):
+        with atomic_file(path, "w") as handle:
+            handle.write("".join(line + "\n" for line in kept))
+
+
 class MetricsLog:
     """Averages an objective's per-step metrics between flushes; appends one JSON line per flush
     (appending, so a resumed run continues the same file)."""

@@ -53,7 +53,8 @@ from diffusers.training_utils import EMAModel
 from runtime.errors import ToolkitError
 from runtime.staging import swap_in as _replace_dir  # move aside, rename, delete; restores on failure
 from train.batch_order import StepBatchSampler, derive_seed
-from train.run_log import MetricsLog, StepProgress
+from train.run_lock import run_lock
+from train.run_log import MetricsLog, StepProgress, truncate_metrics
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
@@ -282,14 +283,21 @@ class Trainer:
     # ---- loop --------------------------------------------------------------------------------
     def fit(self, model: torch.nn.Module, dataset, objective: Objective,
             export: Callable[[torch.nn.Module, Path], None] | None = None) -> TrainResult:
-        from accelerate.utils import set_seed
-        cfg = self.config
+        """Train (resuming with ``resume``) while holding the run directory's lock; export at the end."""
         self.accelerator = self._make_accelerator()
         self._check_config(dataset)
         self._check_fresh_run_dir()
+        with run_lock(self.run_dir, enabled=self.accelerator.is_main_process):
+            return self._fit(model, dataset, objective, export)
+
+    def _fit(self, model, dataset, objective: Objective, export) -> TrainResult:
+        from accelerate.utils import set_seed
+        cfg = self.config
         set_seed(cfg.seed)
         self._setup(model, objective)
         start = self._resume() if cfg.resume else 0
+        if start and self.accelerator.is_main_process:
+            truncate_metrics(self.run_dir, start)
         if cfg.progress and self.accelerator.is_main_process:
             print(self.describe() + (f", resuming at step {start}" if start else ""), flush=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
