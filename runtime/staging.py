@@ -56,7 +56,8 @@ def staged_directory(out: Path, marker: str, what: str = "output"):
     out = Path(out)
     check_target(out, marker, what)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    clean_stale(out)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
     staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get normal permissions
     try:
         yield staging
@@ -71,7 +72,7 @@ def swap_in(staging: Path, out: Path) -> None:
     aside first, put back if the rename fails, and deleted only once the new one is in place."""
     previous = None
     if out.exists():
-        previous = out.with_name(f".{out.name}.previous-{uuid.uuid4().hex[:8]}")
+        previous = out.with_name(f".{out.name}.previous-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         out.rename(previous)
     try:
         staging.rename(out)
@@ -82,6 +83,35 @@ def swap_in(staging: Path, out: Path) -> None:
         raise
     if previous is not None:
         shutil.rmtree(previous, ignore_errors=True)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove what killed runs for ``out`` left beside it: ``.NAME.partial-PID-*`` staging directories (GBs for a
+    big export) whose process is gone. A ``.NAME.previous-PID-*`` (a kill between the two renames of
+    ``swap_in``) is put back as ``out`` when ``out`` is missing, else removed. Entries of live processes, and
+    anything not named by this module, are left alone. Returns what was removed or restored."""
+    handled = []
+    for kind in ("partial", "previous"):
+        for path in sorted(out.parent.glob(f".{out.name}.{kind}-*")):
+            pid = path.name.removeprefix(f".{out.name}.{kind}-").split("-")[0]
+            if not pid.isdigit() or _pid_alive(int(pid)):
+                continue
+            if kind == "previous" and not out.exists():
+                path.rename(out)
+            else:
+                shutil.rmtree(path, ignore_errors=True)
+            handled.append(path)
+    return handled
 
 
 def _umask() -> int:

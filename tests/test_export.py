@@ -239,3 +239,35 @@ def test_default_model_and_default_out(tiny_lcm_dir, tmp_path, monkeypatch):
     assert result.exit_code == 0, result.output
     manifest = read_manifest(tmp_path / "exports" / f"{tiny_lcm_dir.name}-fp16")
     assert manifest.precision == "float16"
+
+
+def dead_pid() -> int:
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_stale_partials_of_killed_exports_are_cleaned_and_live_ones_kept(tiny_uncond_dir, tmp_path):
+    out = tmp_path / "export"
+    dead, alive = dead_pid(), os.getpid()
+    stale = tmp_path / f".export.partial-{dead}-abcd1234"
+    live = tmp_path / f".export.partial-{alive}-efgh5678"
+    foreign = tmp_path / ".export.partial-notes"
+    for path in (stale, live, foreign):
+        path.mkdir()
+        (path / "big.onnx").write_bytes(b"x" * 1000)
+    run_export(ExportSettings(model=str(tiny_uncond_dir), out=out, validate=False), log=lambda m: None)
+    assert not stale.exists() and live.is_dir() and foreign.is_dir()   # only a dead process's own leftovers
+    assert (out / "manifest.json").is_file()
+
+
+def test_a_kill_between_the_swap_renames_gets_the_previous_export_back(tmp_path):
+    from runtime.staging import clean_stale
+    out = tmp_path / "export"
+    previous = tmp_path / f".export.previous-{dead_pid()}-abcd1234"   # out was moved aside, the new one never came
+    previous.mkdir()
+    (previous / "manifest.json").write_text("{}")
+    assert clean_stale(out) == [previous]
+    assert (out / "manifest.json").read_text() == "{}" and not previous.exists()
