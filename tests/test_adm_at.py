@@ -319,7 +319,7 @@ def test_resume_after_n_steps_equals_an_uninterrupted_run_bitwise(tmp_path, toy_
 
 
 def sampler_state(checkpoint) -> dict:
-    states = [torch.load(p, weights_only=False) for p in sorted(checkpoint.glob("custom_checkpoint_*.pkl"))]
+    states = [torch.load(p, weights_only=True) for p in sorted(checkpoint.glob("trainer_object_*.pt"))]
     return next(s["sampler"] for s in states if isinstance(s, dict) and "sampler" in s)
 
 
@@ -385,6 +385,35 @@ def test_idx_cifar_and_numpy_sources_give_minus_one_to_one_images_and_labels(tmp
     np.save(tmp_path / "nchw.npy", np.zeros((3, 3, 8, 8), dtype=np.float32))  # floats in [0, 1], NCHW
     ds = load_image_dataset(str(tmp_path / "nchw.npy"), resolution=4)
     assert ds[0]["x"].shape == (3, 4, 4) and ds[0]["x"].min().item() == -1.0
+
+
+@pytest.mark.parametrize("protocol", [2, 5])
+def test_cifar_batches_of_either_pickle_protocol_load(tmp_path, protocol):
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    for i in range(1, 6):
+        batch = {b"batch_label": b"training batch", b"data": np.full((2, 3072), i, dtype=np.uint8),
+                 b"labels": [i, i + 1], b"filenames": [b"a.png", b"b.png"]}
+        (cifar / f"data_batch_{i}").write_bytes(pickle.dumps(batch, protocol=protocol))
+    assert len(load_image_dataset(str(cifar))) == 10
+
+
+def test_a_crafted_cifar_batch_runs_no_code(tmp_path):
+    """issue 12: --data pointing at a crafted data_batch_* used to run code (plain pickle.loads)."""
+    import os
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    cifar = tmp_path / "cifar-10-batches-py"
+    cifar.mkdir()
+    for i in range(1, 6):
+        (cifar / f"data_batch_{i}").write_bytes(pickle.dumps({b"data": Exploit(), b"labels": []}))
+    with pytest.raises(ToolkitError, match="not an official CIFAR-10 python batch .*posix.system|os.system"):
+        load_image_dataset(str(cifar))
+    assert not marker.exists()
 
 
 def test_dataset_names_honour_toolkit_datasets_dir_like_eval(tmp_path, monkeypatch):

@@ -215,3 +215,30 @@ def test_resume_cuts_metrics_back_to_the_checkpoint(tmp_path):
         handle.write(json.dumps({"step": 3, "loss": 1.0, "time": 0}) + "\n")
     Trainer(config(tmp_path, max_steps=4, save_every=2, resume=True)).fit(toy_model(), ToyDataset(), ToyObjective())
     assert [json.loads(line)["step"] for line in metrics.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_a_crafted_pickle_in_a_checkpoint_runs_no_code_on_resume(tmp_path):
+    """issue 12: accelerate loaded custom states with weights_only=False, so this file ran code on --resume."""
+    import pickle
+    Trainer(config(tmp_path, max_steps=1, save_every=1)).fit(toy_model(), ToyDataset(), ToyObjective())
+    marker = tmp_path / "pwned"
+
+    class Exploit:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    state = next((tmp_path / "run/checkpoints/step-1").glob("trainer_object_0.pt"))
+    state.write_bytes(pickle.dumps(Exploit()))
+    with pytest.raises(ToolkitError, match="not written by this trainer"):
+        Trainer(config(tmp_path, max_steps=2, resume=True)).fit(toy_model(), ToyDataset(), ToyObjective())
+    assert not marker.exists()
+
+
+def test_checkpoints_of_the_accelerate_hook_layout_still_resume(tmp_path):
+    """Checkpoints written before the trainer saved its own states (custom_checkpoint_N.pkl) resume."""
+    Trainer(config(tmp_path, max_steps=2, save_every=2)).fit(toy_model(), ToyDataset(), ToyObjective())
+    step = tmp_path / "run/checkpoints/step-2"
+    for path in step.glob("trainer_object_*.pt"):
+        path.rename(step / f"custom_checkpoint_{path.stem.rsplit('_', 1)[1]}.pkl")
+    result = Trainer(config(tmp_path, max_steps=3, resume=True)).fit(toy_model(), ToyDataset(), ToyObjective())
+    assert result.step == 3 and result.optimizer_steps == 3

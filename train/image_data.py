@@ -307,9 +307,37 @@ def _is_cifar(path: Path) -> bool:
     return (path / "data_batch_1").is_file() or (path / "cifar-10-batches-py" / "data_batch_1").is_file()
 
 
+class _CifarUnpickler(pickle.Unpickler):
+    """Pickle restricted to what the official CIFAR-10 python batches contain: dicts, lists, bytes, str, ints and
+    numpy uint8 arrays (rebuilt through numpy's ``_reconstruct`` / ``ndarray`` / ``dtype``). Any other global, e.g.
+    ``os.system`` in a crafted file, is refused before it can be called."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),  # protocol 5 arrays
+               ("numpy", "ndarray"), ("numpy", "dtype"),
+               ("_codecs", "encode")}  # how Python 3 writes bytes in protocol 2 (harmless: str -> bytes)
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self.ALLOWED:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"global {module}.{name} is not part of a CIFAR-10 batch")
+
+
+def _load_cifar_batch(blob: bytes, path: Path) -> dict:
+    import io
+    try:
+        batch = _CifarUnpickler(io.BytesIO(blob), encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, ValueError, TypeError) as exc:
+        raise ToolkitError(f"{path} is not an official CIFAR-10 python batch ({exc}); use the archive from the "
+                           "CIFAR-10 site (cifar-10-python.tar.gz)") from None
+    if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
+        raise ToolkitError(f"{path}: a CIFAR-10 batch is a dict with b'data' and b'labels'; this one is not")
+    return batch
+
+
 def _cifar_dataset(path: Path, resolution, class_cond) -> ImageDataset:
-    """CIFAR-10's official python format is pickled dicts (b"data": N x 3072 uint8, b"labels"). Pickle can
-    run code, so only point this at the archive from the CIFAR-10 site (its md5 is recorded in the run)."""
+    """CIFAR-10's official python format is pickled dicts (b"data": N x 3072 uint8, b"labels"). They are read with
+    ``_CifarUnpickler``, which admits only what those files hold, so a crafted batch cannot run code."""
     batches = [f"data_batch_{i}" for i in range(1, 6)]
     try:
         if path.is_file():
@@ -321,7 +349,7 @@ def _cifar_dataset(path: Path, resolution, class_cond) -> ImageDataset:
             blobs = [(folder / b).read_bytes() for b in batches]
     except (OSError, KeyError, tarfile.TarError) as exc:
         raise ToolkitError(f"cannot read CIFAR-10 batches data_batch_1..5 from {path}: {exc}") from None
-    dicts = [pickle.loads(blob, encoding="bytes") for blob in blobs]
+    dicts = [_load_cifar_batch(blob, path) for blob in blobs]
     images = np.concatenate([d[b"data"] for d in dicts]).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
     labels = np.concatenate([np.asarray(d[b"labels"], dtype=np.int64) for d in dicts])
     md5 = hashlib.md5(b"".join(blobs)).hexdigest()

@@ -57,6 +57,7 @@ from train.run_lock import run_lock
 from train.run_log import MetricsLog, StepProgress, truncate_metrics
 
 CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_object_"   # + index + .pt: LR scheduler, EMA, counters, objective (loaded weights_only)
 MODEL_DIR = "model"
 
 
@@ -190,10 +191,13 @@ class Trainer:
             ema_class = EMAModel if cfg.ema_warmup else ConstantDecayEMA
             self.ema = ema_class(self.accelerator.unwrap_model(self.model).parameters(), decay=cfg.ema_decay)
             self.ema.to(self.accelerator.device)
-        extra = [self.ema] if self.ema is not None else []
-        self.accelerator.register_for_checkpointing(self.lr_scheduler, *extra, self._Counters(self))
+        # Saved and loaded here, not through accelerate's register_for_checkpointing: accelerate loads those
+        # files with weights_only=False, so a crafted custom_checkpoint_N.pkl in a run directory would run code
+        # on --resume. Files trainer_object_N.pt; checkpoints written by accelerate's hook (custom_checkpoint_N.pkl,
+        # same order) are renamed on resume (accelerate refuses a folder with files it did not register).
+        self._stateful = [self.lr_scheduler, *([self.ema] if self.ema is not None else []), self._Counters(self)]
         if hasattr(objective, "state_dict") and hasattr(objective, "load_state_dict"):
-            self.accelerator.register_for_checkpointing(objective)
+            self._stateful.append(objective)
 
     class _Counters:
         """Checkpoints the trainer's own counters through accelerate's custom-object hook."""
@@ -238,6 +242,8 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
+            for index, obj in enumerate(self._stateful):
+                torch.save(obj.state_dict(), tmp / f"{STATE_FILE}{index}.pt")
             state = {"step": step, "optimizer_steps": self.optimizer_steps, "config": self.config.to_json()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             _replace_dir(tmp, final)
@@ -250,7 +256,13 @@ class Trainer:
             return 0  # --resume on a fresh run dir starts from scratch (documented)
         step, path = found
         self._check_resumable(json.loads((path / "trainer_state.json").read_text())["config"])
+        if self.accelerator.is_main_process:
+            for legacy in path.glob("custom_checkpoint_*.pkl"):
+                legacy.rename(path / f"{STATE_FILE}{legacy.stem.rsplit('_', 1)[1]}.pt")
+        self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(path))
+        for index, obj in enumerate(self._stateful):
+            obj.load_state_dict(_load_plain(path / f"{STATE_FILE}{index}.pt"))
         if self.ema is not None:
             self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
         return step
@@ -400,6 +412,23 @@ class Trainer:
             _replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
+
+
+def _load_plain(path: Path):
+    """A torch-saved state of tensors and plain values, loaded with weights_only=True (accelerate's ``load`` adds
+    its numpy allow-list): anything else in the file is refused, never executed."""
+    import pickle
+
+    from accelerate.utils import load
+    try:
+        return load(path, map_location="cpu")
+    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
+        raise ToolkitError(f"checkpoint file {path} holds something other than tensors and plain values, so it was "
+                           f"not written by this trainer and is not loaded ({str(exc).splitlines()[0][:120]}); "
+                           "delete that checkpoint or start a new --out") from None
+    except FileNotFoundError:
+        raise ToolkitError(f"checkpoint {path.parent} is incomplete ({path.name} is missing); delete it to resume "
+                           "from the one before") from None
 
 
 def _to_device(batch, device: torch.device):
