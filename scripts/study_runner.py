@@ -29,8 +29,10 @@ class Job:
 
 
 def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int = 0, verbose: bool = True) -> dict:
-    """Run ``jobs`` in dependency order; returns {name: {"seconds", "returncode"}} for the jobs run now and
-    appends the same to ``log_dir/jobs.jsonl``. Stops at the first failing job (after the running ones end)."""
+    """Run ``jobs`` in dependency order; returns {"report": {name: {"seconds", "threads", "returncode"}} for the
+    jobs run now (also appended to ``log_dir/jobs.jsonl``), "failed": [names], "pending": [names]}. A failing job
+    is not retried in this run and the jobs that need it do not start; every other job still runs (an
+    unattended multi-hour study should not stop at one bad cell)."""
     by_name = {job.name: job for job in jobs}
     unknown = {d for job in jobs for d in job.deps if d not in by_name}
     if unknown:
@@ -38,7 +40,7 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
     log_dir.mkdir(parents=True, exist_ok=True)
     finished = {job.name for job in jobs if job.done.exists()}
     running: dict[str, tuple[subprocess.Popen, float, int]] = {}
-    report, failed = {}, None
+    report, failed = {}, []
     while True:
         for name, (proc, started, n) in list(running.items()):
             if proc.poll() is None:
@@ -49,14 +51,14 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
             with open(log_dir / "jobs.jsonl", "a") as handle:
                 handle.write(json.dumps(entry) + "\n")
             if proc.returncode != 0 or not by_name[name].done.exists():
-                failed = failed or name
+                failed.append(name)
             else:
                 finished.add(name)
             if verbose:
                 print(f"[{time.strftime('%H:%M:%S')}] {name}: {'ok' if name in finished else 'FAILED'} "
                       f"({entry['seconds']} s)", flush=True)
-        ready = [job for job in jobs if job.name not in finished and job.name not in running and not failed
-                 and all(d in finished for d in job.deps)]
+        ready = [job for job in jobs if job.name not in finished and job.name not in running
+                 and job.name not in failed and all(d in finished for d in job.deps)]
         starting = ready[:max(0, parallel - len(running))]
         for job in starting:
             n = threads or ((os.cpu_count() or 1) if len(running) + len(starting) == 1 else 1)
@@ -70,7 +72,7 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
         if not running:
             break
         time.sleep(0.5)
-    if failed:
-        print(f"job {failed} failed; see {log_dir / (failed + '.log')}; rerun the same command to resume",
+    for name in failed:
+        print(f"job {name} failed; see {log_dir / (name + '.log')}; rerun the same command to retry it",
               file=sys.stderr)
     return {"report": report, "failed": failed, "pending": [j.name for j in jobs if j.name not in finished]}

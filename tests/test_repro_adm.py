@@ -27,16 +27,17 @@ def test_jobs_run_after_their_deps_and_finished_jobs_are_skipped(tmp_path):
     jobs = [touch_job("b", tmp_path, ["a"], log.format("b")), touch_job("a", tmp_path, [], log.format("a")),
             touch_job("c", tmp_path, ["b"], log.format("c"))]
     result = run_jobs(jobs, tmp_path / "logs", parallel=2, verbose=False)
-    assert result["failed"] is None and order.read_text().split() == ["a", "b", "c"]
+    assert result["failed"] == [] and order.read_text().split() == ["a", "b", "c"]
     again = run_jobs(jobs, tmp_path / "logs", parallel=2, verbose=False)
     assert again["report"] == {} and order.read_text().split() == ["a", "b", "c"]   # nothing reran
 
 
-def test_a_failing_job_stops_its_dependents_and_is_reported(tmp_path):
-    jobs = [touch_job("a", tmp_path, [], "raise SystemExit(3)"), touch_job("b", tmp_path, ["a"])]
+def test_a_failing_job_stops_its_dependents_only_and_is_reported(tmp_path):
+    jobs = [touch_job("a", tmp_path, [], "raise SystemExit(3)"), touch_job("b", tmp_path, ["a"]),
+            touch_job("c", tmp_path, [])]
     result = run_jobs(jobs, tmp_path / "logs", parallel=1, verbose=False)
-    assert result["failed"] == "a" and result["pending"] == ["a", "b"]
-    assert not (tmp_path / "b.done").exists()
+    assert result["failed"] == ["a"] and result["pending"] == ["a", "b"]
+    assert not (tmp_path / "b.done").exists() and (tmp_path / "c.done").exists()
     with pytest.raises(ValueError, match="unknown jobs"):
         run_jobs([touch_job("x", tmp_path, ["nope"])], tmp_path / "logs")
 
