@@ -17,6 +17,7 @@ from export.contracts import ExportShapes, contracts_for, select_components
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
 from export.staging import check_target, staged_directory
+from runtime.faults import fault_point
 from runtime.staging import check_writable
 from export.validate import ExportValidationError, ValidationReport, validate_export
 from runtime.backends.ort_backend import parse_device
@@ -72,6 +73,7 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
             written = export_network(networks[name], contract, staging / name / "model.onnx", settings.opset,
                                      settings.seed)
             files[name] = written[0].relative_to(staging).as_posix()
+            fault_point("export:network-written")
         tokenizer_files = copy_tokenizer(source.path, staging) if spec.is_latent else []
         record = {**dataclasses.asdict(settings), "out": str(settings.out), "batch_sizes": list(shapes.batch_sizes),
                   "height": shapes.height, "width": shapes.width, "components": list(contracts)}

@@ -173,6 +173,9 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
         raise ToolkitError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
                            "pass one negative prompt, or one per prompt")
     expand = lambda items: [p for p in items for _ in range(per_prompt)]  # noqa: E731
+    if guidance_scale is not None and not float(guidance_scale) >= 0:  # also refuses NaN
+        raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale; 0-1 turns CFG off), "
+                           f"got {guidance_scale}")
     if spec.time_cond_proj_dim:
         guidance, scale = "embedding", LCM_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
     else:

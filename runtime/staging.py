@@ -17,6 +17,7 @@ import uuid
 from pathlib import Path
 
 from runtime.errors import ToolkitError
+from runtime.faults import fault_point
 
 
 def check_writable(path: str | os.PathLike, option: str = "--out", *, parent: bool = False) -> None:
@@ -74,6 +75,7 @@ def swap_in(staging: Path, out: Path) -> None:
     if out.exists():
         previous = out.with_name(f".{out.name}.previous-{os.getpid()}-{uuid.uuid4().hex[:8]}")
         out.rename(previous)
+        fault_point("swap:moved-aside")
     try:
         staging.rename(out)
     except BaseException:

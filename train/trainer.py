@@ -51,6 +51,7 @@ import torch
 from diffusers.training_utils import EMAModel
 
 from runtime.errors import ToolkitError
+from runtime.faults import fault_point
 from runtime.staging import swap_in as _replace_dir  # move aside, rename, delete; restores on failure
 from train.batch_order import StepBatchSampler, derive_seed
 from train.run_lock import run_lock
@@ -246,7 +247,9 @@ class Trainer:
                 torch.save(obj.state_dict(), tmp / f"{STATE_FILE}{index}.pt")
             state = {"step": step, "optimizer_steps": self.optimizer_steps, "config": self.config.to_json()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
+            fault_point("train:checkpoint-staged")
             _replace_dir(tmp, final)
+            fault_point("train:after-checkpoint")
         acc.wait_for_everyone()
         return final
 
@@ -409,6 +412,7 @@ class Trainer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
             export(model, tmp)
+            fault_point("train:model-staged")
             _replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
