@@ -134,3 +134,34 @@ def compare(model: list[str] = typer.Option(..., help="NAME=PATH (diffusers dir 
     args = dict(locals())
     from eval.cli_runs import compare_command
     compare_command(**args)
+
+
+@app.command()
+@handles_errors
+def adherence(model: str = typer.Argument(..., help="A text-to-image model trained on captioned Fashion-MNIST "
+                                          "(diffusers dir or export dir)."),
+              steps: str = typer.Option("1,2,4,8", help="Comma-separated step counts."),
+              per_class: int = typer.Option(100, help="Images per class prompt (seeds SEED..SEED+N-1)."),
+              sampler: Optional[str] = typer.Option(None, help="Sampler (default: the model's)."),
+              guidance_scale: Optional[float] = typer.Option(None, help="LCM w / CFG scale (default: the model's)."),
+              backend: str = typer.Option("torch", help="torch | onnxruntime"),
+              device: str = DEVICE, seed: int = SEED,
+              out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here.")) -> None:
+    """Prompt adherence: how often the shipped Fashion-MNIST classifier sees the class each prompt names."""
+    from eval.adherence import AdherenceConfig, run_adherence
+    from eval.classifier import FashionClassifierFeatures
+    from eval.commands import console, versions
+    from eval.generate import parse_int_list
+    from runtime.staging import check_writable, write_json
+    if out is not None:
+        check_writable(out, parent=True)
+    config = AdherenceConfig(model=model, steps=tuple(parse_int_list(steps, "steps")), per_class=per_class, seed=seed,
+                             sampler=sampler, guidance_scale=guidance_scale, backend=backend, device=device)
+    classifier = FashionClassifierFeatures(device="cpu")
+    rows = run_adherence(config, classifier)
+    for row in rows:
+        console.print(f"{row['steps']} steps: accuracy {row['accuracy']:.3f} ± {row['accuracy_sem']:.3f} "
+                      f"({row['num']} images, {row['seconds']} s)")
+    if out is not None:
+        write_json(out, {"results": rows, "config": config.__dict__, "classifier": classifier.describe(),
+                         "versions": versions()})

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from train.fashion_captions import CLASS_PHRASES, caption, class_prompts, labels_of
+from eval.fashion_prompts import CLASS_PHRASES, caption, class_prompts, labels_of
 
 FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 needs_fashion = pytest.mark.skipif(not FASHION.is_file(),
@@ -87,3 +87,24 @@ def test_teacher_with_a_missing_vae_is_one_clear_error(chain, tmp_path):
     result = CliRunner().invoke(app, ["train", "teacher", "--data", f"{root / 'data'}/*.tar", "--vae",
                                       str(tmp_path / "none"), "--out", str(tmp_path / "t")])
     assert result.exit_code == 2 and "is not an AutoencoderKL directory" in result.output
+
+
+@needs_fashion
+def test_adherence_counts_the_classifier_agreeing_with_each_class_prompt(chain, tmp_path):
+    from eval.adherence import AdherenceConfig, run_adherence
+    from eval.fashion_prompts import class_prompts
+
+    class Oracle:  # stands in for the classifier: 'sees' class 3 in every image
+        def predict(self, images):
+            return np.full(len(images), 3)
+
+    root, _ = chain
+    rows = run_adherence(AdherenceConfig(model=str(root / "teacher/model"), steps=(1,), per_class=2, device="cpu"),
+                         Oracle())
+    assert rows[0]["accuracy"] == 0.1 and rows[0]["num"] == 20   # right for the dress prompt only
+    assert rows[0]["per_class"][class_prompts()[3]] == 1.0
+    from toolkit import app
+    result = CliRunner().invoke(app, ["eval", "adherence", str(root / "teacher/model"), "--steps", "1",
+                                      "--per-class", "2", "--device", "cpu", "--out", str(tmp_path / "a.json")])
+    assert result.exit_code == 0, result.output
+    assert 0 <= json.loads((tmp_path / "a.json").read_text())["results"][0]["accuracy"] <= 1

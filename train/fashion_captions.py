@@ -11,30 +11,8 @@ import io
 import tarfile
 from pathlib import Path
 
-import numpy as np
-
+from eval.fashion_prompts import caption
 from runtime.errors import ToolkitError
-
-# What each Fashion-MNIST class is called in a caption (the data set's own names are "T-shirt/top", ...).
-CLASS_PHRASES = ("t-shirt", "pair of trousers", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
-                 "ankle boot")
-TEMPLATES = ("a photo of {a} {c}", "a black and white picture of {a} {c}", "{a} {c}", "a product photo of {a} {c}",
-             "a grayscale image of {a} {c}", "a picture of {a} {c} on a black background", "a small photo of {a} {c}",
-             "a low resolution photo of {a} {c}")
-
-
-def article(phrase: str) -> str:
-    return "an" if phrase[0] in "aeiou" else "a"
-
-
-def caption(label: int, index: int) -> str:
-    phrase = CLASS_PHRASES[label]
-    return TEMPLATES[index % len(TEMPLATES)].format(a=article(phrase), c=phrase)
-
-
-def class_prompts() -> list[str]:
-    """One prompt per class, in label order ("a photo of a t-shirt", ...): what prompt adherence is measured on."""
-    return [TEMPLATES[0].format(a=article(p), c=p) for p in CLASS_PHRASES]
 
 
 def write_shards(out: Path, *, split: str = "train", num: int | None = None, resolution: int = 32,
@@ -70,13 +48,6 @@ def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
     info.size = len(data)
     info.mtime = 0  # reproducible bytes: the latent cache and fingerprints key on them
     tar.addfile(info, io.BytesIO(data))
-
-
-def labels_of(captions: list[str]) -> np.ndarray:
-    """The class index each caption names (-1 when none), longest phrase first ("shirt" is in "t-shirt")."""
-    order = sorted(range(len(CLASS_PHRASES)), key=lambda k: -len(CLASS_PHRASES[k]))
-    found = [next((k for k in order if CLASS_PHRASES[k] in c), -1) for c in captions]
-    return np.asarray(found, dtype=np.int64)
 
 
 def register(app) -> None:
