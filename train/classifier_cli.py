@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from runtime.errors import ToolkitError, handles_errors
+from train.cli_options import DEVICE, RESUME, SAVE_EVERY, SEED, report
 
 WEIGHTS_NAME = "fmnist-classifier.safetensors"
 
@@ -95,13 +96,14 @@ def register(app: typer.Typer) -> None:
                    max_steps: int = typer.Option(3000, help="Training steps (batches)."),
                    batch_size: int = typer.Option(128, help="Images per step."),
                    lr: float = typer.Option(2e-3, help="AdamW learning rate."),
-                   seed: int = typer.Option(0, help="Seeds the init, data order and augmentation."),
-                   save_every: int = typer.Option(500, help="Steps between checkpoints."),
-                   resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-                   device: str = typer.Option("auto", help="auto | cpu | cuda.")) -> None:
+                   seed: int = SEED,
+                   save_every: int = SAVE_EVERY,
+                   resume: bool = RESUME,
+                   device: str = DEVICE) -> None:
         """Train the Fashion-MNIST classifier used for classifier FID and prompt adherence (toolkit eval)."""
         result = train_classifier(out=out, max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed,
                                   save_every=save_every, resume=resume, device=device)
-        card = json.loads((result.model_dir / WEIGHTS_NAME).with_suffix(".json").read_text())
-        typer.echo(f"trained {result.step} steps; test accuracy {card['test_accuracy']:.4f}; "
-                   f"weights: {result.model_dir / WEIGHTS_NAME}")
+        if result.model_dir is not None:
+            card = json.loads((result.model_dir / WEIGHTS_NAME).with_suffix(".json").read_text())
+            typer.echo(f"test accuracy {card['test_accuracy']:.4f}")
+        report(result, "weights")

@@ -16,6 +16,7 @@ from pathlib import Path
 import typer
 
 from runtime.errors import ToolkitError, handles_errors
+from train.cli_options import DEVICE, RESUME, SAVE_EVERY, SEED, report
 
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
@@ -128,13 +129,12 @@ def register(app: typer.Typer) -> None:
                 lr: float = typer.Option(3e-4, help="AdamW learning rate."),
                 caption_dropout: float = typer.Option(0.1, help="Probability of training on the empty caption (CFG)."),
                 ema_decay: float = typer.Option(0.999, help="EMA decay of the exported weights."),
-                seed: int = typer.Option(0, help="Seeds init, data order, timesteps, noise and dropout."),
-                save_every: int = typer.Option(500, help="Steps between checkpoints."),
-                resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-                device: str = typer.Option("auto", help="auto | cpu | cuda.")) -> None:
+                seed: int = SEED,
+                save_every: int = SAVE_EVERY,
+                resume: bool = RESUME,
+                device: str = DEVICE) -> None:
         """Train a small text-to-image teacher (UNet + CLIP text encoder, jointly) on VAE latents."""
         result = train_teacher(data=data, vae=vae, out=out, resolution=resolution, max_steps=max_steps,
                                batch_size=batch_size, lr=lr, caption_dropout=caption_dropout, ema_decay=ema_decay,
                                seed=seed, save_every=save_every, resume=resume, device=device)
-        typer.echo(f"trained {result.step} steps; teacher pipeline: {result.model_dir}" if result.model_dir else
-                   f"stopped at step {result.step}; continue with --resume")
+        report(result, "teacher pipeline")

@@ -14,6 +14,7 @@ from pathlib import Path
 import typer
 
 from runtime.errors import ToolkitError, handles_errors
+from train.cli_options import DEVICE, RESUME, SAVE_EVERY, SEED, report
 
 VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
                   layers_per_block=1, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 3,
@@ -101,12 +102,11 @@ def register(app: typer.Typer) -> None:
             batch_size: int = typer.Option(64, help="Images per step."),
             lr: float = typer.Option(1e-3, help="AdamW learning rate."),
             kl_weight: float = typer.Option(1e-6, help="Weight of the KL term (per element)."),
-            seed: int = typer.Option(0, help="Seeds init, data order and latent samples."),
-            save_every: int = typer.Option(500, help="Steps between checkpoints."),
-            resume: bool = typer.Option(False, "--resume", help="Continue the run in --out."),
-            device: str = typer.Option("auto", help="auto | cpu | cuda.")) -> None:
+            seed: int = SEED,
+            save_every: int = SAVE_EVERY,
+            resume: bool = RESUME,
+            device: str = DEVICE) -> None:
         """Train the small AutoencoderKL of the offline text-to-image demo pipeline."""
         result = train_vae(data=data, out=out, resolution=resolution, max_steps=max_steps, batch_size=batch_size,
                            lr=lr, kl_weight=kl_weight, seed=seed, save_every=save_every, resume=resume, device=device)
-        typer.echo(f"trained {result.step} steps; VAE: {result.model_dir}" if result.model_dir else
-                   f"stopped at step {result.step}; continue with --resume")
+        report(result, "VAE")
