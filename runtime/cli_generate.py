@@ -12,6 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from runtime.default_model import default_model
 from runtime.errors import ToolkitError
 from runtime.fingerprint import model_sha256
+from runtime.generation import GenerationRequest
 from runtime.images import reserve_new_path, save_png
 from runtime.pipeline import Pipeline, PromptTruncatedWarning
 from runtime.staging import check_writable
@@ -32,6 +33,9 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
     if Path(out).exists() and not Path(out).is_dir():  # fail before the slow part, not when writing
         raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs")
     check_writable(out)
+    GenerationRequest.precheck(steps=steps, nfe=nfe, sampler=sampler, num_images=num_images, seed=seed,
+                               batch_size=batch_size, eps_scale=eps_scale, guidance_scale=guidance_scale,
+                               height=height, width=width)
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}) on {pipe.backend.describe()}")
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

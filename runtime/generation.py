@@ -69,6 +69,24 @@ class GenerationRequest:
         return [f"prompt {i + 1} has {n} tokens; the text encoder reads only the first {max_length} "
                 f"({self.prompts[i][:40]!r}...)" for i, n in self.truncated_prompts.items()]
 
+    @staticmethod
+    def precheck(*, steps=None, nfe=None, sampler=None, num_images=None, seed=None, batch_size=None,
+                 eps_scale=None, guidance_scale=None, height=None, width=None) -> None:
+        """The checks that need no model (sampler name, counts, seed, scales), so a caller can run them before a
+        model loads; ``build`` repeats them with the model's defaults filled in."""
+        if sampler is not None:
+            get_sampler(sampler)
+        _steps(steps, nfe, sampler or "ddim")
+        for value, name in ((num_images, "num_images"), (batch_size, "batch_size"), (height, "height"),
+                            (width, "width")):  # sizes: the model's multiple is checked once it is known
+            if value is not None:
+                _positive(value, name)
+        seeds_for(1, seed)
+        if eps_scale is not None and not float(eps_scale) > 0:
+            raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {eps_scale}")
+        if guidance_scale is not None and not float(guidance_scale) >= 0:
+            raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale), got {guidance_scale}")
+
     @classmethod
     def build(cls, pipe: "Pipeline", *, prompts, num_images, steps, nfe, seed, seeds, sampler, guidance_scale,
               negative_prompt, height, width, class_labels, eps_scale, batch_size, sampler_options):

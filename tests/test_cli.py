@@ -168,3 +168,16 @@ def test_an_unwritable_out_fails_before_any_model_loads(tiny_lcm_dir, tmp_path, 
     assert result.exit_code == 2, result.output
     assert "error:" in result.stderr and "Traceback" not in result.output + result.stderr
     assert "cannot write" in result.stderr or "does not exist" in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--steps", "0"], "at least 1"), (["--sampler", "euler"], "unknown sampler"),
+    (["--num-images", "0"], "num_images must be at least 1"), (["--seed", "-2"], "non-negative"),
+    (["--batch-size", "0"], "batch_size must be at least 1"), (["--eps-scale", "-1"], "positive"),
+    (["--guidance-scale", "-3"], "guidance_scale must be >= 0"), (["--height", "0"], "height must be at least 1"),
+])
+def test_cheap_arguments_fail_before_the_model_loads(tmp_path, args, message, monkeypatch):
+    """The model path does not exist: each bad argument must be reported before anything tries to load it."""
+    result = _run("generate", "x", "--model", tmp_path / "never-loaded", "--out", tmp_path / "o", *args)
+    assert result.exit_code == 2 and message in result.stderr, result.stderr
+    assert "never-loaded" not in result.stderr
