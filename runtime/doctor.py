@@ -43,7 +43,8 @@ def _ort_rows() -> list[tuple[str, str, str]]:
 
 def _plain_rows() -> list[tuple[str, str, str]]:
     rows = []
-    for module, dist, hint in (("tensorrt", "tensorrt", "pip install -e '.[tensorrt]' (in the toolkit's checkout) (NVIDIA GPU)"),
+    tensorrt_hint = "pip install -e '.[tensorrt]' (in the toolkit's checkout; NVIDIA GPU)"
+    for module, dist, hint in (("tensorrt", "tensorrt", tensorrt_hint),
                                ("diffusers", "diffusers", ""), ("transformers", "transformers", ""),
                                ("onnx", "onnx", ""), ("polygraphy", "polygraphy", ""),
                                ("open_clip", "open_clip_torch", ""), ("accelerate", "accelerate", "")):

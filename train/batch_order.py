@@ -67,3 +67,13 @@ class StepBatchSampler:
 
     def __len__(self) -> int:
         return max(0, self.max_steps - self.start_step) * self.grad_accum
+
+
+def to_device(batch, device: torch.device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch

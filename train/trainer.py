@@ -25,10 +25,9 @@ API (nothing in here knows about diffusion; objectives bring the maths)::
   noise from it, so a step's randomness does not depend on what ran before it (exact resume).
 - Devices: ``device`` auto|cpu|cuda (cuda without a GPU is a ToolkitError), ``mixed_precision``
   no|fp16|bf16 through accelerate. Multi-GPU: ``accelerate launch -m toolkit train adm ...``.
-- Run directory: ``config.json``, ``metrics.jsonl`` (+ ``tensorboard/`` if tensorboard is
-  installed), ``checkpoints/step-N/`` (accelerate ``save_state``: model, optimizer, RNG states, plus
-  the LR scheduler, EMA and a stateful objective as registered objects, and ``trainer_state.json``),
-  written into ``.step-N.tmp`` and renamed; ``model/``, the final export.
+- Run directory: ``config.json``, ``metrics.jsonl`` (+ ``tensorboard/``), ``.lock`` while running,
+  ``checkpoints/step-N/`` (accelerate ``save_state`` + ``trainer_object_N.pt`` (train/trainer_state.py) +
+  ``trainer_state.json``, written into ``.step-N.tmp`` and renamed); ``model/``, the final export.
 - ``resume=True`` continues from the latest checkpoint bitwise (same data order, RNG, optimizer); a
   different seed, batch_size or grad_accum than the checkpoint's is a ToolkitError (``max_steps`` may grow).
   SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns ``interrupted=True``.
@@ -48,17 +47,17 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from diffusers.training_utils import EMAModel
 
 from runtime.errors import ToolkitError
 from runtime.faults import fault_point
 from runtime.staging import swap_in as _replace_dir  # move aside, rename, delete; restores on failure
-from train.batch_order import StepBatchSampler, derive_seed
+from train.batch_order import StepBatchSampler, derive_seed, to_device
 from train.run_lock import run_lock
 from train.run_log import MetricsLog, StepProgress, truncate_metrics
+from train.trainer_state import (ConstantDecayEMA, Counters, EMAModel, load_states, migrate_legacy_states,
+                                 save_states)
 
 CHECKPOINTS = "checkpoints"
-STATE_FILE = "trainer_object_"   # + index + .pt: LR scheduler, EMA, counters, objective (loaded weights_only)
 MODEL_DIR = "model"
 
 
@@ -90,13 +89,6 @@ class TrainerConfig:
 
     def to_json(self) -> dict[str, Any]:
         return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
-
-
-class ConstantDecayEMA(EMAModel):
-    """diffusers' EMAModel without its warm-up: every update uses ``decay`` (its checkpointing is kept)."""
-
-    def get_decay(self, optimization_step: int) -> float:
-        return self.decay
 
 
 class Objective(Protocol):
@@ -192,25 +184,10 @@ class Trainer:
             ema_class = EMAModel if cfg.ema_warmup else ConstantDecayEMA
             self.ema = ema_class(self.accelerator.unwrap_model(self.model).parameters(), decay=cfg.ema_decay)
             self.ema.to(self.accelerator.device)
-        # Saved and loaded here, not through accelerate's register_for_checkpointing: accelerate loads those
-        # files with weights_only=False, so a crafted custom_checkpoint_N.pkl in a run directory would run code
-        # on --resume. Files trainer_object_N.pt; checkpoints written by accelerate's hook (custom_checkpoint_N.pkl,
-        # same order) are renamed on resume (accelerate refuses a folder with files it did not register).
-        self._stateful = [self.lr_scheduler, *([self.ema] if self.ema is not None else []), self._Counters(self)]
+        # Checkpointed by train/trainer_state.py (safe loading), not accelerate's register_for_checkpointing.
+        self._stateful = [self.lr_scheduler, *([self.ema] if self.ema is not None else []), Counters(self)]
         if hasattr(objective, "state_dict") and hasattr(objective, "load_state_dict"):
             self._stateful.append(objective)
-
-    class _Counters:
-        """Checkpoints the trainer's own counters through accelerate's custom-object hook."""
-
-        def __init__(self, trainer: "Trainer"):
-            self.trainer = trainer
-
-        def state_dict(self) -> dict[str, int]:
-            return {"optimizer_steps": self.trainer.optimizer_steps}
-
-        def load_state_dict(self, state: dict[str, int]) -> None:
-            self.trainer.optimizer_steps = int(state["optimizer_steps"])
 
     # ---- the optimizer step ------------------------------------------------------------------
     def optimizer_step(self) -> None:
@@ -243,8 +220,7 @@ class Trainer:
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
         if acc.is_main_process:
-            for index, obj in enumerate(self._stateful):
-                torch.save(obj.state_dict(), tmp / f"{STATE_FILE}{index}.pt")
+            save_states(self._stateful, tmp)
             state = {"step": step, "optimizer_steps": self.optimizer_steps, "config": self.config.to_json()}
             (tmp / "trainer_state.json").write_text(json.dumps(state, indent=2))
             fault_point("train:checkpoint-staged")
@@ -260,12 +236,10 @@ class Trainer:
         step, path = found
         self._check_resumable(json.loads((path / "trainer_state.json").read_text())["config"])
         if self.accelerator.is_main_process:
-            for legacy in path.glob("custom_checkpoint_*.pkl"):
-                legacy.rename(path / f"{STATE_FILE}{legacy.stem.rsplit('_', 1)[1]}.pt")
+            migrate_legacy_states(path)
         self.accelerator.wait_for_everyone()
         self.accelerator.load_state(str(path))
-        for index, obj in enumerate(self._stateful):
-            obj.load_state_dict(_load_plain(path / f"{STATE_FILE}{index}.pt"))
+        load_states(self._stateful, path)
         if self.ema is not None:
             self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
         return step
@@ -348,7 +322,7 @@ class Trainer:
                           optimizer_steps=self.optimizer_steps, images_per_s=progress.images_per_s)
 
             while step < cfg.max_steps:
-                micro = [_to_device(next(batches), acc.device) for _ in range(cfg.grad_accum)]
+                micro = [to_device(next(batches), acc.device) for _ in range(cfg.grad_accum)]
                 self.model.train()
                 metrics = objective(StepContext(self, step), micro)
                 step += 1
@@ -416,30 +390,3 @@ class Trainer:
             _replace_dir(tmp, final)
         acc.wait_for_everyone()
         return final
-
-
-def _load_plain(path: Path):
-    """A torch-saved state of tensors and plain values, loaded with weights_only=True (accelerate's ``load`` adds
-    its numpy allow-list): anything else in the file is refused, never executed."""
-    import pickle
-
-    from accelerate.utils import load
-    try:
-        return load(path, map_location="cpu")
-    except (pickle.UnpicklingError, RuntimeError, AttributeError) as exc:
-        raise ToolkitError(f"checkpoint file {path} holds something other than tensors and plain values, so it was "
-                           f"not written by this trainer and is not loaded ({str(exc).splitlines()[0][:120]}); "
-                           "delete that checkpoint or start a new --out") from None
-    except FileNotFoundError:
-        raise ToolkitError(f"checkpoint {path.parent} is incomplete ({path.name} is missing); delete it to resume "
-                           "from the one before") from None
-
-
-def _to_device(batch, device: torch.device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(_to_device(v, device) for v in batch)
-    return batch
