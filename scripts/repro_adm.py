@@ -18,14 +18,12 @@ Stages (each a job; a rerun of the same command skips finished jobs and resumes 
 """
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
-from scripts.study_runner import Job, run_jobs  # noqa: E402
+from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
 
 CLF = "fmnist-classifier"
 
@@ -44,10 +42,6 @@ QUICK = dict(
     adv_steps=3, nfes=(2, 4), base_nfes=(6,), seeds=(0, 1000, 2000), num=64,
     inception=dict(nfe=4, num=8), es=dict(lambdas=(1.0, 1.02), num=32, nfe=4, seed=9000),
     compare=dict(nfe=4, num=32), grid=dict(nfes=(2, 4), count=16), save_every=0, ref_num=200)
-
-
-def toolkit(*args) -> list[str]:
-    return [sys.executable, "-m", "toolkit", *map(str, args)]
 
 
 def this_script(*args) -> list[str]:
@@ -146,28 +140,11 @@ def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    sub = sys.argv[1] if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_") else None
-    if sub:  # internal stages, run by the jobs
+    config_for = lambda quick: QUICK if quick else FULL  # noqa: E731
+    if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
         from scripts import adm_study_stages
-        return adm_study_stages.main(sys.argv[1:], config_for=lambda quick: QUICK if quick else FULL)
-    parser.add_argument("--out", type=Path, required=True, help="Study directory (runs, caches, report).")
-    parser.add_argument("--quick", action="store_true", help="Tiny budgets: every stage, in minutes.")
-    parser.add_argument("--jobs", type=int, default=2, help="Commands run at once.")
-    parser.add_argument("--threads", type=int, default=0,
-                        help="Torch threads per command (0: all cores for a job that runs alone, else one).")
-    parser.add_argument("--list", action="store_true", help="List the jobs and whether each is done.")
-    args = parser.parse_args(argv)
-    jobs = build_jobs(args.out.resolve(), args.quick)
-    if args.list:
-        for job in jobs:
-            print(f"{'done' if job.done.exists() else '    '}  {job.name}")
-        return 0
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps({"quick": args.quick, "config": QUICK if args.quick else FULL},
-                                                    indent=2))
-    result = run_jobs(jobs, args.out / "logs", parallel=args.jobs, threads=args.threads)
-    return 1 if result["failed"] else 0
+        return adm_study_stages.main(sys.argv[1:], config_for=config_for)
+    return study_main(argv, __doc__.splitlines()[0], build_jobs, config_for)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ the same commands.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import os
@@ -76,3 +77,31 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
         print(f"job {name} failed; see {log_dir / (name + '.log')}; rerun the same command to retry it",
               file=sys.stderr)
     return {"report": report, "failed": failed, "pending": [j.name for j in jobs if j.name not in finished]}
+
+
+def toolkit(*args) -> list[str]:
+    """A ``toolkit`` command line run by this interpreter (the study's venv), arguments as strings."""
+    return [sys.executable, "-m", "toolkit", *map(str, args)]
+
+
+def study_main(argv: list[str] | None, description: str, build_jobs: Callable[[Path, bool], list[Job]],
+               config_for: Callable[[bool], dict]) -> int:
+    """The command line every study script shares: --out, --quick, --jobs, --threads, --list."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", type=Path, required=True, help="Study directory (runs, caches, report).")
+    parser.add_argument("--quick", action="store_true", help="Tiny budgets: every stage, in minutes.")
+    parser.add_argument("--jobs", type=int, default=2, help="Commands run at once.")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="Torch threads per command (0: all cores for a job that runs alone, else one).")
+    parser.add_argument("--list", action="store_true", help="List the jobs and whether each is done.")
+    args = parser.parse_args(argv)
+    jobs = build_jobs(args.out.resolve(), args.quick)
+    if args.list:
+        for job in jobs:
+            print(f"{'done' if job.done.exists() else '    '}  {job.name}")
+        return 0
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "study.json").write_text(json.dumps({"quick": args.quick, "config": config_for(args.quick)},
+                                                    indent=2))
+    result = run_jobs(jobs, args.out / "logs", parallel=args.jobs, threads=args.threads)
+    return 1 if result["failed"] else 0

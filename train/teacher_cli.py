@@ -21,7 +21,7 @@ from train.cli_options import DEVICE, RESUME, SAVE_EVERY, SEED, report
 TEXT_CONFIG = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
                    max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
                    projection_dim=64)
-UNET_CONFIG = dict(in_channels=4, out_channels=4, block_out_channels=(64, 128), layers_per_block=2,
+UNET_CONFIG = dict(in_channels=4, out_channels=4, block_out_channels=(64, 64), layers_per_block=1,
                    norm_num_groups=32, cross_attention_dim=64, attention_head_dim=8,
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
                    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))

@@ -16,8 +16,8 @@ import typer
 from runtime.errors import ToolkitError, handles_errors
 from train.cli_options import DEVICE, RESUME, SAVE_EVERY, SEED, report
 
-VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(32, 64, 64),
-                  layers_per_block=1, norm_num_groups=16, down_block_types=("DownEncoderBlock2D",) * 3,
+VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(16, 32, 32),
+                  layers_per_block=1, norm_num_groups=8, down_block_types=("DownEncoderBlock2D",) * 3,
                   up_block_types=("UpDecoderBlock2D",) * 3)
 
 
