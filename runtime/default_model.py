@@ -10,6 +10,7 @@ from runtime.errors import ToolkitError
 
 ENV_VAR = "TOOLKIT_MODEL"
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "default"
+BUNDLED_TEACHER = BUNDLED.parent / "default-teacher"   # what 'toolkit train lcm-at' distils by default
 
 
 def default_model() -> str:

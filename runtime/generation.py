@@ -194,6 +194,8 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
     if guidance_scale is not None and not float(guidance_scale) >= 0:  # also refuses NaN
         raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale; 0-1 turns CFG off), "
                            f"got {guidance_scale}")
+    if guidance_scale is None and spec.default_guidance_scale is not None:
+        guidance_scale = spec.default_guidance_scale
     if spec.time_cond_proj_dim:
         guidance, scale = "embedding", LCM_DEFAULT_GUIDANCE if guidance_scale is None else float(guidance_scale)
     else:

@@ -49,7 +49,7 @@ def open_model(model: str | os.PathLike) -> ModelSource:
 def resolve_model_path(model: str | os.PathLike) -> Path:
     path = Path(model).expanduser()
     if path.is_dir():
-        return path
+        return _model_of_run(path)
     if path.exists():
         raise ToolkitError(f"model '{model}' is a file; pass a diffusers model directory or an export directory")
     text = str(model)
@@ -57,6 +57,14 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
         return _from_hub(text)
     raise ToolkitError(f"model path '{model}' does not exist; pass a diffusers directory, an export directory "
                        "or a Hugging Face hub id like SimianLuo/LCM_Dreamshaper_v7")
+
+
+def _model_of_run(path: Path) -> Path:
+    """A training run directory (``runs/NAME``, whose ``model/`` is the exported pipeline) stands for its model."""
+    if (path / "model_index.json").exists() or (path / MANIFEST).exists() or (path / "config.json").exists():
+        return path
+    inner = path / "model"
+    return inner if (inner / "model_index.json").exists() or (inner / "config.json").exists() else path
 
 
 def _from_hub(repo_id: str) -> Path:

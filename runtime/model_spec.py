@@ -41,6 +41,7 @@ class ModelSpec:
     vae_latent_channels: int | None = None
     tokenizer_max_length: int | None = None
     text_hidden_size: int | None = None
+    default_guidance_scale: float | None = None  # from toolkit.json (a model trained for its own w range)
 
     @property
     def is_latent(self) -> bool:
@@ -139,4 +140,21 @@ def _text_to_image_spec(root: Path, sched: Path) -> ModelSpec:
                      vae_scale_factor=2 ** (len(vae["block_out_channels"]) - 1),
                      vae_scaling_factor=float(vae.get("scaling_factor", 0.18215)),
                      vae_latent_channels=vae["latent_channels"], tokenizer_max_length=int(max_len),
-                     text_hidden_size=text.get("hidden_size"), **_unet_fields(_read_json(root / "unet" / "config.json")))
+                     text_hidden_size=text.get("hidden_size"), default_guidance_scale=_default_guidance(root),
+                     **_unet_fields(_read_json(root / "unet" / "config.json")))
+
+
+GENERATION_DEFAULTS = "toolkit.json"
+
+
+def _default_guidance(root: Path) -> float | None:
+    """A model's own default guidance scale: ``toolkit.json``'s {"generation": {"guidance_scale": x}}, written by
+    ``toolkit train lcm`` / ``teacher`` (a model distilled for w in [1, 3] is sampled at 3, not LCM-Dreamshaper's
+    8.5). Models without the file use the runtime's defaults."""
+    if not (root / GENERATION_DEFAULTS).is_file():
+        return None
+    value = _read_json(root / GENERATION_DEFAULTS).get("generation", {}).get("guidance_scale")
+    if value is not None and not (isinstance(value, (int, float)) and value >= 0):
+        raise ModelFormatError(f"{root / GENERATION_DEFAULTS}: generation.guidance_scale must be a number >= 0, "
+                               f"got {value!r}")
+    return None if value is None else float(value)

@@ -6,14 +6,12 @@ sampling seeds), fid_vs_nfe.png, grid-<model>-nfe<N>.png, and the training budge
 """
 from __future__ import annotations
 
-import csv
-import io
 import json
-import statistics
 from pathlib import Path
 
 from scripts import repro_adm as study
 from scripts.repro_adm import CLF
+from scripts.study_report_common import cell_text, mean_std, run_summary, tile, write_csv
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
@@ -35,16 +33,7 @@ def aggregate(rows: list[dict]) -> dict:
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["features"], row["model"], row["sampler"], row["nfe"]), []).append(row)
-    return {key: {"mean": statistics.fmean(r["fid"] for r in group),
-                  "std": statistics.stdev([r["fid"] for r in group]) if len(group) > 1 else None,
-                  "n_seeds": len(group), "num": group[0]["num"]}
-            for key, group in groups.items()}
-
-
-def _cell_text(stat: dict | None) -> str:
-    if stat is None:
-        return "–"
-    return f"{stat['mean']:.2f}" + (f" ± {stat['std']:.2f}" if stat["std"] is not None else "")
+    return {key: {**mean_std([r["fid"] for r in group]), "num": group[0]["num"]} for key, group in groups.items()}
 
 
 def table_markdown(agg: dict, features: str) -> list[str]:
@@ -54,7 +43,7 @@ def table_markdown(agg: dict, features: str) -> list[str]:
     lines = ["| method | " + " | ".join(f"{SAMPLER_LABELS[s]} {n}" for s, n in columns) + " |",
              "|---|" + "---|" * len(columns)]
     for model in study.MODELS:
-        cells = [_cell_text(agg.get((features, model, s, n))) for s, n in columns]
+        cells = [cell_text(agg.get((features, model, s, n))) for s, n in columns]
         if any(c != "–" for c in cells):
             lines.append(f"| {study.LABELS[model]} | " + " | ".join(cells) + " |")
     sample = next(iter(agg[k] for k in keys), None)
@@ -66,26 +55,7 @@ def table_markdown(agg: dict, features: str) -> list[str]:
 
 
 def training_summary(out: Path) -> list[dict]:
-    """Per run: batches, optimizer steps, wall time (sum of the metric-log intervals, so pauses between
-    resumed sessions do not count) and the options from training.json."""
-    summary = []
-    for model in study.MODELS:
-        run = out / "runs" / model
-        lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (
-            run / "metrics.jsonl").is_file() else []
-        times = [x["time"] for x in lines]
-        wall = sum(b - a for a, b in zip(times, times[1:]) if 0 < b - a < 600)
-        record = run / "model" / "training.json"
-        options = json.loads(record.read_text())["options"] if record.is_file() else {}
-        summary.append({"model": model, "command": _command_name(record), "batches": lines[-1]["step"] if lines else 0,
-                        "optimizer_steps": lines[-1]["optimizer_steps"] if lines else 0,
-                        "wall_seconds": round(wall), "batch_size": options.get("batch_size"), "lr": options.get("lr"),
-                        "ema_decay": options.get("ema_decay")})
-    return summary
-
-
-def _command_name(record: Path) -> str | None:
-    return json.loads(record.read_text())["command"] if record.is_file() else None
+    return [run_summary(out / "runs" / model, model) for model in study.MODELS]
 
 
 def plot(agg: dict, path: Path) -> None:
@@ -114,19 +84,14 @@ def plot(agg: dict, path: Path) -> None:
 
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
     """count samples (DDIM, seeds 0..count-1) per model at each grid NFE, tiled 8 wide."""
-    import numpy as np
-    from PIL import Image
-
     from runtime.pipeline import Pipeline
     written = []
     for model in study.MODELS:
         with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
             for nfe in cfg["grid"]["nfes"]:
                 arrays = pipe(num_images=cfg["grid"]["count"], steps=nfe, sampler="ddim", seed=0).arrays
-                rows = [np.concatenate(list(arrays[i:i + 8]), axis=1) for i in range(0, len(arrays), 8)]
                 name = f"grid-{model}-nfe{nfe}.png"
-                Image.fromarray(np.concatenate(rows, axis=0).squeeze()).resize(
-                    (rows[0].shape[1] * 2, len(rows) * rows[0].shape[0] * 2), Image.NEAREST).save(report / name)
+                tile(arrays, 8).save(report / name)
                 written.append(name)
     return written
 
@@ -137,11 +102,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     report.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(out)
     agg = aggregate(rows)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    (report / "results.csv").write_text(buffer.getvalue())
+    write_csv(rows, CSV_COLUMNS, report / "results.csv")
     es = {m: json.loads(p.read_text()) for m in study.MODELS if (p := study.es_path(out, m)).is_file()}
     training = training_summary(out)
     lines = ["## Classifier FID", ""] + table_markdown(agg, CLF) + ["", "## Inception FID", ""]

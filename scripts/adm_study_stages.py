@@ -12,19 +12,8 @@ from pathlib import Path
 
 from scripts import repro_adm as study
 from scripts.repro_adm import CLF
-
-
-def _fid_rows(model: Path, ref, extractor, *, nfes, num, sampler, seed, eps_scale, cache: Path) -> list[dict]:
-    from eval.sample_fid import SampleFIDConfig, run_sample_fid
-    # batches of 100: the small UNet runs ~30% faster per image than at 500 on one CPU thread (cache-bound)
-    config = SampleFIDConfig(model=str(model), nfes=tuple(nfes), num=num, sampler=sampler, device="cpu", seed=seed,
-                             eps_scale=eps_scale, cache_dir=cache, chunk_size=500, batch_size=100)
-    return run_sample_fid(config, ref, extractor)
-
-
-def _extractor(features: str):
-    from eval.measure import make_extractor
-    return make_extractor(features, device="cpu")
+from scripts.study_fid import extractor as _extractor
+from scripts.study_fid import fid_rows as _fid_rows
 
 
 def pick_es(out: Path, model: str, cfg: dict) -> dict:

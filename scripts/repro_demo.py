@@ -24,17 +24,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from
 from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
 
 STUDENTS = ("lcm", "lcm-at")
+MODELS = ("teacher", *STUDENTS)
+CLF = "fmnist-classifier"
 
 FULL = dict(
     captions=None, vae=dict(steps=4000, batch=64, lr=1e-3), teacher=dict(steps=5000, batch=64, lr=3e-4, ema=0.999),
     distill=dict(opt_steps=1500, batch=32, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
                                                                                                max_norm=0.05),
-    save_every=250)
+    save_every=250, steps=(1, 2, 4, 8), teacher_steps=(25,), seeds=(0, 1_000_000, 2_000_000), num=10000,
+    inception=dict(num=5000), per_class=100, compare=dict(num=2000), ref_num=None)
 QUICK = dict(
     captions=256, vae=dict(steps=4, batch=8, lr=1e-3), teacher=dict(steps=4, batch=8, lr=3e-4, ema=0.9),
     distill=dict(opt_steps=4, batch=4, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
                                                                                           max_norm=0.05),
-    save_every=0)
+    save_every=0, steps=(1, 2), teacher_steps=(3,), seeds=(0, 1000, 2000), num=32, inception=dict(num=8),
+    per_class=2, compare=dict(num=16), ref_num=200)
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -76,12 +80,80 @@ def distill_command(out: Path, name: str, cfg: dict) -> list[str]:
                    "--save-every", cfg["save_every"], "--resume", "--log-every", 10, *adv)
 
 
+def ref_path(out: Path, features: str) -> Path:
+    return out / "refs" / f"{features}-test.npz"
+
+
+def fid_path(out: Path, features: str, model: str, seed: int) -> Path:
+    return out / "cells" / features / f"{model}-seed{seed}.json"
+
+
+def adherence_path(out: Path, model: str, seed: int) -> Path:
+    return out / "cells" / "adherence" / f"{model}-seed{seed}.json"
+
+
+def this_script(*args) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
+
+
+def evaluation_jobs(out: Path, cfg: dict, quick: bool) -> list[Job]:
+    """Reference statistics (Fashion-MNIST test split), then per model: adherence and classifier FID for each seed,
+    the Inception FID for the first seed; then the exports and the torch-vs-ONNX-Runtime comparison."""
+    q, num = ["--quick"] if quick else [], ["--num", cfg["ref_num"]] if cfg["ref_num"] else []
+    jobs = [Job(f"ref-{feat}", lambda f=feat: toolkit("eval", "stats", "fashion-mnist:test", "--features", f,
+                                                       "--device", "cpu", "--out", ref_path(out, f), "--cache",
+                                                       out / "cache" / f"ref-{f}", *num), ref_path(out, feat))
+            for feat in (CLF, "inception")]
+    first = cfg["seeds"][0]
+    for feat, seeds in ((CLF, cfg["seeds"]), ("inception", (first,))):
+        jobs += [Job(f"fid-{feat}-{m}-seed{s}", lambda m=m, s=s, f=feat: this_script(
+                     "_fid", "--out", out, "--model", m, "--features", f, "--seed", s, *q), fid_path(out, feat, m, s),
+                     (f"train-{m}", f"ref-{feat}")) for s in seeds for m in MODELS]
+    jobs += [Job(f"adherence-{m}-seed{s}", lambda m=m, s=s: this_script("_adherence", "--out", out, "--model", m,
+                                                                        "--seed", s, *q),
+                 adherence_path(out, m, s), (f"train-{m}",)) for s in cfg["seeds"] for m in MODELS]
+    return jobs + deployment_jobs(out, cfg)
+
+
+def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
+    """fp16 ONNX exports of both students, and ``toolkit eval compare`` torch vs ONNX Runtime at every step count."""
+    jobs = [Job(f"export-{m}", lambda m=m: toolkit("export", model_dir(out, m), "--fp16", "--out", out / "exports" / m),
+                out / "exports" / m / "manifest.json", (f"train-{m}",)) for m in STUDENTS]
+    prompts = out / "data" / "class-prompts.txt"
+    pairs = [(flag, f"{m.upper()}={where}") for m in STUDENTS
+             for flag, where in (("--model", model_dir(out, m)), ("--export", out / "exports" / m))]
+    command = toolkit("eval", "compare", *[x for pair in pairs for x in pair], "--backend", "torch", "--backend",
+                      "onnxruntime", "--steps", ",".join(map(str, cfg["steps"])), "--num", cfg["compare"]["num"],
+                      "--prompts", prompts, "--ref", ref_path(out, CLF), "--features", CLF, "--no-clip", "--device",
+                      "cpu", "--cache", out / "cache" / "compare", "--out", out / "compare")
+    return jobs + [Job("compare", lambda: command, out / "compare" / "record.json",
+                       (*(f"export-{m}" for m in STUDENTS), f"ref-{CLF}"))]
+
+
 def build_jobs(out: Path, quick: bool) -> list[Job]:
-    return training_jobs(out, QUICK if quick else FULL)
+    cfg = QUICK if quick else FULL
+    jobs = training_jobs(out, cfg) + evaluation_jobs(out, cfg, quick)
+    return jobs + [Job("report", lambda: this_script("_report", "--out", out, *(["--quick"] if quick else [])),
+                       out / "report" / "results.json", tuple(j.name for j in jobs))]
+
+
+def write_prompts(out: Path) -> None:
+    from eval.fashion_prompts import class_prompts
+    path = out / "data" / "class-prompts.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(class_prompts()) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    return study_main(argv, __doc__.splitlines()[0], build_jobs, lambda quick: QUICK if quick else FULL)
+    config_for = lambda quick: QUICK if quick else FULL  # noqa: E731
+    if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
+        from scripts import demo_study_stages
+        return demo_study_stages.main(sys.argv[1:], config_for=config_for)
+
+    def jobs(out: Path, quick: bool) -> list[Job]:
+        write_prompts(out)
+        return build_jobs(out, quick)
+    return study_main(argv, __doc__.splitlines()[0], jobs, config_for)
 
 
 if __name__ == "__main__":

@@ -22,14 +22,19 @@ def _option(kind, text: str):
     return Annotated[kind, typer.Option(help=text)]
 
 
-Teacher = _option(str, "Text-to-image teacher: a Stable-Diffusion-style diffusers directory or hub id.")
-Data = _option(str, "Image-caption pairs: a folder with metadata.jsonl (file_name, text) or "
-               "webdataset .tar shards (file, folder or glob).")
-Out = _option(Path, "Run directory: checkpoints/, metrics.jsonl, model/ (the distilled pipeline).")
-MaxSteps = _option(int, "Training steps (batches).")
-BatchSize = _option(int, "Global batch size (over processes and --grad-accum).")
+Teacher = _option(Optional[str], "Text-to-image teacher: a Stable-Diffusion-style diffusers directory or hub id "
+                  "(default: the bundled demo teacher, models/default-teacher).")
+Data = _option(Optional[str], "Image-caption pairs: a folder with metadata.jsonl (file_name, text) or "
+               "webdataset .tar shards (file, folder or glob); default: the data the teacher's toolkit.json names.")
+Out = _option(Optional[Path], "Run directory: checkpoints/, metrics.jsonl, model/ (the distilled pipeline); "
+              "default: runs/lcm or runs/lcm-at.")
+MaxSteps = _option(Optional[int], "Training steps (batches); default: the teacher's recipe (toolkit.json), "
+                   "else 1000.")
+BatchSize = _option(Optional[int], "Global batch size (over processes and --grad-accum); default: the "
+                    "teacher's recipe, else 8.")
 Resolution = _option(Optional[int], "Training image size; default: the teacher's native size.")
-Lr = _option(float, "AdamW learning rate (diffusers' README recipe for full LCD: 1e-6).")
+Lr = _option(Optional[float], "AdamW learning rate; default: the teacher's recipe, else 1e-6 (diffusers' "
+             "README recipe for full LCD of SD).")
 Device = _option(str, "auto | cpu | cuda (cuda without a GPU is an error).")
 Seed = _option(int, "Seed for data order, timesteps, noise, w and delta.")
 Resume = _option(bool, "Continue from the latest checkpoint in --out.")
@@ -40,8 +45,9 @@ Workers = _option(int, "DataLoader worker processes.")
 MaxGradNorm = _option(float, "Clip the gradient norm (0: off; diffusers: 1.0).")
 Warmup = _option(int, "Linear LR warm-up, in optimizer steps.")
 LogEvery = _option(int, "Steps between metrics.jsonl lines.")
-WMin = _option(float, "Smallest CFG weight w (Imagen form, eps_c + w (eps_c - eps_u)); sampled per sample.")
-WMax = _option(float, "Largest CFG weight w.")
+WMin = _option(Optional[float], "Smallest CFG weight w (Imagen form, eps_c + w (eps_c - eps_u)); sampled per "
+               "sample; default: the teacher's recipe, else 5.")
+WMax = _option(Optional[float], "Largest CFG weight w; default: the teacher's recipe, else 15.")
 Loss = _option(str, "Consistency distance: l2 | huber (pseudo-Huber).")
 HuberC = _option(float, "Pseudo-Huber c.")
 EmaDecay = _option(float, "EMA decay of the target network (LCM: 0.95).")
@@ -65,13 +71,13 @@ def register(app: typer.Typer) -> None:
 @dataclasses.dataclass
 class DistillOptions:
     """Everything ``lcm`` / ``lcm-at`` take; its defaults are the commands' defaults (see ``_signature``)."""
-    teacher: str
-    data: str
-    out: Path
-    max_steps: int = 1000
-    batch_size: int = 8
+    teacher: str | None = None        # None: resolved by train/distill_defaults.py
+    data: str | None = None
+    out: Path | None = None
+    max_steps: int | None = None
+    batch_size: int | None = None
     resolution: int | None = None
-    lr: float = 1e-6
+    lr: float | None = None
     device: str = "auto"
     seed: int = 0
     resume: bool = False
@@ -82,8 +88,8 @@ class DistillOptions:
     max_grad_norm: float = 1.0
     lr_warmup_steps: int = 0
     log_every: int = 10
-    w_min: float = 5.0
-    w_max: float = 15.0
+    w_min: float | None = None
+    w_max: float | None = None
     loss: str = "l2"
     huber_c: float = 0.001
     ema_decay: float = 0.95
@@ -133,6 +139,10 @@ def distill(opts: DistillOptions, adv=None):
     """Check everything, load teacher/student/data, train, export. Returns the trainer's TrainResult."""
     import torch
 
+    from train.distill_defaults import resolve
+    opts = resolve(opts, "lcm-at" if adv else "lcm")
+    _announce(opts, adv)
+
     from train.caption_data import find_records
     from train.lcm_losses import ConsistencyDistillation, LCDSettings
     from train.lcm_teacher import DDIMSolver, alphas_cumprod, lcm_scheduler, load_teacher, make_student
@@ -174,6 +184,14 @@ def _trainer_config(opts: DistillOptions, record: dict):
                          save_every=opts.save_every, resume=opts.resume, num_workers=opts.num_workers,
                          max_grad_norm=opts.max_grad_norm or None, lr_warmup_steps=opts.lr_warmup_steps,
                          log_every=opts.log_every, export_weights="raw", progress=opts.progress, command_config=record)
+
+
+def _announce(opts: DistillOptions, adv) -> None:
+    from accelerate import PartialState
+    if PartialState().is_main_process:
+        typer.echo(f"{'lcm-at' if adv else 'lcm'}: teacher {opts.teacher}, data {opts.data}, run {opts.out}; "
+                   f"{opts.max_steps} steps x batch {opts.batch_size}, lr {opts.lr}, w in [{opts.w_min}, {opts.w_max}]"
+                   + (f", K={adv.steps}" if adv else ""))
 
 
 def _report(result) -> None:
@@ -222,7 +240,7 @@ def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) 
     float32 copy of the student the trainer hands over) and a training record with hashes."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-    from train.run_log import file_hashes, versions
+    from train.run_log import file_hashes, versions, write_generation_defaults
 
     model.load_state_dict({k: v.detach().cpu().float() for k, v in target.state_dict().items()})
     # diffusers' LCM pipeline always embeds w, so a student without the embedding (--no-w-embedding) is
@@ -232,6 +250,9 @@ def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) 
                unet=model, scheduler=scheduler, safety_checker=None, feature_extractor=None,
                requires_safety_checker=False)
     pipe.save_pretrained(out)
+    if model.config.time_cond_proj_dim:  # sample at the middle of the trained w range (guidance scale = 1 + w)
+        options = record["options"]
+        write_generation_defaults(out, guidance_scale=1.0 + (options["w_min"] + options["w_max"]) / 2)
     (out / "training.json").write_text(json.dumps({**record, "weights": "ema-target",
                                                    "sha256": file_hashes(out, "*.safetensors"),
                                                    "versions": versions()}, indent=2))

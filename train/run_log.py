@@ -124,3 +124,8 @@ def sha256_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def write_generation_defaults(out: Path, *, guidance_scale: float) -> None:
+    """``toolkit.json``: the defaults the runtime samples this model with (runtime/model_spec.py reads it)."""
+    (Path(out) / "toolkit.json").write_text(json.dumps({"generation": {"guidance_scale": guidance_scale}}, indent=2))

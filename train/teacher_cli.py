@@ -79,7 +79,7 @@ def _parts(vae_dir: Path, run_dir: Path, resolution: int, seed: int):
 
 def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_steps: int = 20000,
                   batch_size: int = 64, lr: float = 3e-4, caption_dropout: float = 0.1, ema_decay: float = 0.999,
-                  seed: int = 0, save_every: int = 500, resume: bool = False, device: str = "auto",
+                  guidance_scale: float = 3.0, seed: int = 0, save_every: int = 500, resume: bool = False, device: str = "auto",
                   progress: bool = True):
     import torch
 
@@ -96,7 +96,7 @@ def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_
     empty = dataset.tokenize([""])[0]
     record = {"command": "toolkit train teacher", "options": dict(data=data, vae=str(vae), resolution=resolution,
               max_steps=max_steps, batch_size=batch_size, lr=lr, caption_dropout=caption_dropout,
-              ema_decay=ema_decay, seed=seed), "num_samples": len(dataset), "versions": versions()}
+              ema_decay=ema_decay, seed=seed, guidance_scale=guidance_scale), "num_samples": len(dataset), "versions": versions()}
     config = TrainerConfig(run_dir=Path(out), max_steps=max_steps, batch_size=batch_size, lr=lr, max_grad_norm=1.0,
                            ema_decay=ema_decay, device=device, seed=seed, save_every=save_every, resume=resume,
                            log_every=50, progress=progress, command_config=record)
@@ -108,11 +108,12 @@ def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_
 def export_teacher(model, vae, tokenizer, out: Path, record: dict) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from train.run_log import file_hashes
+    from train.run_log import file_hashes, write_generation_defaults
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=model["text_encoder"], tokenizer=tokenizer,
                                    unet=model["unet"], scheduler=DDIMScheduler(**teacher_scheduler_config()),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
+    write_generation_defaults(out, guidance_scale=record["options"]["guidance_scale"])
     (out / "training.json").write_text(json.dumps({**record, "files_sha256": file_hashes(out, "*.safetensors")},
                                                   indent=2))
 
@@ -129,6 +130,8 @@ def register(app: typer.Typer) -> None:
                 lr: float = typer.Option(3e-4, help="AdamW learning rate."),
                 caption_dropout: float = typer.Option(0.1, help="Probability of training on the empty caption (CFG)."),
                 ema_decay: float = typer.Option(0.999, help="EMA decay of the exported weights."),
+                guidance_scale: float = typer.Option(3.0, help="CFG scale the exported pipeline samples with by "
+                                                     "default (toolkit.json; --guidance-scale overrides it)."),
                 seed: int = SEED,
                 save_every: int = SAVE_EVERY,
                 resume: bool = RESUME,
@@ -136,5 +139,5 @@ def register(app: typer.Typer) -> None:
         """Train a small text-to-image teacher (UNet + CLIP text encoder, jointly) on VAE latents."""
         result = train_teacher(data=data, vae=vae, out=out, resolution=resolution, max_steps=max_steps,
                                batch_size=batch_size, lr=lr, caption_dropout=caption_dropout, ema_decay=ema_decay,
-                               seed=seed, save_every=save_every, resume=resume, device=device)
+                               guidance_scale=guidance_scale, seed=seed, save_every=save_every, resume=resume, device=device)
         report(result, "teacher pipeline")

@@ -1,0 +1,117 @@
+"""The report of scripts/repro_demo.py: results.json / results.csv, table.md (teacher, LCM, LCM-AT x steps: classifier
+FID, Inception FID, prompt adherence, mean +- std over sampling seeds), fid_vs_steps.png and per-class sample
+grids. ``python scripts/repro_demo.py _report --out DIR`` makes it from whatever cells exist (N is stated)."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scripts import repro_demo as study
+from scripts.study_report_common import cell_text, mean_std, run_summary, tile, write_csv
+
+LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
+CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
+
+
+def collect_rows(out: Path) -> list[dict]:
+    rows = []
+    for path in sorted((out / "cells").rglob("*.json")):
+        cell = json.loads(path.read_text())
+        metric = cell.get("features", "adherence")
+        for row in cell["rows"]:
+            value = row["accuracy"] if metric == "adherence" else row["fid"]
+            rows.append({"metric": metric, "model": cell["model"], "steps": row.get("nfe", row.get("steps")),
+                         "seed": cell["seed"], "num": row["num"], "value": value, "seconds": row["seconds"]})
+    return rows
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """(metric, model, steps) -> {mean, std, n_seeds, num}."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["metric"], row["model"], row["steps"]), []).append(row)
+    return {key: {**mean_std([r["value"] for r in group]), "num": group[0]["num"]} for key, group in groups.items()}
+
+
+def table_markdown(agg: dict, metric: str, title: str, digits: int = 2) -> list[str]:
+    keys = [k for k in agg if k[0] == metric]
+    if not keys:
+        return [f"### {title}", "", "(not measured yet)", ""]
+    steps = sorted({k[2] for k in keys})
+    lines = [f"### {title}", "", "| model | " + " | ".join(f"{s} steps" for s in steps) + " |",
+             "|---|" + "---|" * len(steps)]
+    for model in study.MODELS:
+        cells = [cell_text(agg.get((metric, model, s)), digits) for s in steps]
+        if any(c != "–" for c in cells):
+            lines.append(f"| {LABELS[model]} | " + " | ".join(cells) + " |")
+    nums = sorted({(agg[k]["num"], agg[k]["n_seeds"]) for k in keys})
+    return lines + ["", "N (samples per cell and seed, seeds): " + ", ".join(f"{n} x {s}" for n, s in nums), ""]
+
+
+def plot(agg: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    panels = [(m, t) for m, t in ((study.CLF, "classifier FID"), ("inception", "Inception FID"),
+                                  ("adherence", "prompt adherence")) if any(k[0] == m for k in agg)]
+    fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
+    for ax, (metric, title) in zip(axes[0], panels):
+        for model in study.STUDENTS:
+            points = sorted((k[2], v) for k, v in agg.items() if k[0] == metric and k[1] == model)
+            if points:
+                ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points],
+                            yerr=[p[1]["std"] or 0 for p in points], marker="o", capsize=3, label=LABELS[model])
+        teacher = [v for k, v in agg.items() if k[0] == metric and k[1] == "teacher"]
+        if teacher:
+            ax.axhline(teacher[0]["mean"], color="gray", linestyle="--", label="teacher, 25 steps")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("steps")
+        ax.set_title(title)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
+    """One row per class prompt (seeds 0-7 in each row), for each model at each of its step counts."""
+    import numpy as np
+
+    from eval.fashion_prompts import class_prompts
+    from runtime.pipeline import Pipeline
+    written = []
+    for model in study.MODELS:
+        with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
+            for steps in (cfg["teacher_steps"] if model == "teacher" else cfg["steps"]):
+                arrays = np.concatenate([pipe([p], num_images=8, steps=steps, seed=0).arrays for p in class_prompts()])
+                name = f"grid-{model}-steps{steps}.png"
+                tile(arrays, 8).save(report / name)
+                written.append(name)
+    return written
+
+
+def write_report(out: Path, cfg: dict) -> Path:
+    from runtime.staging import write_json
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    rows = collect_rows(out)
+    agg = aggregate(rows)
+    write_csv(rows, CSV_COLUMNS, report / "results.csv")
+    training = [run_summary(out / "runs" / name, name) for name in ("vae", "teacher", *study.STUDENTS)]
+    lines = table_markdown(agg, study.CLF, "Classifier FID (lower is better)")
+    lines += table_markdown(agg, "inception", "Inception FID (lower is better)")
+    lines += table_markdown(agg, "adherence", "Prompt adherence (classifier accuracy on class prompts)", 3)
+    lines += ["### Training", "", "| run | command | batches | optimizer steps | batch | lr | wall time |",
+              "|---|---|---|---|---|---|---|"]
+    lines += [f"| {t['model']} | {t['command']} | {t['batches']} | {t['optimizer_steps']} | {t['batch_size']} | "
+              f"{t['lr']} | {t['wall_seconds'] / 60:.1f} min |" for t in training]
+    (report / "table.md").write_text("\n".join(lines) + "\n")
+    plot(agg, report / "fid_vs_steps.png")
+    grids = sample_grids(out, cfg, report)
+    compare = out / "compare" / "record.json"
+    write_json(report / "results.json", {
+        "rows": rows, "aggregate": [dict(zip(("metric", "model", "steps"), k), **v) for k, v in agg.items()],
+        "training": training, "grids": grids,
+        "compare_verdict": json.loads(compare.read_text()).get("verdict") if compare.is_file() else None,
+        "config": cfg})
+    return report

@@ -1,0 +1,58 @@
+"""The in-process stages of scripts/repro_demo.py: one model's FID over its step counts for one seed, its prompt
+adherence, and the report. Each writes one JSON when finished (the job's proof); FID runs resume from the
+per-chunk feature caches of ``toolkit eval sample-fid``."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from scripts import repro_demo as study
+from scripts.study_fid import extractor, fid_rows
+
+
+def model_steps(model: str, cfg: dict) -> tuple[int, ...]:
+    return tuple(cfg["teacher_steps"]) if model == "teacher" else tuple(cfg["steps"])
+
+
+def run_fid(out: Path, model: str, features: str, seed: int, cfg: dict) -> None:
+    """FID of ``model`` at each of its step counts, class prompts in turn (sample i: prompt i mod 10)."""
+    from eval.fashion_prompts import class_prompts
+    from eval.fid import load_stats
+    from runtime.staging import write_json
+    num = cfg["inception"]["num"] if features == "inception" else cfg["num"]
+    rows = fid_rows(study.model_dir(out, model), load_stats(study.ref_path(out, features)), extractor(features),
+                    nfes=model_steps(model, cfg), num=num, seed=seed, prompts=tuple(class_prompts()),
+                    cache=out / "cache" / features / f"{model}-seed{seed}")
+    write_json(study.fid_path(out, features, model, seed), {"model": model, "features": features, "seed": seed,
+                                                            "num": num, "rows": rows})
+
+
+def run_adherence(out: Path, model: str, seed: int, cfg: dict) -> None:
+    from eval.adherence import AdherenceConfig
+    from eval.adherence import run_adherence as measure
+    from eval.classifier import FashionClassifierFeatures
+    from runtime.staging import write_json
+    config = AdherenceConfig(model=str(study.model_dir(out, model)), steps=model_steps(model, cfg),
+                             per_class=cfg["per_class"], seed=seed, device="cpu")
+    rows = measure(config, FashionClassifierFeatures(device="cpu"))
+    write_json(study.adherence_path(out, model, seed), {"model": model, "seed": seed, "rows": rows})
+
+
+def main(argv: list[str], config_for) -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("stage", choices=["_fid", "_adherence", "_report"])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model")
+    parser.add_argument("--features", default=study.CLF)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    cfg, out = config_for(args.quick), args.out.resolve()
+    if args.stage == "_fid":
+        run_fid(out, args.model, args.features, args.seed, cfg)
+    elif args.stage == "_adherence":
+        run_adherence(out, args.model, args.seed, cfg)
+    else:
+        from scripts.demo_study_report import write_report
+        write_report(out, cfg)
+    return 0

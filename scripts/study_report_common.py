@@ -1,0 +1,54 @@
+"""Pieces both study reports use (scripts/adm_study_report.py, scripts/demo_study_report.py): mean +- std
+over seeds, the table cell text, the per-run training summary, CSV writing and image tiling."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+from pathlib import Path
+
+
+def mean_std(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else None,
+            "n_seeds": len(values)}
+
+
+def cell_text(stat: dict | None, digits: int = 2) -> str:
+    if stat is None:
+        return "–"
+    return f"{stat['mean']:.{digits}f}" + (f" ± {stat['std']:.{digits}f}" if stat["std"] is not None else "")
+
+
+def run_summary(run: Path, name: str) -> dict:
+    """Batches, optimizer steps, wall time (sum of the metric-log intervals, so pauses between resumed sessions do
+    not count) and options from training.json of the run directory ``run``."""
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] if (
+        run / "metrics.jsonl").is_file() else []
+    times = [x["time"] for x in lines]
+    wall = sum(b - a for a, b in zip(times, times[1:]) if 0 < b - a < 600)
+    record = run / "model" / "training.json"
+    data = json.loads(record.read_text()) if record.is_file() else {}
+    options = data.get("options", {})
+    return {"model": name, "command": data.get("command"), "batches": lines[-1]["step"] if lines else 0,
+            "optimizer_steps": lines[-1].get("optimizer_steps", lines[-1]["step"]) if lines else 0,
+            "wall_seconds": round(wall), "batch_size": options.get("batch_size"), "lr": options.get("lr"),
+            "ema_decay": options.get("ema_decay")}
+
+
+def write_csv(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    path.write_text(buffer.getvalue())
+
+
+def tile(arrays, width: int, scale: int = 2):
+    """uint8 images [N, H, W(, C)] -> one PIL image, ``width`` per row, enlarged ``scale`` x (nearest)."""
+    import numpy as np
+    from PIL import Image
+    rows = [np.concatenate(list(arrays[i:i + width]), axis=1) for i in range(0, len(arrays), width)]
+    rows[-1] = np.pad(rows[-1], [(0, 0), (0, rows[0].shape[1] - rows[-1].shape[1])] + [(0, 0)] * (rows[0].ndim - 2))
+    grid = np.concatenate(rows, axis=0).squeeze()
+    return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
