@@ -9,7 +9,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from runtime.default_model import default_model
+from runtime.default_model import BUNDLED, default_model
 from runtime.errors import ToolkitError
 from runtime.fingerprint import model_sha256
 from runtime.generation import GenerationRequest
@@ -29,6 +29,7 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
                  height, width, class_label, eps_scale, eta, batch_size, backend, backend_option, device, dtype,
                  out) -> None:
     model = model or default_model()
+    bundled = Path(model) == BUNDLED
     options = parse_options(backend_option or [])
     if Path(out).exists() and not Path(out).is_dir():  # fail before the slow part, not when writing
         raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs")
@@ -37,7 +38,7 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
                                batch_size=batch_size, eps_scale=eps_scale, guidance_scale=guidance_scale,
                                height=height, width=width)
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **options) as pipe:
-        console.print(f"model {pipe.spec.name} ({pipe.spec.kind}) on {pipe.backend.describe()}")
+        console.print(f"model {pipe.spec.name} ({pipe.spec.kind}, {pipe.source.path}) on {pipe.backend.describe()}")
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("generate", total=None)
@@ -58,6 +59,12 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
     t = output.timings
     console.print(f"{len(paths)} image(s) in {t['total_s']:.2f} s (text {t['encode_s']:.2f} s, "
                   f"sampling {t['sample_s']:.2f} s, decode {t['decode_s']:.2f} s) on {output.backend}")
+    if bundled:
+        console.print(BUNDLED_HINT, highlight=False)
+
+
+BUNDLED_HINT = ("this is the bundled demo model: it draws 32x32 Fashion-MNIST clothes, not astronauts; for 512 px "
+                "photographs use --model SimianLuo/LCM_Dreamshaper_v7 (needs network access or a populated HF cache)")
 
 
 def _class_labels(class_label: list[int] | None):

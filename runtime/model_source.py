@@ -61,10 +61,9 @@ def resolve_model_path(model: str | os.PathLike) -> Path:
 
 def _model_of_run(path: Path) -> Path:
     """A training run directory (``runs/NAME``, whose ``model/`` is the exported pipeline) stands for its model."""
-    if (path / "model_index.json").exists() or (path / MANIFEST).exists() or (path / "config.json").exists():
-        return path
-    inner = path / "model"
-    return inner if (inner / "model_index.json").exists() or (inner / "config.json").exists() else path
+    is_model = lambda p: ((p / "model_index.json").exists() or (p / MANIFEST).exists()  # noqa: E731
+                          or ((p / "config.json").exists() and (p / "scheduler_config.json").exists()))
+    return path / "model" if not is_model(path) and is_model(path / "model") else path
 
 
 def _from_hub(repo_id: str) -> Path:

@@ -75,6 +75,8 @@ class TorchBackend(Backend):
         self.text_encoder = self.vae = None
         if self.spec.is_latent:
             from transformers import CLIPTextModel
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar; our CLI shows its own progress
             self.text_encoder = self._prepare(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self._dtype))
             self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._vae_dtype(root)),
                                      channels_last)

@@ -1,0 +1,130 @@
+"""Bundle the demo study's models as the toolkit's defaults (run once per release, then commit models/):
+
+    python scripts/bundle_default_model.py --study /work/study/demo --out models [--replace]
+
+- ``models/default``: the LCM-AT student pipeline, what ``toolkit generate`` and ``toolkit export`` use without
+  ``--model``; weights in float16 when that validates (the fp16 copy, run in float32 on a CPU as the runtime does,
+  must give the classifier's labels and pixels within the stated tolerance of the float32 original; otherwise the
+  float32 weights ship and the card says so);
+- ``models/default-teacher``: the teacher, what ``toolkit train lcm-at`` distils without ``--teacher``; its text
+  encoder, VAE and tokenizer are the student's files (relative symlinks: LCM distillation keeps them frozen), its
+  toolkit.json carries the default distillation recipe and names the bundled data;
+- ``models/demo-data``: the first ``--data-num`` captioned Fashion-MNIST training images as one webdataset shard;
+- a model card (README.md) in models/default with data and licenses, commands, measured numbers from the study's
+  report (when it exists), limits, and the sha256 of every bundled file (``sha256sum -c`` format; a test checks it).
+Each directory is written atomically; existing ones are replaced only with ``--replace``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
+
+SHARED = ("text_encoder", "vae", "tokenizer")
+# Validation of the fp16 copy: 40 images (10 class prompts x 4 seeds, 4 steps), float32 runtime on the CPU.
+FP16_MAX_MEAN_ABS = 2.0 / 255     # mean |pixel difference| in [0, 1] units
+FP16_MIN_LABEL_AGREEMENT = 0.95   # the classifier's labels of the two sets of images
+
+
+def save_pipeline(source: Path, dest: Path, fp16: bool) -> None:
+    import torch
+    from diffusers import DiffusionPipeline
+    pipe = DiffusionPipeline.from_pretrained(source, torch_dtype=torch.float16 if fp16 else torch.float32)
+    pipe.save_pretrained(dest)
+    for config in dest.glob("*/config.json"):  # the build machine's paths are not part of the model
+        data = json.loads(config.read_text())
+        data.pop("_name_or_path", None)
+        config.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    for name in ("toolkit.json", "training.json"):
+        if (source / name).is_file():
+            shutil.copy2(source / name, dest / name)
+
+
+def validate_fp16(original: Path, candidate: Path) -> dict:
+    """Images of the float32 original vs the float16 copy (both run in float32 on the CPU)."""
+    import numpy as np
+
+    from eval.classifier import FashionClassifierFeatures
+    from eval.fashion_prompts import class_prompts
+    from runtime.pipeline import Pipeline
+
+    def images(path: Path):
+        with Pipeline.load(str(path), backend="torch", device="cpu") as pipe:
+            return np.concatenate([pipe([p], num_images=4, steps=4, seed=0).arrays for p in class_prompts()])
+
+    a, b = images(original), images(candidate)
+    classifier = FashionClassifierFeatures(device="cpu")
+    mean_abs = float(np.abs(a.astype(np.float64) - b).mean() / 255)
+    agreement = float((classifier.predict(a) == classifier.predict(b)).mean())
+    return {"images": len(a), "steps": 4, "mean_abs_pixel_diff": mean_abs,
+            "max_abs_pixel_diff": int(np.abs(a.astype(np.int16) - b).max()), "label_agreement": agreement,
+            "passed": mean_abs <= FP16_MAX_MEAN_ABS and agreement >= FP16_MIN_LABEL_AGREEMENT}
+
+
+def bundle_model(source: Path, dest: Path, replace: bool) -> dict:
+    """``source`` -> ``dest`` in float16 if it validates, else float32; returns the validation record."""
+    from runtime.staging import staged_directory
+    if dest.exists() and not replace:
+        raise SystemExit(f"{dest} exists; pass --replace to rebuild it")
+    with staged_directory(dest, "model_index.json", "model") as tmp:
+        save_pipeline(source, tmp, fp16=True)
+        check = validate_fp16(source, tmp)
+        if not check["passed"]:
+            shutil.rmtree(tmp)
+            tmp.mkdir()
+            save_pipeline(source, tmp, fp16=False)
+    return {**check, "precision": "float16" if check["passed"] else "float32"}
+
+
+def link_shared(teacher: Path, student: Path) -> None:
+    """The teacher's frozen parts are byte-identical to the student's: keep one copy, link the other."""
+    from train.run_log import file_hashes
+    for part in SHARED:
+        if file_hashes(teacher / part) != file_hashes(student / part):
+            raise SystemExit(f"{teacher / part} differs from {student / part}; they must be the same weights")
+        shutil.rmtree(teacher / part)
+        (teacher / part).symlink_to(Path("..") / student.name / part)
+
+
+def write_recipe(teacher: Path, recipe: dict) -> None:
+    path = teacher / "toolkit.json"
+    data = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps({**data, "distillation": recipe}, indent=2) + "\n")
+
+
+def bundle_data(study: Path, dest: Path, num: int, replace: bool) -> None:
+    from runtime.staging import staged_directory
+    from train.fashion_captions import write_shards
+    if dest.exists() and not replace:
+        raise SystemExit(f"{dest} exists; pass --replace to rebuild it")
+    with staged_directory(dest, "fmnist-train-000.tar", "data") as tmp:
+        write_shards(tmp, split="train", num=num, per_shard=num)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--study", type=Path, required=True, help="The demo study directory (repro_demo.py --out).")
+    parser.add_argument("--out", type=Path, default=Path("models"), help="Where default/, default-teacher/ go.")
+    parser.add_argument("--data-num", type=int, default=1000, help="Captioned images to bundle.")
+    parser.add_argument("--recipe", default='{"max_steps": 150, "batch_size": 16, "lr": 1e-4, "w_min": 1.0, '
+                        '"w_max": 3.0}', help="JSON: the bundled teacher's default distillation settings.")
+    parser.add_argument("--replace", action="store_true", help="Rebuild directories that exist.")
+    args = parser.parse_args(argv)
+    from scripts.model_card import write_card
+    student, teacher = args.out / "default", args.out / "default-teacher"
+    checks = {"student": bundle_model(args.study / "runs/lcm-at/model", student, args.replace),
+              "teacher": bundle_model(args.study / "runs/teacher/model", teacher, args.replace)}
+    link_shared(teacher, student)
+    bundle_data(args.study, args.out / "demo-data", args.data_num, args.replace)
+    write_recipe(teacher, {**json.loads(args.recipe), "data": "../demo-data"})
+    write_card(args.out, args.study, checks)
+    print(json.dumps(checks, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
