@@ -1,6 +1,6 @@
-"""Where ``--model`` points when it is left out: ``$TOOLKIT_MODEL`` if set, else the bundled default model
-(``models/default`` next to the package; a trained demo model is planned to ship there). Until one is
-bundled, leaving out ``--model`` is an error that says how to get a model."""
+"""Where ``--model`` points when it is left out: ``$TOOLKIT_MODEL`` if set, else the bundled demo model
+(``models/default`` next to the package: models/default/README.md is its card). Where it is missing (a copy
+without models/), leaving out ``--model`` is an error that says how to get a model."""
 from __future__ import annotations
 
 import os
@@ -19,7 +19,7 @@ def default_model() -> str:
     if BUNDLED.is_dir():
         return str(BUNDLED)
     raise ToolkitError(
-        "no model given and no default model is bundled yet; pass one (--model DIR; for 'toolkit export', "
+        f"no model given and the bundled default model {BUNDLED} is missing; pass one (--model DIR; for 'toolkit export', "
         "the MODEL argument: a diffusers or export directory, or a hub id), set $TOOLKIT_MODEL, or make a "
         "tiny random one with "
         "'python scripts/make_tiny_model.py models/tiny-lcm'")

@@ -11,7 +11,8 @@ from pathlib import Path
 
 from scripts import repro_adm as study
 from scripts.repro_adm import CLF
-from scripts.study_report_common import cell_text, mean_std, run_summary, tile, write_csv
+from scripts.study_report_common import (cell_text, errorbar_line, mean_std, run_summary, save_figure, tile,
+                                          write_csv)
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
@@ -65,10 +66,8 @@ def plot(agg: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, len(study.SAMPLERS), figsize=(4 * len(study.SAMPLERS), 3.4), sharey=True)
     for ax, sampler in zip(axes, study.SAMPLERS):
         for model in study.MODELS:
-            points = sorted((k[3], v) for k, v in agg.items() if k[0] == CLF and k[1] == model and k[2] == sampler)
-            if points:
-                ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points],
-                            yerr=[p[1]["std"] or 0 for p in points], marker="o", capsize=3, label=study.LABELS[model])
+            errorbar_line(ax, [(k[3], v) for k, v in agg.items() if k[0] == CLF and k[1] == model and k[2] == sampler],
+                          study.LABELS[model])
         nfes = sorted({k[3] for k in agg if k[0] == CLF})
         ax.set_title(SAMPLER_LABELS[sampler])
         ax.set_xscale("log")
@@ -77,9 +76,7 @@ def plot(agg: dict, path: Path) -> None:
         ax.set_xlabel("NFE")
     axes[0].set_ylabel("classifier FID (lower is better)")
     axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:

@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--study", type=Path, required=True, help="The demo study directory (repro_demo.py --out).")
     parser.add_argument("--out", type=Path, default=Path("models"), help="Where default/, default-teacher/ go.")
     parser.add_argument("--data-num", type=int, default=1000, help="Captioned images to bundle.")
-    parser.add_argument("--recipe", default='{"max_steps": 150, "batch_size": 16, "lr": 1e-4, "w_min": 1.0, '
+    parser.add_argument("--recipe", default='{"max_steps": 300, "batch_size": 16, "lr": 1e-4, "w_min": 1.0, '
                         '"w_max": 3.0}', help="JSON: the bundled teacher's default distillation settings.")
     parser.add_argument("--replace", action="store_true", help="Rebuild directories that exist.")
     args = parser.parse_args(argv)

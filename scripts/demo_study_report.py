@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from scripts import repro_demo as study
-from scripts.study_report_common import cell_text, mean_std, run_summary, tile, write_csv
+from scripts.study_report_common import cell_text, errorbar_line, mean_std, run_summary, save_figure, tile, write_csv
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
@@ -57,10 +57,7 @@ def plot(agg: dict, path: Path) -> None:
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for model in study.STUDENTS:
-            points = sorted((k[2], v) for k, v in agg.items() if k[0] == metric and k[1] == model)
-            if points:
-                ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points],
-                            yerr=[p[1]["std"] or 0 for p in points], marker="o", capsize=3, label=LABELS[model])
+            errorbar_line(ax, [(k[2], v) for k, v in agg.items() if k[0] == metric and k[1] == model], LABELS[model])
         teacher = [v for k, v in agg.items() if k[0] == metric and k[1] == "teacher"]
         if teacher:
             ax.axhline(teacher[0]["mean"], color="gray", linestyle="--", label="teacher, 25 steps")
@@ -68,9 +65,7 @@ def plot(agg: dict, path: Path) -> None:
         ax.set_xlabel("steps")
         ax.set_title(title)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:

@@ -52,3 +52,18 @@ def tile(arrays, width: int, scale: int = 2):
     rows[-1] = np.pad(rows[-1], [(0, 0), (0, rows[0].shape[1] - rows[-1].shape[1])] + [(0, 0)] * (rows[0].ndim - 2))
     grid = np.concatenate(rows, axis=0).squeeze()
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
+
+
+def errorbar_line(ax, points: list[tuple], label: str) -> None:
+    """One model's line: ``points`` are (x, {mean, std}) pairs; error bars are the seed std."""
+    points = sorted(points, key=lambda p: p[0])
+    if points:
+        ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] or 0 for p in points],
+                    marker="o", capsize=3, label=label)
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
