@@ -28,8 +28,8 @@ MODELS = ("teacher", *STUDENTS)
 CLF = "fmnist-classifier"
 
 FULL = dict(
-    captions=None, vae=dict(steps=4000, batch=64, lr=1e-3), teacher=dict(steps=5000, batch=64, lr=3e-4, ema=0.999),
-    distill=dict(opt_steps=1500, batch=32, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
+    captions=None, vae=dict(steps=4000, batch=64, lr=1e-3), teacher=dict(steps=3500, batch=64, lr=3e-4, ema=0.999),
+    distill=dict(opt_steps=1200, batch=32, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
                                                                                                max_norm=0.05),
     save_every=250, steps=(1, 2, 4, 8), teacher_steps=(25,), seeds=(0, 1_000_000, 2_000_000), num=10000,
     inception=dict(num=5000), per_class=100, compare=dict(num=2000), ref_num=None)
