@@ -97,22 +97,24 @@ def this_script(*args) -> list[str]:
 
 
 def evaluation_jobs(out: Path, cfg: dict, quick: bool) -> list[Job]:
-    """Reference statistics (Fashion-MNIST test split), then per model: adherence and classifier FID for each seed,
-    the Inception FID for the first seed; then the exports and the torch-vs-ONNX-Runtime comparison."""
+    """Reference statistics (Fashion-MNIST test split); per model classifier FID and adherence for each seed, the
+    fp16 exports and the torch-vs-ONNX-Runtime comparison after the first seed; the Inception FID (first seed) last."""
     q, num = ["--quick"] if quick else [], ["--num", cfg["ref_num"]] if cfg["ref_num"] else []
     jobs = [Job(f"ref-{feat}", lambda f=feat: toolkit("eval", "stats", "fashion-mnist:test", "--features", f,
                                                        "--device", "cpu", "--out", ref_path(out, f), "--cache",
                                                        out / "cache" / f"ref-{f}", *num), ref_path(out, feat))
             for feat in (CLF, "inception")]
-    first = cfg["seeds"][0]
-    for feat, seeds in ((CLF, cfg["seeds"]), ("inception", (first,))):
-        jobs += [Job(f"fid-{feat}-{m}-seed{s}", lambda m=m, s=s, f=feat: this_script(
-                     "_fid", "--out", out, "--model", m, "--features", f, "--seed", s, *q), fid_path(out, feat, m, s),
-                     (f"train-{m}", f"ref-{feat}")) for s in seeds for m in MODELS]
-    jobs += [Job(f"adherence-{m}-seed{s}", lambda m=m, s=s: this_script("_adherence", "--out", out, "--model", m,
-                                                                        "--seed", s, *q),
-                 adherence_path(out, m, s), (f"train-{m}",)) for s in cfg["seeds"] for m in MODELS]
-    return jobs + deployment_jobs(out, cfg)
+    first, *others = cfg["seeds"]
+    fid = lambda feat, m, s: Job(f"fid-{feat}-{m}-seed{s}", lambda: this_script(  # noqa: E731
+        "_fid", "--out", out, "--model", m, "--features", feat, "--seed", s, *q), fid_path(out, feat, m, s),
+        (f"train-{m}", f"ref-{feat}"))
+    adherence = lambda m, s: Job(f"adherence-{m}-seed{s}", lambda: this_script(  # noqa: E731
+        "_adherence", "--out", out, "--model", m, "--seed", s, *q), adherence_path(out, m, s), (f"train-{m}",))
+    # cheapest complete picture first: seed 0 of the fast metrics, the export check, the other seeds, then Inception
+    jobs += [job for m in MODELS for job in (fid(CLF, m, first), adherence(m, first))]
+    jobs += deployment_jobs(out, cfg)
+    jobs += [job for s in others for m in MODELS for job in (fid(CLF, m, s), adherence(m, s))]
+    return jobs + [fid("inception", m, first) for m in MODELS]
 
 
 def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
