@@ -11,7 +11,7 @@ from pathlib import Path
 
 from scripts import repro_adm as study
 from scripts.repro_adm import CLF
-from scripts.study_report_common import (cell_text, errorbar_line, mean_std, run_summary, save_figure, tile,
+from scripts.study_report_common import (aggregate, cell_text, errorbar_line, run_summary, save_figure, tile,
                                           write_csv)
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
@@ -27,14 +27,6 @@ def collect_rows(out: Path) -> list[dict]:
                          "eps_scale": cell["eps_scale"], "nfe": row["nfe"], "seed": cell["seed"], "num": row["num"],
                          "fid": row["fid"], "seconds": row["seconds"]})
     return rows
-
-
-def aggregate(rows: list[dict]) -> dict:
-    """(features, model, sampler, nfe) -> {mean, std, n_seeds, num}."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["features"], row["model"], row["sampler"], row["nfe"]), []).append(row)
-    return {key: {**mean_std([r["fid"] for r in group]), "num": group[0]["num"]} for key, group in groups.items()}
 
 
 def table_markdown(agg: dict, features: str) -> list[str]:
@@ -98,7 +90,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(out)
-    agg = aggregate(rows)
+    agg = aggregate(rows, ("features", "model", "sampler", "nfe"), "fid")
     write_csv(rows, CSV_COLUMNS, report / "results.csv")
     es = {m: json.loads(p.read_text()) for m in study.MODELS if (p := study.es_path(out, m)).is_file()}
     training = training_summary(out)

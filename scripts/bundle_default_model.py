@@ -105,6 +105,18 @@ def bundle_data(study: Path, dest: Path, num: int, replace: bool) -> None:
         write_shards(tmp, split="train", num=num, per_shard=num)
 
 
+def write_samples(model: Path, path: Path) -> None:
+    """The README's picture: one row per class prompt, seeds 0-7, 4 steps, from the bundled model itself."""
+    import numpy as np
+
+    from eval.fashion_prompts import class_prompts
+    from runtime.pipeline import Pipeline
+    from scripts.study_report_common import tile
+    with Pipeline.load(str(model), backend="torch", device="cpu") as pipe:
+        arrays = np.concatenate([pipe([p], num_images=8, steps=4, seed=0).arrays for p in class_prompts()])
+    tile(arrays, 8, scale=3).save(path)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, required=True, help="The demo study directory (repro_demo.py --out).")
@@ -113,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--recipe", default='{"max_steps": 300, "batch_size": 16, "lr": 1e-4, "w_min": 1.0, '
                         '"w_max": 3.0}', help="JSON: the bundled teacher's default distillation settings.")
     parser.add_argument("--replace", action="store_true", help="Rebuild directories that exist.")
+    parser.add_argument("--samples", type=Path, help="Also write a per-class sample grid of the bundled model here.")
     args = parser.parse_args(argv)
     from scripts.model_card import write_card
     student, teacher = args.out / "default", args.out / "default-teacher"
@@ -122,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     bundle_data(args.study, args.out / "demo-data", args.data_num, args.replace)
     write_recipe(teacher, {**json.loads(args.recipe), "data": "../demo-data"})
     write_card(args.out, args.study, checks)
+    if args.samples:
+        write_samples(student, args.samples)
     print(json.dumps(checks, indent=2))
     return 0
 

@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from scripts import repro_demo as study
-from scripts.study_report_common import cell_text, errorbar_line, mean_std, run_summary, save_figure, tile, write_csv
+from scripts.study_report_common import aggregate, cell_text, errorbar_line, run_summary, save_figure, tile, write_csv
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
@@ -23,14 +23,6 @@ def collect_rows(out: Path) -> list[dict]:
             rows.append({"metric": metric, "model": cell["model"], "steps": row.get("nfe", row.get("steps")),
                          "seed": cell["seed"], "num": row["num"], "value": value, "seconds": row["seconds"]})
     return rows
-
-
-def aggregate(rows: list[dict]) -> dict:
-    """(metric, model, steps) -> {mean, std, n_seeds, num}."""
-    groups: dict[tuple, list[dict]] = {}
-    for row in rows:
-        groups.setdefault((row["metric"], row["model"], row["steps"]), []).append(row)
-    return {key: {**mean_std([r["value"] for r in group]), "num": group[0]["num"]} for key, group in groups.items()}
 
 
 def table_markdown(agg: dict, metric: str, title: str, digits: int = 2) -> list[str]:
@@ -90,7 +82,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     report = out / "report"
     report.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(out)
-    agg = aggregate(rows)
+    agg = aggregate(rows, ("metric", "model", "steps"), "value")
     write_csv(rows, CSV_COLUMNS, report / "results.csv")
     training = [run_summary(out / "runs" / name, name) for name in ("vae", "teacher", *study.STUDENTS)]
     lines = table_markdown(agg, study.CLF, "Classifier FID (lower is better)")

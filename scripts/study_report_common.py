@@ -14,6 +14,14 @@ def mean_std(values: list[float]) -> dict:
             "n_seeds": len(values)}
 
 
+def aggregate(rows: list[dict], keys: tuple[str, ...], value: str) -> dict:
+    """Rows grouped by ``keys`` (a tuple of their values) -> {mean, std, n_seeds, num} of ``value`` over seeds."""
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault(tuple(row[k] for k in keys), []).append(row)
+    return {key: {**mean_std([r[value] for r in group]), "num": group[0]["num"]} for key, group in groups.items()}
+
+
 def cell_text(stat: dict | None, digits: int = 2) -> str:
     if stat is None:
         return "–"
