@@ -32,7 +32,7 @@ def table_markdown(agg: dict, metric: str, title: str, digits: int = 2) -> list[
     steps = sorted({k[2] for k in keys})
     lines = [f"### {title}", "", "| model | " + " | ".join(f"{s} steps" for s in steps) + " |",
              "|---|" + "---|" * len(steps)]
-    for model in study.MODELS:
+    for model in ("teacher", *study.STUDENTS):
         cells = [cell_text(agg.get((metric, model, s)), digits) for s in steps]
         if any(c != "–" for c in cells):
             lines.append(f"| {LABELS[model]} | " + " | ".join(cells) + " |")
