@@ -10,9 +10,9 @@ Stages (each a resumable job, run by scripts/study_runner.py):
    jointly, caption dropout for CFG);
 3. distillation from that teacher with equal optimizer-step budgets and the same seed: ``toolkit train lcm`` and
    ``toolkit train lcm-at`` (free AT makes K optimizer steps per batch, so its run takes 1/K of the batches);
-4. evaluation at 1/2/4/8 steps (teacher: its DDIM at 25 steps): prompt adherence, classifier FID (3 seeds) and
-   the Inception FID (seed 0; the teacher, a reference row, gets seed 0 only), then fp16 exports of both students and ``toolkit eval compare`` torch vs ONNX
-   Runtime; 5. the report (results.json / csv, table.md, plots, grids).
+4. evaluation at 1/2/4/8 steps (teacher: its DDIM at 25 steps): prompt adherence, classifier FID (3 seeds; the
+   teacher, a reference row, seed 0 only) and the Inception FID (seed 0), then fp16 exports of both students and
+   ``toolkit eval compare`` torch vs ONNX Runtime; 5. the report (results.json / csv, table.md, plots, grids).
 """
 from __future__ import annotations
 
