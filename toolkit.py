@@ -59,6 +59,14 @@ def generate(
     run_generate(**options)
 
 
+def _mount_serve() -> None:
+    from runtime.serve.cli import serve
+    app.command("serve")(handles_errors(serve))
+
+
+_mount_serve()
+
+
 @app.command()
 def doctor() -> None:
     """What is installed and usable: torch + CUDA, ONNX Runtime providers, TensorRT, the GPU."""
@@ -79,6 +87,8 @@ def _mount_benchmarks() -> None:
     from train import bench_adm_at
     bench.command("ort")(handles_errors(bench_ort.command))
     bench.command("adm-at")(handles_errors(bench_adm_at.command))
+    from runtime.serve import bench as bench_serve
+    bench.command("serve")(handles_errors(bench_serve.command))
 
 
 _mount_benchmarks()

@@ -46,6 +46,29 @@ def _file_in_traceback(exc: BaseException) -> str | None:
     return found
 
 
+# The extra that brings a third-party package, for commands outside train/export/eval (whose own extra is named).
+_PACKAGE_EXTRA = {"torch": "torch", "torchvision": "torch", "diffusers": "torch", "transformers": "torch",
+                  "accelerate": "train", "onnx": "export", "onnxscript": "export", "onnxruntime": "onnxruntime",
+                  "open_clip": "eval", "scipy": "eval", "matplotlib": "eval", "fastapi": "serve",
+                  "uvicorn": "serve", "prometheus_client": "serve", "httpx": "serve"}
+_COMMAND_GROUPS = ("train", "export", "eval")
+
+
+def missing_package(exc: BaseException, command) -> ToolkitError | None:
+    """A ToolkitError naming the missing package and the extra that installs it, when ``exc`` is a third-party
+    import failing because the install was a slim one (e.g. `pip install '.[onnxruntime,serve]'`), else None."""
+    if not isinstance(exc, ModuleNotFoundError) or not exc.name:
+        return None
+    package = exc.name.split(".")[0]
+    if package not in _PACKAGE_EXTRA:
+        return None
+    group = getattr(command, "__module__", "").split(".")[0]
+    extra = group if group in _COMMAND_GROUPS else _PACKAGE_EXTRA[package]
+    return ToolkitError(f"this command needs the package '{package}', which this install does not have: "
+                        f"pip install 'at-diffusion-toolkit[{extra}]' (in a checkout: pip install -e '.[{extra}]'; "
+                        "'.[dev]' installs everything)")
+
+
 def handles_errors(command):
     """Decorate a typer command so a ToolkitError (or an unreadable weights file) becomes one stderr line and
     exit code 2."""
@@ -58,7 +81,7 @@ def handles_errors(command):
             print(f"error: {exc}", file=sys.stderr)
             raise typer.Exit(code=2) from None
         except Exception as exc:
-            converted = unreadable_weights(exc)
+            converted = unreadable_weights(exc) or missing_package(exc, command)
             if converted is None:
                 raise
             print(f"error: {converted}", file=sys.stderr)

@@ -36,12 +36,20 @@ def reserve_new_path(path: Path) -> Path:
     raise FileExistsError(f"no free file name for {path} after 100000 tries")
 
 
-def save_png(array: np.ndarray, path: Path, metadata: dict) -> Path:
-    """Write one image with its generation record (prompt, seed, model, versions) in a PNG text chunk,
-    via a temporary file so an interrupted run never leaves a truncated PNG."""
+def png_bytes(array: np.ndarray, metadata: dict) -> bytes:
+    """One image as PNG bytes with its generation record (prompt, seed, model, versions) in a text chunk."""
+    import io
+
     from PIL import Image, PngImagePlugin
     info = PngImagePlugin.PngInfo()
     info.add_text("at-diffusion-toolkit", json.dumps(metadata, sort_keys=True))
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG", pnginfo=info)
+    return buffer.getvalue()
+
+
+def save_png(array: np.ndarray, path: Path, metadata: dict) -> Path:
+    """Write ``png_bytes`` via a temporary file, so an interrupted run never leaves a truncated PNG."""
     with atomic_file(path, suffix=".png.tmp") as handle:
-        Image.fromarray(array).save(handle, format="PNG", pnginfo=info)
+        handle.write(png_bytes(array, metadata))
     return path

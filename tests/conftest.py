@@ -43,3 +43,11 @@ def tiny_uncond_dir(tmp_path_factory):
     """A tiny ADM-style pixel UNet (16x16 RGB) as a DDPMPipeline directory."""
     from train.tiny_models import build_tiny_unconditional
     return build_tiny_unconditional(tmp_path_factory.mktemp("models") / "tiny-uncond", seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_lcm_export(tiny_lcm_dir, tmp_path_factory):
+    """``tiny_lcm_dir`` exported to ONNX (fp32, not validated: the export tests validate)."""
+    from export.exporter import ExportSettings, run_export
+    out = tmp_path_factory.mktemp("exports") / "tiny-lcm"
+    return run_export(ExportSettings(model=str(tiny_lcm_dir), out=out, validate=False), log=lambda m: None).out

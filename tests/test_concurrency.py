@@ -19,10 +19,8 @@ CASES = {  # name -> (export fixture or None for the torch backend, Pipeline.loa
 
 
 @pytest.fixture(scope="module")
-def lcm_export(tiny_lcm_dir, tmp_path_factory):
-    from export.exporter import ExportSettings, run_export
-    out = tmp_path_factory.mktemp("concurrency") / "lcm"
-    return run_export(ExportSettings(model=str(tiny_lcm_dir), out=out, validate=False), log=lambda m: None).out
+def lcm_export(tiny_lcm_export):
+    return tiny_lcm_export
 
 
 def generate(pipe, seed: int) -> np.ndarray:

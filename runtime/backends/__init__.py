@@ -14,8 +14,8 @@ _REGISTRY: dict[str, str] = {
 
 # What to install when a backend's package is missing.
 _INSTALL_HINT = {
-    "torch": "pip install torch diffusers",
-    "onnxruntime": "pip install onnxruntime (CPU) or, for CUDA, pip uninstall -y onnxruntime && "
+    "torch": "pip install 'at-diffusion-toolkit[torch]' (in the toolkit's checkout: pip install -e '.[torch]')",
+    "onnxruntime": "pip install 'at-diffusion-toolkit[onnxruntime]' (CPU) or, for CUDA, pip uninstall -y onnxruntime && "
                    "pip install -e '.[gpu]' (in the toolkit's checkout)",
     "tensorrt": "pip install -e '.[tensorrt]' (in the toolkit's checkout) on a machine with an NVIDIA GPU",
 }
