@@ -54,9 +54,16 @@ def generate(
     out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
-    options = dict(locals())  # before the import below adds a name
     from runtime.cli_generate import run_generate
-    run_generate(**options)
+    from runtime.generation import GenerationOptions
+    labels = (class_label[0] if len(class_label) == 1 else class_label) if class_label else None
+    options = GenerationOptions(
+        prompts=prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed, sampler=sampler,
+        guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width,
+        class_labels=labels, eps_scale=eps_scale, batch_size=batch_size,
+        sampler_options=None if eta is None else {"eta": eta})
+    run_generate(options, model=model, backend=backend, backend_option=backend_option, device=device, dtype=dtype,
+                 out=out)
 
 
 def _mount_serve() -> None:

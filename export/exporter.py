@@ -16,14 +16,13 @@ from pathlib import Path
 from export.contracts import ExportShapes, contracts_for, select_components
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
-from export.staging import check_target, staged_directory
-from runtime.faults import fault_point
-from runtime.staging import check_writable
 from export.validate import ExportValidationError, ValidationReport, validate_export
 from runtime.backends.ort_backend import parse_device
 from runtime.errors import ToolkitError
 from runtime.export_manifest import read_manifest, tree_fingerprint
-from runtime.model_source import open_model
+from runtime.faults import fault_point
+from runtime.model_source import MANIFEST, open_model
+from runtime.staging import check_target, check_writable, staged_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,14 +58,15 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
     contracts = select_components(spec, contracts_for(spec, shapes, _vocab_size(source.path)), settings.components)
     precision = "float16" if settings.fp16 else "float32"
     contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
-    check_target(settings.out)  # before the slow part: a bad --out fails at once
+    check_target(settings.out, MANIFEST, "export")  # before the slow part: a bad --out fails at once
     check_writable(settings.out, parent=True)
     if settings.validate:
         parse_device(settings.device)  # and so does a --device ONNX Runtime cannot validate on
 
     from export.torch_modules import load_networks  # torch: only once the arguments are known good
     networks = load_networks(source.path, spec, settings.device)
-    with staged_directory(settings.out) as staging:
+    # manifest.json marks an export: --out never replaces a directory that is not a previous export
+    with staged_directory(settings.out, MANIFEST, "export") as staging:
         files = {}
         for name, contract in contracts.items():
             log(f"exporting {name} ({contract.precision}, opset {settings.opset})")

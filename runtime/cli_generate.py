@@ -12,7 +12,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from runtime.default_model import BUNDLED, default_model
 from runtime.errors import ToolkitError
 from runtime.fingerprint import model_sha256
-from runtime.generation import GenerationRequest
+from runtime.generation import GenerationOptions
 from runtime.images import reserve_new_path, save_png
 from runtime.pipeline import Pipeline, PromptTruncatedWarning
 from runtime.staging import check_writable
@@ -25,31 +25,23 @@ def slug(text: str, limit: int = 40) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:limit] or "image"
 
 
-def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidance_scale, negative_prompt,
-                 height, width, class_label, eps_scale, eta, batch_size, backend, backend_option, device, dtype,
-                 out) -> None:
+def run_generate(options: GenerationOptions, *, model, backend, backend_option, device, dtype, out) -> None:
     model = model or default_model()
     bundled = Path(model) == BUNDLED
-    options = parse_options(backend_option or [])
+    backend_options = parse_options(backend_option or [])
     if Path(out).exists() and not Path(out).is_dir():  # fail before the slow part, not when writing
         raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs")
     check_writable(out)
-    GenerationRequest.precheck(steps=steps, nfe=nfe, sampler=sampler, num_images=num_images, seed=seed,
-                               batch_size=batch_size, eps_scale=eps_scale, guidance_scale=guidance_scale,
-                               height=height, width=width)
-    with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **options) as pipe:
+    options.precheck()
+    with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **backend_options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}, {pipe.source.path}) on {pipe.backend.describe()}")
         with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                       console=console, transient=True) as bar:
             task = bar.add_task("generate", total=None)
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always", PromptTruncatedWarning)
-                output = pipe(prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed,
-                              sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt,
-                              height=height, width=width, eps_scale=eps_scale, batch_size=batch_size,
-                              class_labels=_class_labels(class_label),
-                              sampler_options=None if eta is None else {"eta": eta},
-                              progress=lambda done, total: bar.update(task, completed=done, total=total))
+                output = pipe.generate(options, progress=lambda done, total: bar.update(task, completed=done,
+                                                                                        total=total))
         for warning in caught:
             console.print(f"warning: {warning.message}", markup=False, highlight=False)
         source = {"model": str(model), "model_sha256": model_sha256(pipe.source.path)}
@@ -65,10 +57,6 @@ def run_generate(*, prompt, model, steps, nfe, sampler, seed, num_images, guidan
 
 BUNDLED_HINT = ("this is the bundled demo model: it draws 32x32 Fashion-MNIST clothes, not astronauts; for 512 px "
                 "photographs use --model SimianLuo/LCM_Dreamshaper_v7 (needs network access or a populated HF cache)")
-
-
-def _class_labels(class_label: list[int] | None):
-    return (class_label[0] if len(class_label) == 1 else class_label) if class_label else None
 
 
 def parse_options(pairs: list[str]) -> dict:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from runtime.generation import GenerationRequest
 from runtime.guidance import classifier_free_guidance, guidance_scale_embedding
-
-if TYPE_CHECKING:
-    from runtime.generation import GenerationRequest
-    from runtime.pipeline import Pipeline
+from runtime.model_spec import ModelSpec
 
 
 @dataclasses.dataclass
@@ -32,8 +30,9 @@ class Conditioning:
         return classifier_free_guidance(unet, cond, uncond, self.cfg_scale)
 
 
-def build_conditioning(pipe: "Pipeline", request: "GenerationRequest", lo: int, hi: int) -> Conditioning:
-    backend, spec = pipe.backend, pipe.spec
+def build_conditioning(backend, spec: ModelSpec, tokenizer, request: GenerationRequest, lo: int,
+                       hi: int) -> Conditioning:
+    """Images ``lo:hi`` of ``request``: ``tokenizer`` (latent models) turns prompts into token ids."""
     if not spec.is_latent:
         labels = None if request.class_labels is None else backend.from_numpy(request.class_labels[lo:hi])
         return Conditioning(class_labels=labels)
@@ -41,9 +40,9 @@ def build_conditioning(pipe: "Pipeline", request: "GenerationRequest", lo: int, 
     cfg = request.guidance == "cfg"
     if cfg:
         # one text-encoder call for both branches; uncond first, as CFG's batch of 2B expects
-        context = backend.encode_text(pipe.tokenizer()(list(request.negative_prompts[lo:hi]) + prompts))
+        context = backend.encode_text(tokenizer(list(request.negative_prompts[lo:hi]) + prompts))
     else:
-        context = backend.encode_text(pipe.tokenizer()(prompts))
+        context = backend.encode_text(tokenizer(prompts))
     timestep_cond = None
     if spec.time_cond_proj_dim:
         rows = context.shape[0]

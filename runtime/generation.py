@@ -1,5 +1,5 @@
-"""One generation call, validated up front (``GenerationRequest``), its result (``GenerationOutput``) and
-the per-step noise the samplers draw (``StepNoise``).
+"""One generation call: what the caller asked (``GenerationOptions``, model-free), the same validated against the
+model (``GenerationRequest``), and its result (``GenerationOutput``).
 
 Everything a user can get wrong is checked in ``GenerationRequest.build`` before any network runs, so a
 bad call costs nothing and fails with one message naming the fix.
@@ -9,16 +9,15 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from runtime.errors import ToolkitError
-from runtime.noise import SeededNoise, seeds_for
+from runtime.model_spec import ModelSpec
+from runtime.noise import seeds_for
 from runtime.samplers import get_sampler
-
-if TYPE_CHECKING:
-    from runtime.pipeline import Pipeline
+from runtime.schedule import NoiseSchedule
 
 LCM_DEFAULT_GUIDANCE = 8.5   # LCM-Dreamshaper's default w (diffusers' LatentConsistencyModelPipeline)
 CFG_DEFAULT_GUIDANCE = 7.5   # Stable Diffusion's default classifier-free guidance scale
@@ -27,6 +26,43 @@ OTHER_DEFAULT_STEPS = 20
 # Images per network batch when the caller does not say: bounded, so --num-images 128 on a real model does
 # not try to hold 128 images' activations at once (results do not depend on the batch size).
 DEFAULT_BATCH_SIZE = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationOptions:
+    """Everything a caller can ask of one generation call, as given (None: the model's default). The CLI, the HTTP
+    server and ``Pipeline.__call__`` each build one; ``GenerationRequest.build`` checks it against the model."""
+    prompts: str | Sequence[str] | None = None
+    num_images: int | None = None
+    steps: int | None = None
+    nfe: int | None = None
+    seed: int | None = 0
+    seeds: Sequence[int] | None = None
+    sampler: str | None = None
+    guidance_scale: float | None = None
+    negative_prompt: str | Sequence[str] | None = None
+    height: int | None = None
+    width: int | None = None
+    class_labels: int | Sequence[int] | None = None
+    eps_scale: float | None = None
+    batch_size: int | None = None
+    sampler_options: dict | None = None
+
+    def precheck(self) -> None:
+        """The checks that need no model (sampler name, counts, seed, scales), so a caller can run them before a
+        model loads; ``GenerationRequest.build`` repeats them with the model's defaults filled in."""
+        if self.sampler is not None:
+            get_sampler(self.sampler)
+        _steps(self.steps, self.nfe, self.sampler or "ddim")
+        for value, name in ((self.num_images, "num_images"), (self.batch_size, "batch_size"), (self.height, "height"),
+                            (self.width, "width")):  # sizes: the model's multiple is checked once it is known
+            if value is not None:
+                _positive(value, name)
+        seeds_for(1, self.seed)
+        if self.eps_scale is not None and not float(self.eps_scale) > 0:
+            raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {self.eps_scale}")
+        if self.guidance_scale is not None and not float(self.guidance_scale) >= 0:
+            raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale), got {self.guidance_scale}")
 
 
 @dataclasses.dataclass
@@ -69,49 +105,32 @@ class GenerationRequest:
         return [f"prompt {i + 1} has {n} tokens; the text encoder reads only the first {max_length} "
                 f"({self.prompts[i][:40]!r}...)" for i, n in self.truncated_prompts.items()]
 
-    @staticmethod
-    def precheck(*, steps=None, nfe=None, sampler=None, num_images=None, seed=None, batch_size=None,
-                 eps_scale=None, guidance_scale=None, height=None, width=None) -> None:
-        """The checks that need no model (sampler name, counts, seed, scales), so a caller can run them before a
-        model loads; ``build`` repeats them with the model's defaults filled in."""
-        if sampler is not None:
-            get_sampler(sampler)
-        _steps(steps, nfe, sampler or "ddim")
-        for value, name in ((num_images, "num_images"), (batch_size, "batch_size"), (height, "height"),
-                            (width, "width")):  # sizes: the model's multiple is checked once it is known
-            if value is not None:
-                _positive(value, name)
-        seeds_for(1, seed)
-        if eps_scale is not None and not float(eps_scale) > 0:
-            raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {eps_scale}")
-        if guidance_scale is not None and not float(guidance_scale) >= 0:
-            raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale), got {guidance_scale}")
-
     @classmethod
-    def build(cls, pipe: "Pipeline", *, prompts, num_images, steps, nfe, seed, seeds, sampler, guidance_scale,
-              negative_prompt, height, width, class_labels, eps_scale, batch_size, sampler_options):
-        spec = pipe.spec
-        sampler = sampler or pipe.default_sampler
+    def build(cls, spec: ModelSpec, schedule: NoiseSchedule, tokenizer, options: GenerationOptions):
+        """``options`` checked against the model: ``tokenizer`` (latent models) counts prompt tokens."""
+        o = options
+        sampler = o.sampler or spec.default_sampler
         sampler_obj = get_sampler(sampler)
-        steps = _steps(steps, nfe, sampler)
-        ts_options, fn_options = _split_options(sampler_obj, sampler_options or {})
-        timesteps = np.asarray(sampler_obj.timesteps(pipe.schedule, steps, **ts_options), dtype=np.int64)
+        steps = _steps(o.steps, o.nfe, sampler)
+        ts_options, fn_options = _split_options(sampler_obj, o.sampler_options or {})
+        timesteps = np.asarray(sampler_obj.timesteps(schedule, steps, **ts_options), dtype=np.int64)
         height, width = (_size(v, spec.default_resolution, spec.pixel_multiple, name)
-                         for v, name in ((height, "height"), (width, "width")))
+                         for v, name in ((o.height, "height"), (o.width, "width")))
         factor = spec.vae_scale_factor
         fields = dict(sampler=sampler, steps=steps, timesteps=timesteps, sampler_fn_options=fn_options,
                       latent_shape=(spec.unet_in_channels, height // factor, width // factor),
-                      height=height, width=width, eps_scale=_eps_scale(eps_scale, pipe.schedule.prediction_type))
+                      height=height, width=width, eps_scale=_eps_scale(o.eps_scale, schedule.prediction_type))
         if spec.is_latent:
-            fields.update(_text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, class_labels))
-            fields["truncated_prompts"] = pipe.tokenizer().too_long(fields["prompts"])
+            fields.update(_text_fields(spec, o.prompts, o.num_images, o.negative_prompt, o.guidance_scale,
+                                       o.class_labels))
+            fields["truncated_prompts"] = tokenizer.too_long(fields["prompts"])
             count = len(fields["prompts"])
         else:
-            fields.update(_unconditional_fields(spec, prompts, num_images, guidance_scale, negative_prompt,
-                                                class_labels))
+            fields.update(_unconditional_fields(spec, o.prompts, o.num_images, o.guidance_scale, o.negative_prompt,
+                                                o.class_labels))
             count = fields.pop("count")
-        fields["seeds"] = seeds_for(count, seed, seeds)
-        fields["batch_size"] = _positive(min(count, DEFAULT_BATCH_SIZE) if batch_size is None else batch_size,
+        fields["seeds"] = seeds_for(count, o.seed, o.seeds)
+        fields["batch_size"] = _positive(min(count, DEFAULT_BATCH_SIZE) if o.batch_size is None else o.batch_size,
                                          "batch_size")
         return cls(**fields)
 
@@ -238,30 +257,6 @@ def _class_labels(spec, class_labels, count: int) -> np.ndarray | None:
     if labels.min() < 0 or labels.max() >= classes:
         raise ToolkitError(f"class labels must be in 0..{classes - 1}, got {labels.tolist()}")
     return labels
-
-
-class StepNoise:
-    """The sampler's ``noise(i)`` callable over a ``SeededNoise``: draw 0 is the initial noise, draw i+1 the
-    noise step i injects, each drawn once and in order (so every sampler consumes the per-sample streams
-    identically no matter how it calls back)."""
-
-    def __init__(self, seeded: SeededNoise, backend):
-        self._seeded, self._backend = seeded, backend
-        self._index, self._last = -1, None   # only the latest draw is kept: long samplers stay light
-
-    def _draw(self, index: int):
-        if index < self._index:
-            raise RuntimeError(f"noise draw {index} asked after draw {self._index}; samplers draw in step order")
-        while self._index < index:
-            self._last = self._backend.from_numpy(self._seeded.draw())
-            self._index += 1
-        return self._last
-
-    def initial(self):
-        return self._draw(0)
-
-    def __call__(self, step: int):
-        return self._draw(step + 1)
 
 
 @dataclasses.dataclass

@@ -48,6 +48,12 @@ class ModelSpec:
         return self.kind == TEXT_TO_IMAGE
 
     @property
+    def default_sampler(self) -> str:
+        """The sampler matching the scheduler class. DDPM-trained (ADM-style) checkpoints default to DDIM because
+        few-step sampling is what this toolkit is for; ask for 'iddpm' for ancestral."""
+        return {"LCMScheduler": "lcm", "DPMSolverMultistepScheduler": "dpmpp_2m"}.get(self.scheduler_class, "ddim")
+
+    @property
     def default_resolution(self) -> int:
         return self.sample_size * self.vae_scale_factor
 

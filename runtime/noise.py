@@ -37,3 +37,27 @@ class SeededNoise:
     def draw(self) -> np.ndarray:
         """The next noise tensor [B, *shape] (each sample from its own stream)."""
         return np.stack([rng.standard_normal(self.shape, dtype=np.float32) for rng in self._rngs])
+
+
+class StepNoise:
+    """The sampler's ``noise(i)`` callable over a ``SeededNoise``: draw 0 is the initial noise, draw i+1 the
+    noise step i injects, each drawn once and in order (so every sampler consumes the per-sample streams
+    identically no matter how it calls back)."""
+
+    def __init__(self, seeded: SeededNoise, backend):
+        self._seeded, self._backend = seeded, backend
+        self._index, self._last = -1, None   # only the latest draw is kept: long samplers stay light
+
+    def _draw(self, index: int):
+        if index < self._index:
+            raise RuntimeError(f"noise draw {index} asked after draw {self._index}; samplers draw in step order")
+        while self._index < index:
+            self._last = self._backend.from_numpy(self._seeded.draw())
+            self._index += 1
+        return self._last
+
+    def initial(self):
+        return self._draw(0)
+
+    def __call__(self, step: int):
+        return self._draw(step + 1)

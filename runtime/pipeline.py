@@ -24,10 +24,10 @@ import numpy as np
 from runtime.backends import Backend, get_backend_class
 from runtime.conditioning import Conditioning, build_conditioning
 from runtime.errors import ToolkitError
-from runtime.generation import GenerationOutput, GenerationRequest, StepNoise
+from runtime.generation import GenerationOptions, GenerationOutput, GenerationRequest
 from runtime.images import to_uint8
 from runtime.model_source import ModelSource, open_model
-from runtime.noise import SeededNoise
+from runtime.noise import SeededNoise, StepNoise
 from runtime.samplers import eps_scaling, get_sampler
 from runtime.schedule import NoiseSchedule
 
@@ -68,10 +68,7 @@ class Pipeline:
 
     @property
     def default_sampler(self) -> str:
-        """The sampler matching the model's scheduler class. DDPM-trained (ADM-style) checkpoints default
-        to DDIM because few-step sampling is what this toolkit is for; ask for 'iddpm' for ancestral."""
-        return {"LCMScheduler": "lcm", "DPMSolverMultistepScheduler": "dpmpp_2m"}.get(
-            self.spec.scheduler_class, "ddim")
+        return self.spec.default_sampler
 
     # ---- generation ---------------------------------------------------------------------
     def __call__(self, prompts: str | Sequence[str] | None = None, *, num_images: int | None = None,
@@ -88,14 +85,23 @@ class Pipeline:
         ``seed=s`` gives image i the seed s+i; ``seeds`` sets them one by one. ``batch_size`` splits the
         work into chunks of that many images (default: up to 8, ``DEFAULT_BATCH_SIZE``); results do not depend on it.
         ``progress(done, total)`` is called after each network evaluation."""
-        request = GenerationRequest.build(
-            self, prompts=prompts, num_images=num_images, steps=steps, nfe=nfe, seed=seed, seeds=seeds,
-            sampler=sampler, guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height,
-            width=width, class_labels=class_labels, eps_scale=eps_scale, batch_size=batch_size,
-            sampler_options=sampler_options)
+        options = GenerationOptions(
+            prompts=prompts, num_images=num_images, steps=steps, nfe=nfe, seed=seed, seeds=seeds, sampler=sampler,
+            guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width,
+            class_labels=class_labels, eps_scale=eps_scale, batch_size=batch_size, sampler_options=sampler_options)
+        return self.generate(options, progress=progress)
+
+    def generate(self, options: GenerationOptions, progress=None) -> GenerationOutput:
+        """``__call__`` with its arguments in one ``GenerationOptions`` (what the CLI and the server pass)."""
+        request = self.request(options)
         for message in request.truncation_warnings(self.spec.tokenizer_max_length):
-            warnings.warn(message, PromptTruncatedWarning, stacklevel=2)
+            warnings.warn(message, PromptTruncatedWarning, stacklevel=3)
         return self.run(request, progress=progress)
+
+    def request(self, options: GenerationOptions) -> GenerationRequest:
+        """``options`` validated against this model (no network runs): what ``run`` takes."""
+        tokenizer = self.tokenizer() if self.spec.is_latent else None
+        return GenerationRequest.build(self.spec, self.schedule, tokenizer, options)
 
     def run(self, request: GenerationRequest, progress=None) -> GenerationOutput:
         timings = {"encode_s": 0.0, "sample_s": 0.0, "decode_s": 0.0}
@@ -123,7 +129,8 @@ class Pipeline:
     def _generate_chunk(self, request: GenerationRequest, lo: int, hi: int, timings: dict, tick):
         backend, spec = self.backend, self.spec
         t0 = time.perf_counter()
-        cond = build_conditioning(self, request, lo, hi)
+        tokenizer = self.tokenizer() if spec.is_latent else None
+        cond = build_conditioning(backend, spec, tokenizer, request, lo, hi)
         backend.synchronize()
         t1 = time.perf_counter()
         noise = StepNoise(SeededNoise(request.seeds[lo:hi], request.latent_shape), backend)
@@ -146,7 +153,7 @@ class Pipeline:
         timings["decode_s"] += t3 - t2
         return images.astype(np.float32), final.astype(np.float32)
 
-    # ---- helpers used by GenerationRequest / conditioning ----------------------------------
+    # ---- helpers ------------------------------------------------------------------------
     def tokenizer(self):
         if self._tokenizer is None:
             from runtime.tokenizer import PromptTokenizer
@@ -162,4 +169,4 @@ def _counting(model, tick):
     return counted
 
 
-__all__ = ["Pipeline", "GenerationOutput", "GenerationRequest", "Conditioning", "ToolkitError"]
+__all__ = ["Pipeline", "GenerationOptions", "GenerationOutput", "GenerationRequest", "Conditioning", "ToolkitError"]

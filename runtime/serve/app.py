@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 from runtime.errors import ToolkitError
-from runtime.generation import GenerationRequest
+from runtime.generation import GenerationOptions, GenerationRequest
 from runtime.images import png_bytes
 from runtime.serve.batcher import DynamicBatcher, QueueFull
 from runtime.serve.metrics import ServeMetrics
@@ -67,7 +67,7 @@ class _Service:
     async def lifespan(self, on_ready):
         self.batcher.start()
         warm_up = GenerateBody(prompt="warm-up") if self.pipe.spec.is_latent else GenerateBody()
-        await self.batcher.run_alone(GenerationRequest.build(self.pipe, **_build_args(warm_up)))
+        await self.batcher.run_alone(self.pipe.request(_options(warm_up)))
         self.ready = True   # the networks have run once: sessions created, memory allocated
         if on_ready is not None:
             on_ready()
@@ -129,16 +129,15 @@ def _parse(raw: bytes) -> GenerateBody:
 def _validated(pipe, body: GenerateBody, limits: ServeLimits) -> GenerationRequest:
     try:
         body.check_limits(limits, pipe.spec.default_resolution)
-        return GenerationRequest.build(pipe, **_build_args(body))
+        return pipe.request(_options(body))
     except (ValueError, ToolkitError) as exc:
         raise _Rejected(422, str(exc), "validation") from None
 
 
-def _build_args(body: GenerateBody) -> dict:
-    return dict(prompts=body.prompt_list(), num_images=body.num_images, steps=body.steps, nfe=None, seed=body.seed, seeds=None,
-                sampler=body.sampler, guidance_scale=body.guidance_scale, negative_prompt=body.negative_prompt,
-                height=body.height, width=body.width, class_labels=None, eps_scale=None, batch_size=None,
-                sampler_options=None)
+def _options(body: GenerateBody) -> GenerationOptions:
+    return GenerationOptions(prompts=body.prompt_list(), num_images=body.num_images, steps=body.steps, seed=body.seed,
+                             sampler=body.sampler, guidance_scale=body.guidance_scale,
+                             negative_prompt=body.negative_prompt, height=body.height, width=body.width)
 
 
 async def _generate(batcher: DynamicBatcher, wanted: GenerationRequest, timeout_s: float):
