@@ -53,25 +53,22 @@ def time_ort(export_dir: Path, device: str, cuda_graph: bool, iters: int, arrays
              seed: int = 0) -> dict:
     """One UNet call as the pipeline makes it: numpy arrays go host -> device -> host every call; torch
     arrays stay on the device (only the timestep is copied in)."""
-    from export.contracts import ExportContract
-    from runtime.backends.ort_backend import OrtRunner, parse_device, providers_for, session_options
+    from runtime.backends.ort_backend import OrtRunner, parse_device
     from runtime.backends.ort_binding import make_arrays
     from runtime.export_manifest import read_manifest
     manifest = read_manifest(export_dir)
-    entry = manifest.components["unet"]
     kind, device_id = parse_device(device)
     adapter = make_arrays(arrays, kind, device_id)
     bound = adapter if (device_id is not None or arrays == "torch") else None
-    runner = OrtRunner(manifest.component_path("unet"), entry["contract"], session_options(),
-                       providers_for(kind, device_id, cuda_graph), bound, cuda_graph)
-    feed = ExportContract.from_dict(entry["contract"]).sample_inputs("opt", seed=seed)
-    inputs = {k: v if k == "timestep" else adapter.from_numpy(v) for k, v in feed.items()}
-    output = adapter.to_numpy(runner(inputs)["model_output"])
+    with OrtRunner.for_component(manifest, "unet", device, arrays=bound, cuda_graph=cuda_graph) as runner:
+        feed = runner.contract.sample_inputs("opt", seed=seed)
+        inputs = {k: v if k == "timestep" else adapter.from_numpy(v) for k, v in feed.items()}
+        output = adapter.to_numpy(runner(inputs)[runner.output])
 
-    def call():
-        runner(inputs)
-        adapter.synchronize()   # the float32 copy of a torch output is queued asynchronously
-    return {"ms": median_ms(call, iters), "output": output, "feed": feed}
+        def call():
+            runner(inputs)
+            adapter.synchronize()   # the float32 copy of a torch output is queued asynchronously
+        return {"ms": median_ms(call, iters), "output": output, "feed": feed}
 
 
 def time_torch(model: Path, device: str, feed: dict, iters: int) -> dict:

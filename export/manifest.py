@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from export.contracts import ExportContract
+from runtime.contracts import ExportContract
 from runtime.export_manifest import FORMAT, FORMAT_VERSION, sha256_file
 from runtime.model_source import MANIFEST
 from runtime.model_spec import ModelSpec

@@ -14,7 +14,7 @@ from pathlib import Path
 import onnx
 import torch
 
-from export.contracts import ExportContract
+from runtime.contracts import ExportContract
 from export.torch_modules import contract_module, to_torch
 
 DEFAULT_OPSET = 17

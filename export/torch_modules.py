@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.contracts import TEXT_ENCODER, UNET, VAE_DECODER, ExportContract
+from runtime.contracts import TEXT_ENCODER, UNET, VAE_DECODER, ExportContract
 from runtime.backends.torch_backend import TorchBackend
 from runtime.model_spec import ModelSpec
 

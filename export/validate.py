@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from export.contracts import ExportContract, Tolerance
-from runtime.backends.ort_backend import OrtRunner, parse_device, providers_for, session_options
+from runtime.contracts import ExportContract, Tolerance
+from runtime.backends.ort_backend import OrtRunner, parse_device, session_options
 from runtime.backends.ort_binding import make_arrays
 from runtime.errors import ToolkitError
 from runtime.export_manifest import ExportManifest, read_manifest, tree_fingerprint, verify_files
@@ -85,20 +85,17 @@ def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
 def check_components(manifest: ExportManifest, networks: dict, seed: int = 0, device: str = "cpu") -> list[Check]:
     """Per-component parity at every distinct profile point of each contract."""
     kind, device_id = parse_device(device)
-    options, providers = session_options(), providers_for(kind, device_id, cuda_graph=False)
+    options = session_options()
     # torch and ORT alternate here: ORT's spinning idle threads would steal the cores torch needs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # on CUDA, the IO-binding path the backend serves with (host numpy in and out: the reference is numpy)
+    arrays = None if device_id is None else make_arrays("numpy", kind, device_id)
     checks = []
-    for name, entry in manifest.components.items():
-        contract = ExportContract.from_dict(entry["contract"])
-        # on CUDA, the IO-binding path the backend serves with (host numpy in and out: the reference is numpy)
-        arrays = None if device_id is None else make_arrays("numpy", kind, device_id)
-        runner = OrtRunner(manifest.component_path(name), entry["contract"], options, providers, arrays)
-        try:
+    for name in manifest.components:
+        contract = manifest.contract(name)
+        with OrtRunner.for_component(manifest, name, device, options=options, arrays=arrays) as runner:
             checks += [_component_check(name, contract, point, networks[name], runner, seed)
                        for point in contract.distinct_points()]
-        finally:
-            runner.close()
     return checks
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 from pathlib import Path
 
+from runtime.contracts import ExportContract
 from runtime.model_source import MANIFEST
 from runtime.model_spec import ModelFormatError, ModelSpec
 
@@ -58,6 +59,11 @@ class ExportManifest:
         """component name -> {'file', 'precision', 'contract': {inputs, outputs, dims, ...}}."""
         return self.data["components"]
 
+    def contract(self, name: str) -> ExportContract:
+        """The typed contract of one component (what the backend feeds it and reads from it)."""
+        self.component_path(name)   # names --components when it was not exported
+        return ExportContract.from_dict(self.components[name]["contract"])
+
     def component_path(self, name: str) -> Path:
         if name not in self.components:
             raise ModelFormatError(f"export {self.root} has no '{name}' component (it has "
@@ -98,32 +104,3 @@ def verify_files(manifest: ExportManifest) -> None:
         if path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
             raise ModelFormatError(f"export file {path} does not match its sha256 in {MANIFEST} (modified or "
                                    "corrupted since export); re-run 'toolkit export' or restore the file")
-
-
-def resolve_shape(shape, dims: dict[str, int]) -> tuple[int, ...]:
-    """Concrete shape of a contract tensor: ints stay, a dim symbol ('batch') takes its value from
-    ``dims``, and 'symbol*k' (an output dim derived from an input dim, e.g. the VAE's
-    'latent_height*8') is that value times k. Lets a backend preallocate outputs before running."""
-    out = []
-    for dim in shape:
-        if isinstance(dim, int):
-            out.append(dim)
-            continue
-        symbol, _, factor = str(dim).partition("*")
-        if symbol not in dims:
-            raise ModelFormatError(f"contract dim '{dim}' is not bound by any input; re-run 'toolkit export'")
-        out.append(dims[symbol] * (int(factor) if factor else 1))
-    return tuple(out)
-
-
-def bind_dims(inputs: list[dict], arrays: dict) -> dict[str, int]:
-    """The value of every dim symbol, read off the actual input arrays (contract ``inputs`` entries are
-    dicts with 'name' and 'shape', as stored in the manifest)."""
-    dims: dict[str, int] = {}
-    for tensor in inputs:
-        if tensor["name"] not in arrays:
-            continue
-        for dim, size in zip(tensor["shape"], arrays[tensor["name"]].shape):
-            if isinstance(dim, str):
-                dims.setdefault(dim, int(size))
-    return dims

@@ -46,17 +46,14 @@ def test_eight_threads_get_the_single_threaded_images(case, tiny_lcm_dir, reques
 def test_bound_runner_calls_of_one_shape_from_eight_threads(lcm_export, arrays):
     """The runner level, where the numpy adapter binds too (on CUDA in practice; CPU OrtValues here): eight
     threads with eight different inputs of one shape, each gets the plain run's output for its own input."""
-    from export.contracts import ExportContract
-    from runtime.backends.ort_backend import OrtRunner, session_options
+    from runtime.backends.ort_backend import OrtRunner
     from runtime.backends.ort_binding import make_arrays
     from runtime.export_manifest import read_manifest
     manifest = read_manifest(lcm_export)
-    entry = manifest.components["unet"]
-    contract = ExportContract.from_dict(entry["contract"])
+    contract = manifest.contract("unet")
     adapter = make_arrays(arrays, "cpu", 0)
-    path = manifest.component_path("unet")
-    plain = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"])
-    bound = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"], arrays=adapter)
+    plain = OrtRunner.for_component(manifest, "unet")
+    bound = OrtRunner.for_component(manifest, "unet", arrays=adapter)
     output = contract.output_names()[0]
     feeds = [contract.sample_inputs("min", seed=k) for k in range(THREADS)]
     expected = [plain(feed)[output] for feed in feeds]

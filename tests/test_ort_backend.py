@@ -155,16 +155,13 @@ def test_io_binding_path_matches_plain_run(lcm_export, component, arrays):
     # The CUDA path's buffer logic (one preallocated set per input shape, outputs sized from the
     # contract, e.g. the VAE's 'latent_height*4') run on CPU buffers (OrtValues or torch tensors), so it
     # is tested without a GPU.
-    from export.contracts import ExportContract
-    from runtime.backends.ort_backend import OrtRunner, session_options
+    from runtime.backends.ort_backend import OrtRunner
     from runtime.backends.ort_binding import make_arrays
     manifest = read_manifest(lcm_export)
-    entry = manifest.components[component]
-    contract = ExportContract.from_dict(entry["contract"])
-    path = manifest.component_path(component)
+    contract = manifest.contract(component)
     adapter = make_arrays(arrays, "cpu", 0)
-    plain = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"])
-    bound = OrtRunner(path, entry["contract"], session_options(), ["CPUExecutionProvider"], arrays=adapter)
+    plain = OrtRunner.for_component(manifest, component)
+    bound = OrtRunner.for_component(manifest, component, arrays=adapter)
     output = contract.output_names()[0]
     for point in ("min", "max", "min"):            # the second 'min' reuses the first buffers
         inputs = contract.sample_inputs(point, seed=1)

@@ -32,7 +32,8 @@ import onnxruntime as ort
 
 from runtime.backends.base import Backend, BackendError
 from runtime.backends.ort_binding import BoundBuffers, make_arrays, run_bound
-from runtime.export_manifest import read_manifest, verify_files
+from runtime.contracts import ExportContract
+from runtime.export_manifest import ExportManifest, read_manifest, verify_files
 from runtime.model_spec import ModelSpec
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
@@ -98,7 +99,7 @@ class OrtRunner:
     (``runtime.backends.ort_binding``) runs through IO binding on buffers preallocated per input shape on
     the adapter's device (required for CUDA graphs; on a CPU it exercises the same path)."""
 
-    def __init__(self, path: Path, contract: dict, options: ort.SessionOptions, providers: list,
+    def __init__(self, path: Path, contract: ExportContract, options: ort.SessionOptions, providers: list,
                  arrays=None, cuda_graph: bool = False):
         try:
             self.session = ort.InferenceSession(str(path), options, providers=providers)
@@ -115,9 +116,30 @@ class OrtRunner:
         self._buffers: dict[tuple, BoundBuffers] = {}
         self._buffers_lock = threading.Lock()   # two threads meeting a new shape must not make two buffer sets
 
+    @classmethod
+    def for_component(cls, manifest: ExportManifest, name: str, device: str = "cpu", *,
+                      options: ort.SessionOptions | None = None, arrays=None, cuda_graph: bool = False,
+                      cuda_options: dict | None = None) -> "OrtRunner":
+        """The runner of one exported network on ``device`` ('cpu', 'cuda', 'cuda:N'): what the backend, export
+        validation and ``toolkit bench ort`` each open (use it as a context manager, or ``close()`` it)."""
+        kind, device_id = parse_device(device)
+        return cls(manifest.component_path(name), manifest.contract(name), options or session_options(),
+                   providers_for(kind, device_id, cuda_graph, cuda_options), arrays, cuda_graph)
+
+    def __enter__(self) -> "OrtRunner":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     @property
     def input_names(self) -> list[str]:
         return list(self.input_types)
+
+    @property
+    def output(self) -> str:
+        """The contract's (first) output: what the network computes."""
+        return self.contract.outputs[0].name
 
     def __call__(self, feed: dict) -> dict:
         missing = set(self.input_types) - set(feed)
@@ -198,15 +220,13 @@ class OrtBackend(Backend):
         # combination runs through IO binding on the adapter's buffers
         self._bound = not (kind == "cpu" and self._arrays.name == "numpy")
         self._runners: dict[str, OrtRunner] = {}
+        device = "cpu" if kind == "cpu" else f"cuda:{device_id}"
         for name in needed:
-            entry = manifest.components.get(name)
-            path = manifest.component_path(name)  # raises, naming --components, when it was not exported
             # CUDA graphs only for the UNet, the network called every step; the text encoder and VAE
             # run once per generation, where a graph saves little and capture constraints only risk errors.
-            graph = cuda_graph and name == "unet"
-            providers = providers_for(kind, device_id, graph, cuda_options)
-            self._runners[name] = OrtRunner(path, entry["contract"], options, providers,
-                                            self._arrays if self._bound else None, graph)
+            self._runners[name] = OrtRunner.for_component(
+                manifest, name, device, options=options, arrays=self._arrays if self._bound else None,
+                cuda_graph=cuda_graph and name == "unet", cuda_options=cuda_options)
         self._precisions = {name: manifest.components[name]["precision"] for name in needed}
         self._provider = self._runners["unet"].session.get_providers()[0]
         self._cuda_graph = cuda_graph
@@ -224,21 +244,36 @@ class OrtBackend(Backend):
     def encode_text(self, input_ids: np.ndarray):
         if "text_encoder" not in self._runners:
             return super().encode_text(input_ids)
-        return self._runners["text_encoder"]({"input_ids": input_ids})["last_hidden_state"]
+        return self._call("text_encoder", input_ids=input_ids)
 
     def denoise(self, sample, timestep: int, *, encoder_hidden_states=None, timestep_cond=None,
                 class_labels=None):
-        unet = self._runners["unet"]
-        given = {"sample": sample, "timestep": np.array([timestep], dtype=np.float32),
-                 "encoder_hidden_states": encoder_hidden_states, "timestep_cond": timestep_cond,
-                 "class_labels": class_labels}
-        feed = {name: value for name, value in given.items() if value is not None}
-        return unet(feed)["model_output"]
+        return self._call("unet", sample=sample, timestep=timestep, encoder_hidden_states=encoder_hidden_states,
+                          timestep_cond=timestep_cond, class_labels=class_labels)
 
     def decode(self, latents):
         if "vae_decoder" not in self._runners:
             return super().decode(latents)
-        return self._runners["vae_decoder"]({"latent": latents})["images"]
+        return self._call("vae_decoder", latent=latents)
+
+    def _call(self, component: str, **given):
+        """Feed the network every input its contract names (by the diffusers ``forward`` argument each one is)
+        and return its output; the scalar timestep becomes the contract's [1] tensor."""
+        runner = self._runners[component]
+        unexpected = sorted(k for k, v in given.items() if v is not None and k not in runner.input_names)
+        if unexpected:
+            raise BackendError(f"network inputs mismatch: the exported {component} has no input(s) {unexpected} "
+                               "that this model's conditioning gives; the export does not match the model: re-run "
+                               "'toolkit export'")
+        feed = {}
+        for tensor in runner.contract.inputs:
+            value = given.get(tensor.name)
+            if value is None:
+                raise BackendError(f"the exported {component} needs input '{tensor.name}', which this model's "
+                                   "conditioning does not give; the export does not match the model: re-run "
+                                   "'toolkit export'")
+            feed[tensor.name] = np.array([value], dtype=tensor.dtype) if np.isscalar(value) else value
+        return runner(feed)[runner.output]
 
     def close(self) -> None:
         for runner in getattr(self, "_runners", {}).values():

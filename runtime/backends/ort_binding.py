@@ -25,7 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from runtime.backends.base import BackendError
-from runtime.export_manifest import bind_dims, resolve_shape
+from runtime.contracts import ExportContract, bind_dims, resolve_shape
 
 TORCH_HINT = "pip install torch (a CUDA build for device cuda, see https://pytorch.org/get-started)"
 
@@ -147,17 +147,17 @@ class BoundBuffers:
     """Input and output buffers for one input-shape signature, allocated once and bound by address (fixed
     addresses are what CUDA graph replay needs). Outputs are sized from the contract's derived dims."""
 
-    def __init__(self, session: ort.InferenceSession, contract: dict, feed: dict, arrays, types: tuple[dict, dict],
-                 graph_id: int | None):
+    def __init__(self, session: ort.InferenceSession, contract: ExportContract, feed: dict, arrays,
+                 types: tuple[dict, dict], graph_id: int | None):
         input_types, output_types = types
-        dims = bind_dims(contract["inputs"], feed)
+        dims = bind_dims(contract.inputs, feed)
         self.binding = session.io_binding()
         self.inputs = {name: self._bind(arrays, self.binding.bind_input, name, tuple(value.shape), input_types[name])
                        for name, value in feed.items()}
         self.outputs = {}
-        for tensor in contract["outputs"]:
-            name = tensor["name"]
-            shape = resolve_shape(tensor["shape"], dims)
+        for tensor in contract.outputs:
+            name = tensor.name
+            shape = resolve_shape(tensor.shape, dims)
             self.outputs[name] = self._bind(arrays, self.binding.bind_output, name, shape, output_types[name])
         self.lock = threading.Lock()   # one call at a time on these addresses (see the module docstring)
         self.run_options = ort.RunOptions()

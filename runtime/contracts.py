@@ -1,0 +1,149 @@
+"""The export contract types: what crosses the ONNX boundary of one network, as manifest.json stores it.
+
+A contract names each input/output (as the diffusers ``forward`` argument it feeds), its dtype and shape with
+dynamic dims, the min/opt/max of each dynamic dim (TensorRT optimisation profiles), a sample-input factory and
+validation tolerances. It is the one thing the serving side reads: ``ExportManifest.contract(name)`` returns
+it typed, and the ONNX Runtime backend builds its feeds and reads its outputs from it. export/contracts.py
+builds them for a model. numpy only.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from runtime.guidance import guidance_scale_embedding
+from runtime.model_spec import ModelFormatError
+
+UNET, TEXT_ENCODER, VAE_DECODER = "unet", "text_encoder", "vae_decoder"
+COMPONENT_ORDER = (TEXT_ENCODER, UNET, VAE_DECODER)
+POINTS = ("min", "opt", "max")
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str                       # numpy dtype name: float32 | float16 | int64
+    shape: tuple                     # ints, dim symbols ("batch"), or "symbol*k" (outputs only)
+    fill: str = "normal"             # sample factory: normal | timestep | guidance | token_ids | class_label
+    high: int | None = None          # exclusive upper bound for integer fills
+    follows_precision: bool = True   # float tensor that becomes float16 in an fp16 export
+
+
+@dataclasses.dataclass(frozen=True)
+class Tolerance:
+    """Pass when |ort - torch| <= atol + rtol * |torch| elementwise (numpy.allclose semantics); the
+    reference is always the fp32 PyTorch model, so fp16 tolerances cover fp16 rounding error."""
+    atol: float
+    rtol: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportContract:
+    component: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    dims: dict                        # dim symbol -> (min, opt, max)
+    tolerances: dict                  # precision -> Tolerance
+    fp16: bool = True                 # whether an --fp16 export runs this network in float16
+    precision: str = "float32"
+    note: str = ""                    # why a network stays fp32, shown in the manifest and docs
+
+    def with_precision(self, precision: str) -> "ExportContract":
+        """This contract as exported in ``precision`` (networks with fp16=False stay float32)."""
+        precision = precision if self.fp16 else "float32"
+        cast = lambda t: dataclasses.replace(t, dtype=precision) if t.follows_precision else t  # noqa: E731
+        return dataclasses.replace(self, precision=precision, inputs=tuple(map(cast, self.inputs)),
+                                   outputs=tuple(map(cast, self.outputs)))
+
+    @property
+    def tolerance(self) -> Tolerance:
+        return self.tolerances[self.precision]
+
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def dynamic_axes(self) -> dict[str, dict[int, str]]:
+        """torch.onnx.export's ``dynamic_axes``: every non-integer dim of every tensor."""
+        return {t.name: {i: str(d) for i, d in enumerate(t.shape) if not isinstance(d, int)}
+                for t in self.inputs + self.outputs if any(not isinstance(d, int) for d in t.shape)}
+
+    def dim_values(self, point: str) -> dict[str, int]:
+        return {name: int(bounds[POINTS.index(point)]) for name, bounds in self.dims.items()}
+
+    def shapes(self, point: str) -> dict[str, tuple[int, ...]]:
+        """Concrete input shapes at a profile point ('min' | 'opt' | 'max'): TensorRT profiles use these."""
+        dims = self.dim_values(point)
+        return {t.name: resolve_shape(t.shape, dims) for t in self.inputs}
+
+    def distinct_points(self) -> list[str]:
+        """The profile points with different shapes (validation checks each one once)."""
+        seen, points = set(), []
+        for point in POINTS:
+            key = tuple(sorted(self.dim_values(point).items()))
+            if key not in seen:
+                seen.add(key)
+                points.append(point)
+        return points
+
+    def sample_inputs(self, point: str = "opt", seed: int = 0) -> dict[str, np.ndarray]:
+        """Deterministic example inputs at a profile point, in the contract's dtypes."""
+        rng = np.random.default_rng(seed)
+        shapes = self.shapes(point)
+        return {t.name: _fill(t, shapes[t.name], rng) for t in self.inputs}
+
+    def to_dict(self) -> dict:
+        data = dataclasses.asdict(self)
+        data["dims"] = {k: list(v) for k, v in self.dims.items()}
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ExportContract":
+        tensors = lambda items: tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in items)  # noqa: E731
+        return cls(component=data["component"], inputs=tensors(data["inputs"]), outputs=tensors(data["outputs"]),
+                   dims={k: tuple(v) for k, v in data["dims"].items()},
+                   tolerances={k: Tolerance(**v) for k, v in data["tolerances"].items()},
+                   fp16=data["fp16"], precision=data["precision"], note=data.get("note", ""))
+
+
+def _fill(tensor: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:
+    if tensor.fill == "normal":
+        return rng.standard_normal(shape, dtype=np.float32).astype(tensor.dtype)
+    if tensor.fill == "timestep":
+        return np.full(shape, rng.integers(0, tensor.high), dtype=tensor.dtype)
+    if tensor.fill == "guidance":  # a real LCM w-embedding (w in LCM's usual range), not random numbers
+        return guidance_scale_embedding(float(rng.uniform(2.0, 12.0)), shape[1], shape[0]).astype(tensor.dtype)
+    if tensor.fill in ("token_ids", "class_label"):
+        return rng.integers(0, tensor.high, size=shape).astype(tensor.dtype)
+    raise ValueError(f"unknown sample fill '{tensor.fill}' for {tensor.name}")
+
+
+def resolve_shape(shape, dims: dict[str, int]) -> tuple[int, ...]:
+    """Concrete shape of a contract tensor: ints stay, a dim symbol ('batch') takes its value from
+    ``dims``, and 'symbol*k' (an output dim derived from an input dim, e.g. the VAE's
+    'latent_height*8') is that value times k. Lets a backend preallocate outputs before running."""
+    out = []
+    for dim in shape:
+        if isinstance(dim, int):
+            out.append(dim)
+            continue
+        symbol, _, factor = str(dim).partition("*")
+        if symbol not in dims:
+            raise ModelFormatError(f"contract dim '{dim}' is not bound by any input; re-run 'toolkit export'")
+        out.append(dims[symbol] * (int(factor) if factor else 1))
+    return tuple(out)
+
+
+def bind_dims(inputs, arrays: dict) -> dict[str, int]:
+    """The value of every dim symbol, read off the actual input arrays (``inputs``: a contract's TensorSpecs)."""
+    dims: dict[str, int] = {}
+    for tensor in inputs:
+        if tensor.name not in arrays:
+            continue
+        for dim, size in zip(tensor.shape, arrays[tensor.name].shape):
+            if isinstance(dim, str):
+                dims.setdefault(dim, int(size))
+    return dims
