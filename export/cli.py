@@ -1,4 +1,4 @@
-"""``toolkit export``: ONNX export with validation, and ``toolkit export validate DIR``.
+"""``toolkit export``: ONNX export with validation, ``toolkit export validate DIR`` and ``toolkit export triton DIR``.
 
 ``toolkit export MODEL --out DIR`` is the group's default command: the group inserts ``run`` when the first
 argument is not a subcommand name, so ``toolkit export MODEL``, ``toolkit export --fp16`` and the explicit
@@ -111,6 +111,22 @@ def validate_command(
         raise ToolkitError(f"{export_dir} failed validation ({names} out of tolerance); re-export it, "
                            "or without --fp16")
     console.print(f"{export_dir}: all {len(report.checks)} checks passed")
+
+
+@app.command("triton")
+@handles_errors
+def triton_command(
+    export_dir: Path = typer.Argument(..., help="An export directory (has manifest.json)."),
+    out: Path = typer.Option(..., help="Where to write the Triton model repository."),
+    kind: str = typer.Option("gpu", help="Where Triton runs the network models: gpu | cpu (instance_group kind)."),
+    max_batch_size: int = typer.Option(8, help="max_batch_size of the networks Triton can batch (text encoder, VAE)."),
+) -> None:
+    """Write a Triton Inference Server model repository: one ONNX model per network and a Python-backend
+    'pipeline' model running the toolkit's sampling loop over them (docs/serving.md)."""
+    from export.triton import write_repository
+    repo = write_repository(export_dir, out, kind=kind, max_batch_size=max_batch_size)
+    console.print(f"Triton repository written to {repo}: tritonserver --model-repository={repo.resolve()} "
+                  f"(see {repo / 'README.md'})")
 
 
 def print_report(report) -> None:

@@ -19,7 +19,8 @@ from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
 from export.validate import ExportValidationError, ValidationReport, validate_export
 from runtime.backends.ort_backend import parse_device
 from runtime.errors import ToolkitError
-from runtime.export_manifest import read_manifest, tree_fingerprint
+from runtime.export_manifest import read_manifest
+from runtime.provenance import tree_fingerprint
 from runtime.faults import fault_point
 from runtime.model_source import MANIFEST, open_model
 from runtime.staging import check_target, check_writable, staged_directory

@@ -13,13 +13,12 @@ import time
 from pathlib import Path
 
 from runtime.contracts import ExportContract
-from runtime.export_manifest import FORMAT, FORMAT_VERSION, sha256_file
+from runtime.export_manifest import FORMAT, FORMAT_VERSION
 from runtime.model_source import MANIFEST
 from runtime.model_spec import ModelSpec
 from runtime.staging import atomic_file
-from runtime.versions import RUNTIME_PACKAGES, package_versions
+from runtime.provenance import sha256_file, versions
 
-_VERSIONED = (*RUNTIME_PACKAGES, "onnx")   # plus the exporter's own format library
 
 
 def file_entries(root: Path) -> dict[str, dict]:
@@ -40,7 +39,7 @@ def build_manifest(root: Path, *, spec: ModelSpec, precision: str, contracts: di
         "components": {name: {"file": component_files[name], "precision": c.precision, "note": c.note,
                               "contract": c.to_dict()} for name, c in contracts.items()},
         "files": file_entries(root), "tokenizer_files": tokenizer_files,
-        "source": source, "settings": settings, "versions": package_versions(_VERSIONED), "validation": None,
+        "source": source, "settings": settings, "versions": versions("export"), "validation": None,
     }
 
 

@@ -21,7 +21,8 @@ from runtime.contracts import ExportContract, Tolerance
 from runtime.backends.ort_backend import OrtRunner, parse_device, session_options
 from runtime.backends.ort_binding import make_arrays
 from runtime.errors import ToolkitError
-from runtime.export_manifest import ExportManifest, read_manifest, tree_fingerprint, verify_files
+from runtime.export_manifest import ExportManifest, read_manifest, verify_files
+from runtime.provenance import tree_fingerprint
 
 # Images decoded from fp32 ORT and fp32 torch differ only by rounding (identical in practice); fp16
 # networks move pixel values by a few levels. 30 dB is a mean error of ~8 levels of 255.

@@ -6,8 +6,6 @@ import re
 import warnings
 from pathlib import Path
 
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from runtime.default_model import BUNDLED, default_model
 from runtime.errors import ToolkitError
@@ -16,9 +14,9 @@ from runtime.generation import GenerationOptions
 from runtime.images import reserve_new_path, save_png
 from runtime.pipeline import Pipeline, PromptTruncatedWarning
 from runtime.staging import check_writable
-from runtime.versions import package_versions
+from runtime.progress import console, progress_bars
+from runtime.provenance import versions
 
-console = Console(stderr=True)
 
 
 def slug(text: str, limit: int = 40) -> str:
@@ -35,13 +33,9 @@ def run_generate(options: GenerationOptions, *, model, backend, backend_option, 
     options.precheck()
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **backend_options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}, {pipe.source.path}) on {pipe.backend.describe()}")
-        with Progress(TextColumn("generate"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                      console=console, transient=True) as bar:
-            task = bar.add_task("generate", total=None)
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always", PromptTruncatedWarning)
-                output = pipe.generate(options, progress=lambda done, total: bar.update(task, completed=done,
-                                                                                        total=total))
+        with progress_bars() as tracker, warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", PromptTruncatedWarning)
+            output = pipe.generate(options, progress=tracker("generate", None))
         for warning in caught:
             console.print(f"warning: {warning.message}", markup=False, highlight=False)
         source = {"model": str(model), "model_sha256": model_sha256(pipe.source.path)}
@@ -80,6 +74,6 @@ def write_images(output, out_dir: Path, source: dict) -> list[Path]:
     for array, seed, text in zip(output.arrays, output.seeds, prompts):
         name = f"{slug(text)}-seed{seed}.png" if text is not None else f"sample-seed{seed}.png"
         record = {"prompt": text, "seed": seed, **source, "backend": output.backend,
-                  **output.request, "versions": package_versions()}
+                  **output.request, "versions": versions()}
         paths.append(save_png(array, reserve_new_path(out_dir / name), record))
     return paths

@@ -95,6 +95,26 @@ class ExportContract:
         shapes = self.shapes(point)
         return {t.name: _fill(t, shapes[t.name], rng) for t in self.inputs}
 
+    def feed(self, given: dict, cast: bool = False) -> dict:
+        """The network's inputs from ``given`` (the diffusers ``forward`` arguments by name; None = not given):
+        exactly the tensors this contract names, a scalar (the timestep) as its [1] tensor, and with ``cast`` host
+        arrays in the contract's dtypes. A missing input or an unexpected one means the export does not match the
+        model (the error says to re-export)."""
+        names = self.input_names()
+        unexpected = sorted(k for k, v in given.items() if v is not None and k not in names)
+        missing = [t.name for t in self.inputs if given.get(t.name) is None]
+        if unexpected or missing:
+            raise ModelFormatError(f"network inputs mismatch for the exported {self.component}: missing {missing}, "
+                                   f"unexpected {unexpected}; the export does not match this model's conditioning: "
+                                   "re-run 'toolkit export'")
+        feed = {}
+        for tensor in self.inputs:
+            value = given[tensor.name]
+            if np.isscalar(value):
+                value = np.array([value], dtype=tensor.dtype)
+            feed[tensor.name] = np.asarray(value, dtype=tensor.dtype) if cast else value
+        return feed
+
     def to_dict(self) -> dict:
         data = dataclasses.asdict(self)
         data["dims"] = {k: list(v) for k, v in self.dims.items()}

@@ -7,39 +7,16 @@ were changed, truncated or removed since export, instead of running a tampered o
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 from pathlib import Path
 
 from runtime.contracts import ExportContract
 from runtime.model_source import MANIFEST
 from runtime.model_spec import ModelFormatError, ModelSpec
+from runtime.provenance import sha256_file
 
 FORMAT = "at-diffusion-toolkit/onnx-export"
 FORMAT_VERSION = 1
-_CHUNK = 1 << 20
-
-
-def sha256_file(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def tree_fingerprint(root: str | Path) -> dict:
-    """One sha256 over a model directory (relative paths and file hashes): tells whether the model an export
-    or a cached evaluation came from is still the same one, wherever it was copied to."""
-    root = Path(root)
-    digest = hashlib.sha256()
-    count = 0
-    for path in sorted(p for p in root.rglob("*") if p.is_file()):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + sha256_file(path).encode() + b"\n")
-        count += 1
-    return {"path": str(root.resolve()), "sha256": digest.hexdigest(), "files": count}
-
-
 @dataclasses.dataclass(frozen=True)
 class ExportManifest:
     root: Path

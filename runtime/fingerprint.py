@@ -13,7 +13,7 @@ import json
 import os
 from pathlib import Path
 
-from runtime.export_manifest import tree_fingerprint
+from runtime.provenance import tree_fingerprint
 from runtime.staging import atomic_file
 
 CACHE_FILE = "fingerprints.json"

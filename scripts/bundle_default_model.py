@@ -82,9 +82,9 @@ def bundle_model(source: Path, dest: Path, replace: bool) -> dict:
 
 def link_shared(teacher: Path, student: Path) -> None:
     """The teacher's frozen parts are byte-identical to the student's: keep one copy, link the other."""
-    from train.run_log import file_hashes
+    from runtime.provenance import files_sha256
     for part in SHARED:
-        if file_hashes(teacher / part) != file_hashes(student / part):
+        if files_sha256(teacher / part) != files_sha256(student / part):
             raise SystemExit(f"{teacher / part} differs from {student / part}; they must be the same weights")
         shutil.rmtree(teacher / part)
         (teacher / part).symlink_to(Path("..") / student.name / part)

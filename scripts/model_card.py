@@ -55,7 +55,7 @@ def _linked(root: Path, path: Path) -> bool:
 
 
 def _hashes(root: Path) -> list[str]:
-    from train.run_log import sha256_file
+    from runtime.provenance import sha256_file
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != "README.md" and not _linked(root, p))
     return [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in files]
 

@@ -7,6 +7,7 @@ import json
 import math
 import pickle
 import struct
+from importlib import metadata
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -334,7 +335,7 @@ def test_saved_pipeline_loads_in_runtime_and_samples(tmp_path, toy_npz):
     result = train_adm("adm-ip", **run_options(toy_npz, tmp_path / "run", class_cond=True))
     record = json.loads((result.model_dir / "training.json").read_text())
     assert record["command"] == "toolkit train adm-ip" and record["data"]["num_classes"] == 3
-    assert record["data"]["fingerprint"].startswith("sha256:") and record["versions"]["torch"] == torch.__version__
+    assert record["data"]["fingerprint"].startswith("sha256:") and record["versions"]["torch"] == metadata.version("torch")
     assert "unet/diffusion_pytorch_model.safetensors" in record["files_sha256"]
     pipe = Pipeline.load(str(result.model_dir), backend="torch", device="cpu")
     out = pipe(num_images=2, sampler="ddim", steps=3, seed=0, class_labels=[0, 2])

@@ -27,7 +27,7 @@ def test_generate_writes_pngs_with_their_record(tiny_lcm_dir, tmp_path):
     record = json.loads(image.text["at-diffusion-toolkit"])
     assert record["seed"] == 3 and record["steps"] == 4 and record["sampler"] == "lcm"
     assert record["prompt"] == "astronaut in a jungle" and "torch" in record["versions"]
-    from runtime.export_manifest import tree_fingerprint
+    from runtime.provenance import tree_fingerprint
     assert record["model_sha256"] == tree_fingerprint(tiny_lcm_dir)["sha256"]
 
 

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from eval.verdict import build_verdict
-from runtime.export_manifest import tree_fingerprint
+from runtime.provenance import tree_fingerprint
 
 runner = CliRunner()
 HAS_ORT_EXPORT = all(importlib.util.find_spec(m) is not None

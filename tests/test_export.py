@@ -17,7 +17,8 @@ from export.validate import Check, ExportValidationError, ValidationReport, vali
 from runtime import Pipeline
 from runtime.backends import BackendError
 from runtime.backends.ort_backend import OrtBackend
-from runtime.export_manifest import read_manifest, sha256_file
+from runtime.export_manifest import read_manifest
+from runtime.provenance import sha256_file
 from runtime.model_spec import ModelFormatError, ModelSpec
 
 

@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-import runtime.export_manifest as export_manifest
-from runtime.export_manifest import tree_fingerprint
+import runtime.provenance as provenance
+from runtime.provenance import tree_fingerprint
 from runtime.fingerprint import model_sha256
 
 
@@ -27,7 +27,7 @@ def test_cached_hash_equals_the_full_hash_and_is_reused(model_dir, monkeypatch):
 
     def no_rehash(path):
         raise AssertionError(f"re-hashed {path}")
-    monkeypatch.setattr(export_manifest, "sha256_file", no_rehash)
+    monkeypatch.setattr(provenance, "sha256_file", no_rehash)
     assert model_sha256(model_dir) == full
 
 

@@ -125,7 +125,7 @@ def test_lcm_command_one_step_writes_lcm_pipeline(lcm_run):
     assert sched["_class_name"] == "LCMScheduler" and sched["original_inference_steps"] == 50
     assert json.loads((model / "unet" / "config.json").read_text())["time_cond_proj_dim"] == 256
     record = json.loads((model / "training.json").read_text())
-    assert record["command"] == "lcm" and record["weights"] == "ema-target" and record["sha256"]
+    assert record["command"] == "lcm" and record["weights"] == "ema-target" and record["files_sha256"]
     assert (lcm_run / "checkpoints" / "step-1" / "trainer_state.json").exists()
 
 

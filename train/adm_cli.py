@@ -101,9 +101,9 @@ def _export_pipeline(scheduler_config: dict, record: dict):
     def export(model, out_dir: Path) -> None:
         from diffusers import DDPMPipeline, DDPMScheduler
 
-        from train.run_log import file_hashes
+        from runtime.provenance import files_sha256
         DDPMPipeline(unet=model, scheduler=DDPMScheduler.from_config(scheduler_config)).save_pretrained(out_dir)
-        (out_dir / "training.json").write_text(json.dumps({**record, "files_sha256": file_hashes(out_dir)}, indent=2))
+        (out_dir / "training.json").write_text(json.dumps({**record, "files_sha256": files_sha256(out_dir)}, indent=2))
     return export
 
 
@@ -114,7 +114,7 @@ def train_adm(kind: str, **opts: Any):
     from train.adm_losses import NoiseLevels
     from train.image_data import load_image_dataset
     from train.presets import build_model
-    from train.run_log import versions
+    from runtime.provenance import versions
     from train.timestep_sampler import make_timestep_sampler
     from train.trainer import Trainer, TrainerConfig
 
@@ -131,7 +131,7 @@ def train_adm(kind: str, **opts: Any):
     record = {"command": f"toolkit train {kind}",
               "options": {**{k: _jsonable(v) for k, v in opts.items()}, "ema_warmup": ema_warmup},
               "data": dataset.info.to_json(), "unet_config": unet_config, "scheduler_config": scheduler_config,
-              "versions": versions()}
+              "versions": versions("train")}
     config = TrainerConfig(
         run_dir=Path(opts["out"]), max_steps=opts["max_steps"], batch_size=opts["batch_size"], lr=opts["lr"],
         lr_warmup_steps=opts["lr_warmup_steps"], grad_accum=opts["grad_accum"],

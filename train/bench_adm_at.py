@@ -21,7 +21,7 @@ from typing import Optional
 import typer
 
 from runtime.staging import write_json
-from runtime.versions import package_versions
+from runtime.provenance import versions
 
 
 class _Timed:
@@ -104,7 +104,7 @@ def command(preset: str = typer.Option("mnist", help="Model preset: tiny | fmnis
             out: Optional[Path] = typer.Option(None, help="Also write the result to this JSON file.")) -> None:
     """What free AT costs: one ADM-AT outer step (K inner steps) against K plain ADM steps."""
     result = {**run(preset, batch_size, device, adv_steps, outer_steps, rounds, threads, seed),
-              "versions": package_versions()}
+              "versions": versions("train")}
     print(json.dumps(result))
     if out is not None:
         write_json(out, result)

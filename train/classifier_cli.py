@@ -57,11 +57,11 @@ def _export(record: dict):
     def export(model, out_dir: Path) -> None:
         from safetensors.torch import save_file
 
-        from train.run_log import file_hashes
+        from runtime.provenance import files_sha256
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out_dir / WEIGHTS_NAME))
         accuracy = test_accuracy(out_dir / WEIGHTS_NAME)
         card = {**record, "test_accuracy": accuracy, "test_split": "fashion-mnist t10k (10,000 images)",
-                "files_sha256": file_hashes(out_dir)}
+                "files_sha256": files_sha256(out_dir)}
         (out_dir / WEIGHTS_NAME).with_suffix(".json").write_text(json.dumps(card, indent=2))
     return export
 
@@ -72,7 +72,7 @@ def train_classifier(*, out: Path, max_steps: int = 3000, batch_size: int = 128,
 
     from eval.classifier import NETWORK, build_network
     from train.image_data import load_image_dataset
-    from train.run_log import versions
+    from runtime.provenance import versions
     from train.trainer import Trainer, TrainerConfig
     dataset = load_image_dataset("fashion-mnist", None, class_cond=True)
     if (dataset.info.channels, dataset.info.resolution) != (1, 28):
@@ -81,7 +81,7 @@ def train_classifier(*, out: Path, max_steps: int = 3000, batch_size: int = 128,
     model = build_network()
     record = {"command": "toolkit train classifier", "network": NETWORK,
               "options": dict(max_steps=max_steps, batch_size=batch_size, lr=lr, seed=seed),
-              "data": dataset.info.to_json(), "versions": versions()}
+              "data": dataset.info.to_json(), "versions": versions("train")}
     config = TrainerConfig(run_dir=Path(out), max_steps=max_steps, batch_size=batch_size, lr=lr, weight_decay=1e-4,
                            max_grad_norm=None, ema_decay=None, device=device, seed=seed, save_every=save_every,
                            resume=resume, log_every=50, export_weights="raw", progress=progress,

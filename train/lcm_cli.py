@@ -240,7 +240,8 @@ def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) 
     float32 copy of the student the trainer hands over) and a training record with hashes."""
     from diffusers import LatentConsistencyModelPipeline, StableDiffusionPipeline
 
-    from train.run_log import file_hashes, versions, write_generation_defaults
+    from runtime.provenance import files_sha256, versions
+    from train.run_log import write_generation_defaults
 
     model.load_state_dict({k: v.detach().cpu().float() for k, v in target.state_dict().items()})
     # diffusers' LCM pipeline always embeds w, so a student without the embedding (--no-w-embedding) is
@@ -254,8 +255,8 @@ def export_pipeline(model, target, teacher, scheduler, out: Path, record: dict) 
         options = record["options"]
         write_generation_defaults(out, guidance_scale=1.0 + (options["w_min"] + options["w_max"]) / 2)
     (out / "training.json").write_text(json.dumps({**record, "weights": "ema-target",
-                                                   "sha256": file_hashes(out, "*.safetensors"),
-                                                   "versions": versions()}, indent=2))
+                                                   "files_sha256": files_sha256(out, "*.safetensors"),
+                                                   "versions": versions("train")}, indent=2))
 
 
 def _jsonable(d: dict) -> dict:

@@ -3,10 +3,8 @@ in ``run_dir/metrics.jsonl`` (plus TensorBoard scalars when tensorboard is insta
 and file hashes that every exported model's ``training.json`` carries."""
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
-import platform
 import time
 from collections import defaultdict
 from collections.abc import Callable
@@ -78,11 +76,11 @@ class StepProgress:
 
     def __enter__(self) -> "StepProgress":
         if self.enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-            self._progress = Progress(
-                TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[ips]:.1f} img/s"),
-                TimeRemainingColumn(), transient=False)
+            from rich.progress import TextColumn
+
+            from runtime.progress import new_progress
+            self._progress = new_progress(TextColumn("loss {task.fields[loss]}"),
+                                          TextColumn("{task.fields[ips]:.1f} img/s"), transient=False)
             self._progress.__enter__()
             self._task = self._progress.add_task("train", total=self.total, completed=self.start,
                                                  loss="-", ips=0.0)
@@ -101,29 +99,6 @@ class StepProgress:
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.__exit__(*exc)
-
-
-def versions() -> dict[str, str]:
-    """The library versions a training record names."""
-    import accelerate
-    import diffusers
-    import torch
-    import transformers
-    return {"python": platform.python_version(), "torch": torch.__version__, "diffusers": diffusers.__version__,
-            "transformers": transformers.__version__, "accelerate": accelerate.__version__}
-
-
-def file_hashes(root: Path, pattern: str = "*") -> dict[str, str]:
-    """sha256 of every file under ``root`` matching ``pattern``, by POSIX path relative to ``root``."""
-    return {p.relative_to(root).as_posix(): sha256_file(p) for p in sorted(Path(root).rglob(pattern)) if p.is_file()}
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:  # in blocks: a Stable Diffusion UNet is gigabytes
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def write_generation_defaults(out: Path, *, guidance_scale: float) -> None:

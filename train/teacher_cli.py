@@ -85,7 +85,7 @@ def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_
 
     from runtime.schedule import NoiseSchedule
     from train.caption_data import CaptionDataset, find_records
-    from train.run_log import versions
+    from runtime.provenance import versions
     from train.trainer import Trainer, TrainerConfig
     if not 0 <= caption_dropout < 1:
         raise ToolkitError(f"--caption-dropout must be in [0, 1), got {caption_dropout}")
@@ -96,7 +96,7 @@ def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_
     empty = dataset.tokenize([""])[0]
     record = {"command": "toolkit train teacher", "options": dict(data=data, vae=str(vae), resolution=resolution,
               max_steps=max_steps, batch_size=batch_size, lr=lr, caption_dropout=caption_dropout,
-              ema_decay=ema_decay, seed=seed, guidance_scale=guidance_scale), "num_samples": len(dataset), "versions": versions()}
+              ema_decay=ema_decay, seed=seed, guidance_scale=guidance_scale), "num_samples": len(dataset), "versions": versions("train")}
     config = TrainerConfig(run_dir=Path(out), max_steps=max_steps, batch_size=batch_size, lr=lr, max_grad_norm=1.0,
                            ema_decay=ema_decay, device=device, seed=seed, save_every=save_every, resume=resume,
                            log_every=50, progress=progress, command_config=record)
@@ -108,13 +108,14 @@ def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_
 def export_teacher(model, vae, tokenizer, out: Path, record: dict) -> None:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from train.run_log import file_hashes, write_generation_defaults
+    from runtime.provenance import files_sha256
+    from train.run_log import write_generation_defaults
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=model["text_encoder"], tokenizer=tokenizer,
                                    unet=model["unet"], scheduler=DDIMScheduler(**teacher_scheduler_config()),
                                    safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     write_generation_defaults(out, guidance_scale=record["options"]["guidance_scale"])
-    (out / "training.json").write_text(json.dumps({**record, "files_sha256": file_hashes(out, "*.safetensors")},
+    (out / "training.json").write_text(json.dumps({**record, "files_sha256": files_sha256(out, "*.safetensors")},
                                                   indent=2))
 
 

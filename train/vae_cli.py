@@ -69,7 +69,7 @@ def train_vae(*, data: str, out: Path, resolution: int = 32, max_steps: int = 40
     from diffusers import AutoencoderKL
 
     from train.caption_data import find_records
-    from train.run_log import file_hashes, versions
+    from runtime.provenance import files_sha256, versions
     from train.trainer import Trainer, TrainerConfig
     if resolution % 4:
         raise ToolkitError(f"--resolution must be a multiple of 4 (the VAE downsamples twice), got {resolution}")
@@ -78,13 +78,13 @@ def train_vae(*, data: str, out: Path, resolution: int = 32, max_steps: int = 40
     vae = AutoencoderKL(sample_size=resolution, **VAE_CONFIG)
     record = {"command": "toolkit train vae", "options": dict(data=data, resolution=resolution, max_steps=max_steps,
               batch_size=batch_size, lr=lr, kl_weight=kl_weight, seed=seed), "num_samples": len(dataset),
-              "versions": versions()}
+              "versions": versions("train")}
 
     def export(model, tmp: Path) -> None:
         model.register_to_config(scaling_factor=latent_scaling_factor(model, dataset))
         model.save_pretrained(tmp)
         (tmp / "training.json").write_text(json.dumps({**record, "scaling_factor": model.config.scaling_factor,
-                                                       "files_sha256": file_hashes(tmp)}, indent=2))
+                                                       "files_sha256": files_sha256(tmp)}, indent=2))
 
     config = TrainerConfig(run_dir=Path(out), max_steps=max_steps, batch_size=batch_size, lr=lr, max_grad_norm=1.0,
                            ema_decay=None, device=device, seed=seed, save_every=save_every, resume=resume,

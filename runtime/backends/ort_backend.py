@@ -257,23 +257,9 @@ class OrtBackend(Backend):
         return self._call("vae_decoder", latent=latents)
 
     def _call(self, component: str, **given):
-        """Feed the network every input its contract names (by the diffusers ``forward`` argument each one is)
-        and return its output; the scalar timestep becomes the contract's [1] tensor."""
+        """Feed the network exactly the inputs its contract names; return the contract's output."""
         runner = self._runners[component]
-        unexpected = sorted(k for k, v in given.items() if v is not None and k not in runner.input_names)
-        if unexpected:
-            raise BackendError(f"network inputs mismatch: the exported {component} has no input(s) {unexpected} "
-                               "that this model's conditioning gives; the export does not match the model: re-run "
-                               "'toolkit export'")
-        feed = {}
-        for tensor in runner.contract.inputs:
-            value = given.get(tensor.name)
-            if value is None:
-                raise BackendError(f"the exported {component} needs input '{tensor.name}', which this model's "
-                                   "conditioning does not give; the export does not match the model: re-run "
-                                   "'toolkit export'")
-            feed[tensor.name] = np.array([value], dtype=tensor.dtype) if np.isscalar(value) else value
-        return runner(feed)[runner.output]
+        return runner(runner.contract.feed(given))[runner.output]
 
     def close(self) -> None:
         for runner in getattr(self, "_runners", {}).values():

@@ -35,12 +35,12 @@ def command(
         raise ToolkitError("--clients, --requests and --max-batch must be at least 1")
     from runtime.pipeline import Pipeline
     from runtime.staging import write_json
-    from runtime.versions import package_versions
+    from runtime.provenance import versions
     with Pipeline.load(model, backend=backend, device=device) as pipe:
         results = [measure(pipe, clients=clients, requests=requests, max_batch=b, max_wait_ms=max_wait_ms,
                            steps=steps, seed=seed) for b in dict.fromkeys((max_batch, 1))]
         about = {"model": str(model), "backend": pipe.backend.describe(), "cpu_count": os.cpu_count(),
-                 "machine": platform.platform(), "versions": package_versions()}
+                 "machine": platform.platform(), "versions": versions()}
     speedup = results[0].throughput_rps / results[-1].throughput_rps if results[-1].throughput_rps else None
     table = "\n".join([TABLE_HEADER, *(r.row() for r in results)])
     write_json(out / "bench.json", {**about, "results": [dataclasses.asdict(r) for r in results],
