@@ -220,3 +220,18 @@ def test_cli_serves_without_torch_and_sigterm_finishes_the_waiting_request(tiny_
     finally:
         proc.kill()
     assert answers and answers[0].status_code == 200 and answers[0].headers["x-seed"] == "2"
+
+
+def test_unconditional_export_serves_num_images_and_refuses_a_prompt(tiny_uncond_dir, tmp_path_factory):
+    from export.exporter import ExportSettings, run_export
+    export = run_export(ExportSettings(model=str(tiny_uncond_dir), out=tmp_path_factory.mktemp("serve") / "uncond",
+                                       validate=False), log=lambda m: None).out
+    with Pipeline.load(export, backend="onnxruntime", device="cpu") as uncond, serving(uncond) as running:
+        answer = post(running.url, {"num_images": 3, "seed": 4, "steps": 2, "format": "json"})
+        refused = post(running.url, {"prompt": "a bag", "steps": 2})
+        expected = uncond(num_images=3, seed=4, steps=2).arrays
+    assert answer.status_code == 200, answer.text
+    assert [i["seed"] for i in answer.json()["images"]] == [4, 5, 6]
+    for item, array in zip(answer.json()["images"], expected):
+        np.testing.assert_array_equal(decode(base64.b64decode(item["png_base64"])), array)
+    assert refused.status_code == 422 and "unconditional and takes no prompt" in refused.json()["error"]
