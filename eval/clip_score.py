@@ -16,6 +16,8 @@ from eval.inception import resolve_device
 from runtime.errors import ToolkitError
 
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-L-14", "openai"
+# a CLIP trained by `toolkit train clip`: its model/ directory holds the open_clip config and the weights
+CONFIG_FILE, WEIGHTS_FILE = "toolkit-clip.json", "open_clip_model.safetensors"
 
 
 class ClipScorer:
@@ -25,6 +27,7 @@ class ClipScorer:
                  device: str = "auto", batch_size: int = 32, seed: int = 0):
         import open_clip
         import torch
+        model, pretrained = _trained_clip(model, pretrained)
         name = _register_config(model)
         self.device = resolve_device(device)
         self.batch_size = int(batch_size)
@@ -59,6 +62,18 @@ class ClipScorer:
                 cos = torch.nn.functional.cosine_similarity(img, txt, dim=-1)
                 scores.append(torch.clamp(100.0 * cos, min=0.0).cpu().double().numpy())
         return np.concatenate(scores) if scores else np.zeros(0)
+
+
+def _trained_clip(model: str, pretrained: str | None) -> tuple[str, str | None]:
+    """A `toolkit train clip` model directory -> (its config JSON, its weights unless others were asked for)."""
+    path = Path(model).expanduser()
+    if not path.is_dir():
+        return model, pretrained
+    if not (path / CONFIG_FILE).is_file():
+        raise ToolkitError(f"--clip-model {path} is a directory without {CONFIG_FILE}; pass the model/ directory "
+                           "of a 'toolkit train clip' run, an open_clip model name or a config JSON")
+    weights = str(path / WEIGHTS_FILE) if pretrained in (None, "", DEFAULT_PRETRAINED) else pretrained
+    return str(path / CONFIG_FILE), weights
 
 
 def _register_config(model: str) -> str:

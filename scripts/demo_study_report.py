@@ -1,5 +1,5 @@
 """The report of scripts/repro_demo.py: results.json / results.csv, table.md (teacher, LCM, LCM-AT x steps: classifier
-FID, Inception FID, prompt adherence, mean +- std over sampling seeds), fid_vs_steps.png and per-class sample
+FID, Inception FID, prompt adherence, CLIP score, mean +- std over sampling seeds), fid_vs_steps.png and per-class sample
 grids. ``python scripts/repro_demo.py _report --out DIR`` makes it from whatever cells exist (N is stated)."""
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ from scripts.study_report_common import aggregate, cell_text, errorbar_line, run
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
+VALUE_KEY = {"adherence": "accuracy", "clip": "clip_score"}   # FID cells: "fid"
 
 
 def collect_rows(out: Path) -> list[dict]:
     rows = []
     for path in sorted((out / "cells").rglob("*.json")):
         cell = json.loads(path.read_text())
-        metric = cell.get("features", "adherence")
+        metric = cell.get("features") or cell.get("metric", "adherence")
         for row in cell["rows"]:
-            value = row["accuracy"] if metric == "adherence" else row["fid"]
+            value = row[VALUE_KEY.get(metric, "fid")]
             rows.append({"metric": metric, "model": cell["model"], "steps": row.get("nfe", row.get("steps")),
                          "seed": cell["seed"], "num": row["num"], "value": value, "seconds": row["seconds"]})
     return rows
@@ -45,7 +46,8 @@ def plot(agg: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     panels = [(m, t) for m, t in ((study.CLF, "classifier FID"), ("inception", "Inception FID"),
-                                  ("adherence", "prompt adherence")) if any(k[0] == m for k in agg)]
+                                  ("adherence", "prompt adherence"), ("clip", "CLIP score (own CLIP)"))
+              if any(k[0] == m for k in agg)]
     fig, axes = plt.subplots(1, max(1, len(panels)), figsize=(4.2 * max(1, len(panels)), 3.4), squeeze=False)
     for ax, (metric, title) in zip(axes[0], panels):
         for model in study.STUDENTS:
@@ -88,6 +90,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     lines = table_markdown(agg, study.CLF, "Classifier FID (lower is better)")
     lines += table_markdown(agg, "inception", "Inception FID (lower is better)")
     lines += table_markdown(agg, "adherence", "Prompt adherence (classifier accuracy on class prompts)", 3)
+    lines += table_markdown(agg, "clip", "CLIP score (the study's own CLIP, runs/clip; higher is better)")
     lines += ["### Training", "", "| run | command | batches | optimizer steps | batch | lr | wall time |",
               "|---|---|---|---|---|---|---|"]
     lines += [f"| {t['model']} | {t['command']} | {t['batches']} | {t['optimizer_steps']} | {t['batch_size']} | "

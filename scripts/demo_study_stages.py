@@ -38,9 +38,33 @@ def run_adherence(out: Path, model: str, seed: int, cfg: dict) -> None:
     write_json(study.adherence_path(out, model, seed), {"model": model, "seed": seed, "rows": rows})
 
 
+def run_clip(out: Path, model: str, seed: int, cfg: dict) -> None:
+    """CLIP score (the study's own CLIP, runs/clip) of per_class images per class prompt at each step count."""
+    import time
+
+    import numpy as np
+
+    from eval.clip_score import ClipScorer
+    from eval.fashion_prompts import class_prompts
+    from runtime.pipeline import Pipeline
+    from runtime.staging import write_json
+    scorer = ClipScorer(str(study.model_dir(out, "clip")), None, device="cpu")
+    rows, n = [], cfg["per_class"]
+    with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
+        for steps in model_steps(model, cfg):
+            started = time.perf_counter()
+            scores = np.concatenate([scorer(pipe([p], num_images=n, steps=steps, seed=seed, batch_size=50).arrays,
+                                            [p] * n) for p in class_prompts()])
+            rows.append({"steps": steps, "clip_score": float(scores.mean()),
+                         "clip_score_sem": float(scores.std(ddof=1) / np.sqrt(scores.size)) if scores.size > 1 else None,
+                         "num": int(scores.size), "seconds": round(time.perf_counter() - started, 2)})
+    write_json(study.clip_path(out, model, seed), {"model": model, "metric": "clip", "seed": seed,
+                                                    "clip": scorer.record, "rows": rows})
+
+
 def main(argv: list[str], config_for) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["_fid", "_adherence", "_report"])
+    parser.add_argument("stage", choices=["_fid", "_adherence", "_clip", "_report"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model")
     parser.add_argument("--features", default=study.CLF)
@@ -52,6 +76,8 @@ def main(argv: list[str], config_for) -> int:
         run_fid(out, args.model, args.features, args.seed, cfg)
     elif args.stage == "_adherence":
         run_adherence(out, args.model, args.seed, cfg)
+    elif args.stage == "_clip":
+        run_clip(out, args.model, args.seed, cfg)
     else:
         from scripts.demo_study_report import write_report
         write_report(out, cfg)

@@ -12,7 +12,9 @@ Stages (each a resumable job, run by scripts/study_runner.py):
    ``toolkit train lcm-at`` (free AT makes K optimizer steps per batch, so its run takes 1/K of the batches);
 4. evaluation at 1/2/4/8 steps (teacher: its DDIM at 25 steps): prompt adherence, classifier FID (3 seeds; the
    teacher, a reference row, seed 0 only) and the Inception FID (seed 0), then fp16 exports of both students and
-   ``toolkit eval compare`` torch vs ONNX Runtime; 5. the report (results.json / csv, table.md, plots, grids).
+   ``toolkit eval compare`` torch vs ONNX Runtime; a small CLIP trained on the same captions (``toolkit train
+   clip``: no pretrained CLIP offline) and each model's CLIP score (seed 0); 5. the report (results.json / csv,
+   table.md, plots, grids).
 """
 from __future__ import annotations
 
@@ -32,13 +34,14 @@ FULL = dict(
     distill=dict(opt_steps=1200, batch=32, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
                                                                                                max_norm=0.05),
     save_every=250, steps=(1, 2, 4, 8), teacher_steps=(25,), seeds=(0, 1_000_000, 2_000_000), num=10000,
-    inception=dict(num=5000), per_class=100, compare=dict(num=2000), ref_num=None)
+    inception=dict(num=5000), per_class=100, compare=dict(num=2000), ref_num=None,
+    clip=dict(steps=1500, batch=256, lr=5e-4))
 QUICK = dict(
     captions=256, vae=dict(steps=4, batch=8, lr=1e-3), teacher=dict(steps=4, batch=8, lr=3e-4, ema=0.9),
     distill=dict(opt_steps=4, batch=4, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
                                                                                           max_norm=0.05),
     save_every=0, steps=(1, 2), teacher_steps=(3,), seeds=(0, 1000, 2000), num=32, inception=dict(num=8),
-    per_class=2, compare=dict(num=16), ref_num=200)
+    per_class=2, compare=dict(num=16), ref_num=200, clip=dict(steps=2, batch=8, lr=5e-4))
 
 
 def run_dir(out: Path, name: str) -> Path:
@@ -92,6 +95,10 @@ def adherence_path(out: Path, model: str, seed: int) -> Path:
     return out / "cells" / "adherence" / f"{model}-seed{seed}.json"
 
 
+def clip_path(out: Path, model: str, seed: int) -> Path:
+    return out / "cells" / "clip" / f"{model}-seed{seed}.json"
+
+
 def this_script(*args) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
 
@@ -116,7 +123,21 @@ def evaluation_jobs(out: Path, cfg: dict, quick: bool) -> list[Job]:
     # the teacher is the reference row, not the question: its 25-step cells cost ~3x a student's, so it gets the
     # first seed only (the report marks its cells as 1 seed)
     jobs += [job for s in others for m in STUDENTS for job in (fid(CLF, m, s), adherence(m, s))]
+    jobs += clip_jobs(out, cfg, first, q)
     return jobs + [fid("inception", m, first) for m in MODELS]
+
+
+def clip_jobs(out: Path, cfg: dict, seed: int, q: list) -> list[Job]:
+    """A small CLIP trained on the same captions (no pretrained CLIP offline), then the CLIP score of each model's
+    class-prompt images (the adherence images: per_class per prompt, seeds seed+i)."""
+    c, data = cfg["clip"], out / "data" / "train"
+    train = Job("train-clip", lambda: toolkit("train", "clip", "--data", data, "--out", run_dir(out, "clip"),
+                                              "--max-steps", c["steps"], "--batch-size", c["batch"], "--lr", c["lr"],
+                                              "--seed", 1, "--save-every", cfg["save_every"] or 1000, "--resume"),
+                model_dir(out, "clip") / "toolkit-clip.json", ("captions",))
+    return [train] + [Job(f"clip-{m}-seed{seed}", lambda m=m: this_script("_clip", "--out", out, "--model", m,
+                                                                         "--seed", seed, *q),
+                          clip_path(out, m, seed), (f"train-{m}", "train-clip")) for m in MODELS]
 
 
 def deployment_jobs(out: Path, cfg: dict) -> list[Job]:

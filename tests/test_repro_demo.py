@@ -1,5 +1,5 @@
 """scripts/repro_demo.py --quick: every stage of the demo study (captions, VAE, teacher, LCM, LCM-AT, FID, adherence,
-exports, compare, report) runs end to end with tiny budgets, and a rerun has nothing left to do."""
+exports, compare, the study's own CLIP and CLIP scores, report) runs end to end with tiny budgets, and a rerun has nothing left to do."""
 import json
 import os
 import subprocess
@@ -20,8 +20,8 @@ def test_quick_demo_study_runs_every_stage_and_reports(tmp_path):
     for model in ("lcm", "lcm-at"):
         for steps in (1, 2):
             assert {("fmnist-classifier", model, steps), ("inception", model, steps),
-                    ("adherence", model, steps)} <= metrics
-    assert ("fmnist-classifier", "teacher", 3) in metrics
+                    ("adherence", model, steps), ("clip", model, steps)} <= metrics
+    assert {("fmnist-classifier", "teacher", 3), ("clip", "teacher", 3)} <= metrics
     seeds = next(r for r in results["aggregate"] if r["metric"] == "fmnist-classifier")["n_seeds"]
     assert seeds == 3
     assert results["compare_verdict"] is not None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from train import adm_cli, classifier_cli, fashion_captions, lcm_cli, teacher_cli, vae_cli
+from train import adm_cli, classifier_cli, clip_cli, fashion_captions, lcm_cli, teacher_cli, vae_cli
 
 app = typer.Typer(help="Train ADM-style UNets (plain / AT / IP) and distill LCMs (plain / AT).",
                   no_args_is_help=True)
@@ -14,3 +14,4 @@ classifier_cli.register(app)
 fashion_captions.register(app)
 vae_cli.register(app)
 teacher_cli.register(app)
+clip_cli.register(app)
