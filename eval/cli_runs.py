@@ -4,13 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from eval.clip_score import ClipScorer, read_prompts
-from eval.commands import console, progress_bar
-from runtime.provenance import versions
 from eval.compare import CellMetrics, CompareConfig, run_compare, validate
 from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
 from eval.measure import make_extractor, source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
+from runtime.progress import console, progress_bars
+from runtime.provenance import versions
 from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
 from runtime.model_spec import model_name
@@ -44,7 +44,7 @@ def per_backend_options(values: list[str] | None) -> dict[str, dict]:
 
 
 def _reference(ref: str, extractor, cache, chunk_size):
-    with progress_bar() as tracker:
+    with progress_bars() as tracker:
         return source_stats(ref, extractor, cache_dir=None if cache is None else Path(cache) / "ref",
                             chunk_size=chunk_size, progress=tracker("reference features", 0))
 
@@ -63,7 +63,7 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option
                              guidance_scale=guidance_scale, eps_scale=eps_scale, cache_dir=cache,
                              backend_options=parse_options(backend_option or []))
     ref_stats = _reference(ref, extractor, cache, chunk_size)
-    with progress_bar() as tracker:
+    with progress_bars() as tracker:
         rows = run_sample_fid(config, ref_stats, extractor, progress_for=lambda n: tracker(f"nfe {n}", num))
     for row in rows:
         console.print(f"NFE {row['nfe']:>4}: FID {row['fid']:.3f}  ({row['num']} samples, {row['seconds']} s, "
@@ -95,7 +95,7 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
     clip = None
     if config.prompts and not no_clip:
         clip = ClipScorer(clip_model, clip_pretrained or None, device=device, seed=seed)
-    with progress_bar() as tracker:
+    with progress_bars() as tracker:
         metrics = CellMetrics(extractor, ref_stats, clip, bootstrap=bootstrap, seed=seed)
         rows, grids = run_compare(config, metrics, progress=lambda label, done, total: tracker(label, total)(done),
                                   on_row=lambda r: console.print(_row_line(r)))

@@ -13,16 +13,14 @@ from eval.kid import kernel_inception_distance
 from eval.measure import cache_subdir, check_comparable, source_features, source_stats
 from eval.sources import FolderSource, resolve_source, take
 from runtime.errors import ToolkitError
-from runtime.staging import write_json
 from runtime.progress import console, progress_bars
 from runtime.provenance import versions
-
-progress_bar = progress_bars   # eval's name for it (eval/cli_runs.py)
+from runtime.staging import write_json
 
 
 def run_fid(gen: str, ref: str, *, extractor: InceptionFeatures, kid: bool, seed: int, cache: Path | None,
             chunk_size: int, out: Path | None, num: int | None = None) -> dict:
-    with progress_bar() as tracker:
+    with progress_bars() as tracker:
         sides = {}
         for name, arg in (("gen", gen), ("ref", ref)):
             source = resolve_source(arg)
@@ -52,7 +50,7 @@ def run_stats(data: str, *, out: Path, extractor: InceptionFeatures, cache: Path
               num: int | None = None) -> FeatureStats:
     if isinstance(resolve_source(data), FeatureStats):
         raise ToolkitError(f"'{data}' is already a stats file; pass an image folder or dataset name")
-    with progress_bar() as tracker:
+    with progress_bars() as tracker:
         stats = source_stats(data, extractor, cache_dir=cache, chunk_size=chunk_size,
                              progress=tracker("features", 0), num=num)
     stats = FeatureStats(stats.mu, stats.sigma, stats.num, {**stats.meta, "versions": versions("eval")})
@@ -70,7 +68,7 @@ def run_clip(images: Path, *, prompts_file: Path | None, scorer: ClipScorer, out
         raise ToolkitError(f"{prompts_file} has {len(prompts)} prompts for {source.num} images in {images}; "
                            "write one prompt per image, in the images' sorted filename order")
     scores = []
-    with progress_bar() as tracker:
+    with progress_bars() as tracker:
         update = tracker("clip", source.num)
         for lo in range(0, source.num, scorer.batch_size):
             hi = min(lo + scorer.batch_size, source.num)
