@@ -9,11 +9,11 @@ from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
 from eval.measure import make_extractor, source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
-from runtime.progress import console, progress_bars
-from runtime.provenance import versions
 from runtime.cli_generate import parse_options
 from runtime.errors import ToolkitError
 from runtime.model_spec import model_name
+from runtime.progress import console, progress_bars
+from runtime.provenance import versions
 from runtime.staging import check_target, check_writable, write_json
 
 
