@@ -101,7 +101,8 @@ class _Service:
         self.metrics.images.inc(len(images))
         about = {**self.record, "backend": self.pipe.backend.describe()}
         warnings = wanted.truncation_warnings(self.pipe.spec.tokenizer_max_length)
-        return _response(body, wanted, images, batch, about, warnings)
+        # PNG encoding off the event loop (tens of ms for a 512 px image would stall every other request)
+        return await asyncio.to_thread(_response, body, wanted, images, batch, about, warnings)
 
 
 def _parse(raw: bytes) -> GenerateBody:
