@@ -11,8 +11,8 @@ from pathlib import Path
 
 from scripts import repro_adm as study
 from scripts.repro_adm import CLF
-from scripts.study_report_common import (aggregate, cell_text, errorbar_line, run_summary, save_figure, tile,
-                                          write_csv)
+from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
+                                          write_results_json)
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
@@ -86,12 +86,8 @@ def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
 
 
 def write_report(out: Path, cfg: dict) -> Path:
-    from runtime.staging import write_json
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(out)
-    agg = aggregate(rows, ("features", "model", "sampler", "nfe"), "fid")
-    write_csv(rows, CSV_COLUMNS, report / "results.csv")
+    report, agg = begin_report(out, rows, ("features", "model", "sampler", "nfe"), "fid", CSV_COLUMNS)
     es = {m: json.loads(p.read_text()) for m in study.MODELS if (p := study.es_path(out, m)).is_file()}
     training = training_summary(out)
     lines = ["## Classifier FID", ""] + table_markdown(agg, CLF) + ["", "## Inception FID", ""]
@@ -105,10 +101,6 @@ def write_report(out: Path, cfg: dict) -> Path:
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_nfe.png")
     grids = sample_grids(out, cfg, report)
-    compare = out / "compare" / "record.json"
-    write_json(report / "results.json", {
-        "rows": rows, "aggregate": [dict(zip(("features", "model", "sampler", "nfe"), k), **v) for k, v in agg.items()],
-        "es": es, "training": training, "grids": grids,
-        "compare_verdict": json.loads(compare.read_text()).get("verdict") if compare.is_file() else None,
-        "config": cfg})
+    write_results_json(out, report, rows, agg, ("features", "model", "sampler", "nfe"), cfg, es=es, training=training,
+                       grids=grids)
     return report

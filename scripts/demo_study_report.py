@@ -7,7 +7,8 @@ import json
 from pathlib import Path
 
 from scripts import repro_demo as study
-from scripts.study_report_common import aggregate, cell_text, errorbar_line, run_summary, save_figure, tile, write_csv
+from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
+                                          write_results_json)
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
@@ -80,12 +81,8 @@ def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
 
 
 def write_report(out: Path, cfg: dict) -> Path:
-    from runtime.staging import write_json
-    report = out / "report"
-    report.mkdir(parents=True, exist_ok=True)
     rows = collect_rows(out)
-    agg = aggregate(rows, ("metric", "model", "steps"), "value")
-    write_csv(rows, CSV_COLUMNS, report / "results.csv")
+    report, agg = begin_report(out, rows, ("metric", "model", "steps"), "value", CSV_COLUMNS)
     training = [run_summary(out / "runs" / name, name) for name in ("vae", "teacher", *study.STUDENTS)]
     lines = table_markdown(agg, study.CLF, "Classifier FID (lower is better)")
     lines += table_markdown(agg, "inception", "Inception FID (lower is better)")
@@ -98,10 +95,5 @@ def write_report(out: Path, cfg: dict) -> Path:
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_steps.png")
     grids = sample_grids(out, cfg, report)
-    compare = out / "compare" / "record.json"
-    write_json(report / "results.json", {
-        "rows": rows, "aggregate": [dict(zip(("metric", "model", "steps"), k), **v) for k, v in agg.items()],
-        "training": training, "grids": grids,
-        "compare_verdict": json.loads(compare.read_text()).get("verdict") if compare.is_file() else None,
-        "config": cfg})
+    write_results_json(out, report, rows, agg, ("metric", "model", "steps"), cfg, training=training, grids=grids)
     return report

@@ -70,6 +70,26 @@ def errorbar_line(ax, points: list[tuple], label: str) -> None:
                     marker="o", capsize=3, label=label)
 
 
+def begin_report(out: Path, rows: list[dict], keys: tuple[str, ...], value: str, columns: tuple[str, ...]):
+    """Make OUT/report, write results.csv from ``rows``; returns the report dir and the aggregate over seeds."""
+    report = out / "report"
+    report.mkdir(parents=True, exist_ok=True)
+    write_csv(rows, columns, report / "results.csv")
+    return report, aggregate(rows, keys, value)
+
+
+def write_results_json(out: Path, report: Path, rows: list[dict], agg: dict, keys: tuple[str, ...], cfg: dict,
+                       **extra) -> None:
+    """report/results.json: the raw rows, the aggregate by ``keys``, the study's config, the verdict of the
+    deployment check (compare/record.json) when it ran, and ``extra`` sections."""
+    from runtime.staging import write_json
+    compare = out / "compare" / "record.json"
+    write_json(report / "results.json", {
+        "rows": rows, "aggregate": [dict(zip(keys, k), **v) for k, v in agg.items()], **extra,
+        "compare_verdict": json.loads(compare.read_text()).get("verdict") if compare.is_file() else None,
+        "config": cfg})
+
+
 def save_figure(fig, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig.tight_layout()
