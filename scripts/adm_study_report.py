@@ -9,8 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scripts import repro_adm as study
-from scripts.repro_adm import CLF
+from scripts import adm_study as study
+from scripts.adm_study import CLF
 from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
                                           write_results_json)
 

@@ -10,8 +10,8 @@ import argparse
 import json
 from pathlib import Path
 
-from scripts import repro_adm as study
-from scripts.repro_adm import CLF
+from scripts import adm_study as study
+from scripts.adm_study import CLF
 from scripts.study_fid import extractor as _extractor
 from scripts.study_fid import fid_rows as _fid_rows
 
@@ -60,7 +60,7 @@ def run_grid(out: Path, model: str, features: str, seed: int, nfes: tuple[int, .
                               "features": features, "rows": rows})
 
 
-def main(argv: list[str], config_for) -> int:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["_es", "_grid", "_report"])
     parser.add_argument("--out", type=Path, required=True)
@@ -70,7 +70,7 @@ def main(argv: list[str], config_for) -> int:
     parser.add_argument("--nfes", default="")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    cfg, out = config_for(args.quick), args.out.resolve()
+    cfg, out = study.config_for(args.quick), args.out.resolve()
     if args.stage == "_es":
         pick_es(out, args.model, cfg)
     elif args.stage == "_grid":

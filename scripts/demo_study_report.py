@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scripts import repro_demo as study
+from scripts import demo_study as study
 from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
                                           write_results_json)
 

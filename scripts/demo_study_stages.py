@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from scripts import repro_demo as study
+from scripts import demo_study as study
 from scripts.study_fid import extractor, fid_rows
 
 
@@ -62,7 +62,7 @@ def run_clip(out: Path, model: str, seed: int, cfg: dict) -> None:
                                                     "clip": scorer.record, "rows": rows})
 
 
-def main(argv: list[str], config_for) -> int:
+def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=["_fid", "_adherence", "_clip", "_report"])
     parser.add_argument("--out", type=Path, required=True)
@@ -71,7 +71,7 @@ def main(argv: list[str], config_for) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    cfg, out = config_for(args.quick), args.out.resolve()
+    cfg, out = study.config_for(args.quick), args.out.resolve()
     if args.stage == "_fid":
         run_fid(out, args.model, args.features, args.seed, cfg)
     elif args.stage == "_adherence":

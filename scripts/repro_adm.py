@@ -23,33 +23,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
+from scripts.adm_study import (CLF, MODELS, SAMPLERS, cell_path, config_for, es_path, model_dir,  # noqa: E402
+                               ref_path)
 from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
-
-CLF = "fmnist-classifier"
-
-MODELS = ("base", "ft", "ip", "at", "at-detach")
-LABELS = {"base": "ADM (base)", "ft": "ADM-FT", "ip": "ADM-IP", "at": "ADM-AT (full)", "at-detach": "ADM-AT (detach)"}
-SAMPLERS = ("ddim", "dpmpp_2m", "iddpm", "es_ddim")   # es_ddim: DDIM on eps / lambda (ES)
-
-FULL = dict(
-    base=dict(steps=8000, batch=64, lr=2e-4, ema=0.9995), finetune=dict(opt_steps=3000, batch=64, lr=1e-4, ema=0.999),
-    adv_steps=3, nfes=(5, 10, 20), base_nfes=(50,), seeds=(0, 1_000_000, 2_000_000), num=10000,
-    inception=dict(nfe=10, num=5000), es=dict(lambdas=(1.0, 1.005, 1.01, 1.015, 1.02, 1.03), num=2000, nfe=10,
-                                             seed=9_000_000),
-    compare=dict(nfe=10, num=10000), grid=dict(nfes=(5, 10), count=64), save_every=250, ref_num=None)
-QUICK = dict(
-    base=dict(steps=24, batch=16, lr=2e-4, ema=0.99), finetune=dict(opt_steps=6, batch=16, lr=1e-4, ema=0.9),
-    adv_steps=3, nfes=(2, 4), base_nfes=(6,), seeds=(0, 1000, 2000), num=64,
-    inception=dict(nfe=4, num=8), es=dict(lambdas=(1.0, 1.02), num=32, nfe=4, seed=9000),
-    compare=dict(nfe=4, num=32), grid=dict(nfes=(2, 4), count=16), save_every=0, ref_num=200)
 
 
 def this_script(*args) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
-
-
-def model_dir(out: Path, name: str) -> Path:
-    return out / "runs" / name / "model"
 
 
 def train_command(out: Path, name: str, cfg: dict) -> list[str]:
@@ -76,18 +56,6 @@ def stats_command(out: Path, cfg: dict, split: str, features: str) -> list[str]:
                    "--out", ref_path(out, split, features), "--cache", out / "cache" / f"ref-{features}-{split}", *num)
 
 
-def ref_path(out: Path, split: str, features: str) -> Path:
-    return out / "refs" / f"{features}-{split}.npz"
-
-
-def cell_path(out: Path, features: str, model: str, sampler: str, seed: int, nfe: int) -> Path:
-    return out / "cells" / features / model / f"{sampler}-seed{seed}-nfe{nfe}.json"
-
-
-def es_path(out: Path, model: str) -> Path:
-    return out / "es" / f"{model}.json"
-
-
 def grid_job(out: Path, cfg: dict, features: str, model: str, seed: int, nfes: tuple[int, ...], quick: bool) -> Job:
     ref = "ref-inception-test" if features == "inception" else "ref-fmnist-classifier-test"
     args = ["_grid", "--out", out, "--model", model, "--features", features, "--seed", seed,
@@ -99,7 +67,7 @@ def grid_job(out: Path, cfg: dict, features: str, model: str, seed: int, nfes: t
 def build_jobs(out: Path, quick: bool) -> list[Job]:
     """Every job, in the order they are started when ready: the first complete table (one seed, every model and
     sampler) comes before the Inception column, the deployment check, the other seeds and the base's NFE 50."""
-    cfg = QUICK if quick else FULL
+    cfg = config_for(quick)
     q = ["--quick"] if quick else []
     fixed = lambda cmd: (lambda: cmd)  # noqa: E731
     jobs = [Job(f"ref-{feat}-{split}", fixed(stats_command(out, cfg, split, feat)), ref_path(out, split, feat))
@@ -140,10 +108,9 @@ def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_for = lambda quick: QUICK if quick else FULL  # noqa: E731
     if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
         from scripts import adm_study_stages
-        return adm_study_stages.main(sys.argv[1:], config_for=config_for)
+        return adm_study_stages.main(sys.argv[1:])
     return study_main(argv, __doc__.splitlines()[0], build_jobs, config_for)
 
 

@@ -23,33 +23,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
+from scripts.demo_study import (CLF, MODELS, STUDENTS, adherence_path, clip_path, config_for,  # noqa: E402
+                                fid_path, model_dir, ref_path, run_dir)
 from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
-
-STUDENTS = ("lcm", "lcm-at")
-MODELS = (*STUDENTS, "teacher")   # evaluation order: the students (fast) first
-CLF = "fmnist-classifier"
-
-FULL = dict(
-    captions=None, vae=dict(steps=4000, batch=64, lr=1e-3), teacher=dict(steps=3500, batch=64, lr=3e-4, ema=0.999),
-    distill=dict(opt_steps=1200, batch=32, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
-                                                                                               max_norm=0.05),
-    save_every=250, steps=(1, 2, 4, 8), teacher_steps=(25,), seeds=(0, 1_000_000, 2_000_000), num=10000,
-    inception=dict(num=5000), per_class=100, compare=dict(num=2000), ref_num=None,
-    clip=dict(steps=1500, batch=256, lr=5e-4))
-QUICK = dict(
-    captions=256, vae=dict(steps=4, batch=8, lr=1e-3), teacher=dict(steps=4, batch=8, lr=3e-4, ema=0.9),
-    distill=dict(opt_steps=4, batch=4, lr=1e-4, w_min=1.0, w_max=3.0, ema=0.95), adv=dict(steps=2, lr=0.05,
-                                                                                          max_norm=0.05),
-    save_every=0, steps=(1, 2), teacher_steps=(3,), seeds=(0, 1000, 2000), num=32, inception=dict(num=8),
-    per_class=2, compare=dict(num=16), ref_num=200, clip=dict(steps=2, batch=8, lr=5e-4))
-
-
-def run_dir(out: Path, name: str) -> Path:
-    return out / "runs" / name
-
-
-def model_dir(out: Path, name: str) -> Path:
-    return run_dir(out, name) / "model"
 
 
 def training_jobs(out: Path, cfg: dict) -> list[Job]:
@@ -81,22 +57,6 @@ def distill_command(out: Path, name: str, cfg: dict) -> list[str]:
                    "--out", run_dir(out, name), "--max-steps", batches, "--batch-size", d["batch"], "--lr", d["lr"],
                    "--w-min", d["w_min"], "--w-max", d["w_max"], "--ema-decay", d["ema"], "--seed", 1,
                    "--save-every", cfg["save_every"], "--resume", "--log-every", 10, *adv)
-
-
-def ref_path(out: Path, features: str) -> Path:
-    return out / "refs" / f"{features}-test.npz"
-
-
-def fid_path(out: Path, features: str, model: str, seed: int) -> Path:
-    return out / "cells" / features / f"{model}-seed{seed}.json"
-
-
-def adherence_path(out: Path, model: str, seed: int) -> Path:
-    return out / "cells" / "adherence" / f"{model}-seed{seed}.json"
-
-
-def clip_path(out: Path, model: str, seed: int) -> Path:
-    return out / "cells" / "clip" / f"{model}-seed{seed}.json"
 
 
 def this_script(*args) -> list[str]:
@@ -156,7 +116,7 @@ def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
 
 
 def build_jobs(out: Path, quick: bool) -> list[Job]:
-    cfg = QUICK if quick else FULL
+    cfg = config_for(quick)
     jobs = training_jobs(out, cfg) + evaluation_jobs(out, cfg, quick)
     return jobs + [Job("report", lambda: this_script("_report", "--out", out, *(["--quick"] if quick else [])),
                        out / "report" / "results.json", tuple(j.name for j in jobs))]
@@ -170,10 +130,9 @@ def write_prompts(out: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    config_for = lambda quick: QUICK if quick else FULL  # noqa: E731
     if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
         from scripts import demo_study_stages
-        return demo_study_stages.main(sys.argv[1:], config_for=config_for)
+        return demo_study_stages.main(sys.argv[1:])
 
     def jobs(out: Path, quick: bool) -> list[Job]:
         write_prompts(out)

@@ -54,11 +54,11 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "report/results.json").read_text())
-    from scripts import repro_adm
-    cfg = repro_adm.QUICK
+    from scripts import adm_study
+    cfg = adm_study.QUICK
     cells = {(r["features"], r["model"], r["sampler"], r["nfe"]) for r in results["aggregate"]}
-    for model in repro_adm.MODELS:
-        for sampler in repro_adm.SAMPLERS:
+    for model in adm_study.MODELS:
+        for sampler in adm_study.SAMPLERS:
             for nfe in cfg["nfes"]:
                 assert ("fmnist-classifier", model, sampler, nfe) in cells
             assert ("inception", model, sampler, cfg["inception"]["nfe"]) in cells
@@ -67,7 +67,7 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     assert seeds == set(cfg["seeds"])
     steps = {t["model"]: t["optimizer_steps"] for t in results["training"]}
     assert steps["ft"] == steps["ip"] == steps["at"] == steps["at-detach"] == cfg["finetune"]["opt_steps"]
-    assert results["compare_verdict"] is not None and len(results["grids"]) == 2 * len(repro_adm.MODELS)
+    assert results["compare_verdict"] is not None and len(results["grids"]) == 2 * len(adm_study.MODELS)
     assert "ADM-AT (full)" in (out / "report/table.md").read_text()
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done

@@ -1,0 +1,44 @@
+"""The ADM-AT study on Fashion-MNIST (docs/results.md, part I) as data: its rows, samplers, budgets and where each
+result lives under the study directory. scripts/repro_adm.py turns it into jobs; adm_study_stages.py and
+adm_study_report.py read and write the files named here."""
+from __future__ import annotations
+
+from pathlib import Path
+
+CLF = "fmnist-classifier"
+
+MODELS = ("base", "ft", "ip", "at", "at-detach")
+LABELS = {"base": "ADM (base)", "ft": "ADM-FT", "ip": "ADM-IP", "at": "ADM-AT (full)", "at-detach": "ADM-AT (detach)"}
+SAMPLERS = ("ddim", "dpmpp_2m", "iddpm", "es_ddim")   # es_ddim: DDIM on eps / lambda (ES)
+
+FULL = dict(
+    base=dict(steps=8000, batch=64, lr=2e-4, ema=0.9995), finetune=dict(opt_steps=3000, batch=64, lr=1e-4, ema=0.999),
+    adv_steps=3, nfes=(5, 10, 20), base_nfes=(50,), seeds=(0, 1_000_000, 2_000_000), num=10000,
+    inception=dict(nfe=10, num=5000), es=dict(lambdas=(1.0, 1.005, 1.01, 1.015, 1.02, 1.03), num=2000, nfe=10,
+                                             seed=9_000_000),
+    compare=dict(nfe=10, num=10000), grid=dict(nfes=(5, 10), count=64), save_every=250, ref_num=None)
+QUICK = dict(
+    base=dict(steps=24, batch=16, lr=2e-4, ema=0.99), finetune=dict(opt_steps=6, batch=16, lr=1e-4, ema=0.9),
+    adv_steps=3, nfes=(2, 4), base_nfes=(6,), seeds=(0, 1000, 2000), num=64,
+    inception=dict(nfe=4, num=8), es=dict(lambdas=(1.0, 1.02), num=32, nfe=4, seed=9000),
+    compare=dict(nfe=4, num=32), grid=dict(nfes=(2, 4), count=16), save_every=0, ref_num=200)
+
+
+def model_dir(out: Path, name: str) -> Path:
+    return out / "runs" / name / "model"
+
+
+def ref_path(out: Path, split: str, features: str) -> Path:
+    return out / "refs" / f"{features}-{split}.npz"
+
+
+def cell_path(out: Path, features: str, model: str, sampler: str, seed: int, nfe: int) -> Path:
+    return out / "cells" / features / model / f"{sampler}-seed{seed}-nfe{nfe}.json"
+
+
+def es_path(out: Path, model: str) -> Path:
+    return out / "es" / f"{model}.json"
+
+
+def config_for(quick: bool) -> dict:
+    return QUICK if quick else FULL
