@@ -84,7 +84,7 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
     jobs += [grid_job(out, cfg, CLF, name, seed, cfg["nfes"], quick) for seed in others for name in MODELS]
     jobs += [grid_job(out, cfg, CLF, "base", seed, cfg["base_nfes"], quick) for seed in cfg["seeds"]]
     jobs.append(Job("report", fixed(this_script("_report", "--out", out, *q)), out / "report" / "results.json",
-                    tuple(j.name for j in jobs)))
+                    tuple(j.name for j in jobs), refresh=True))
     return jobs
 
 

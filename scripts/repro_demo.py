@@ -119,7 +119,7 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
     cfg = config_for(quick)
     jobs = training_jobs(out, cfg) + evaluation_jobs(out, cfg, quick)
     return jobs + [Job("report", lambda: this_script("_report", "--out", out, *(["--quick"] if quick else [])),
-                       out / "report" / "results.json", tuple(j.name for j in jobs))]
+                       out / "report" / "results.json", tuple(j.name for j in jobs), refresh=True)]
 
 
 def write_prompts(out: Path) -> None:

@@ -27,6 +27,17 @@ class Job:
     command: Callable[[], list[str]]   # built when the job starts (it may read what its deps wrote)
     done: Path                         # exists once the job has finished
     deps: tuple[str, ...] = ()
+    # a summary (the report) made while its deps were still running is stale once one of them finishes later:
+    # with refresh, the job is done only while ``done`` is at least as new as every dep's ``done``
+    refresh: bool = False
+
+
+def is_done(job: Job, by_name: dict[str, Job]) -> bool:
+    if not job.done.exists():
+        return False
+    made = job.done.stat().st_mtime
+    return not job.refresh or all(not by_name[d].done.exists() or by_name[d].done.stat().st_mtime <= made
+                                  for d in job.deps)
 
 
 def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int = 0, verbose: bool = True) -> dict:
@@ -39,7 +50,7 @@ def run_jobs(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int 
     if unknown:
         raise ValueError(f"jobs depend on unknown jobs {sorted(unknown)}")
     log_dir.mkdir(parents=True, exist_ok=True)
-    finished = {job.name for job in jobs if job.done.exists()}
+    finished = {job.name for job in jobs if is_done(job, by_name)}
     running: dict[str, tuple[subprocess.Popen, float, int]] = {}
     report, failed = {}, []
     while True:
@@ -97,8 +108,9 @@ def study_main(argv: list[str] | None, description: str, build_jobs: Callable[[P
     args = parser.parse_args(argv)
     jobs = build_jobs(args.out.resolve(), args.quick)
     if args.list:
+        by_name = {job.name: job for job in jobs}
         for job in jobs:
-            print(f"{'done' if job.done.exists() else '    '}  {job.name}")
+            print(f"{'done' if is_done(job, by_name) else '    '}  {job.name}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "study.json").write_text(json.dumps({"quick": args.quick, "config": config_for(args.quick)},

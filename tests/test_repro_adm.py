@@ -42,6 +42,19 @@ def test_a_failing_job_stops_its_dependents_only_and_is_reported(tmp_path):
         run_jobs([touch_job("x", tmp_path, ["nope"])], tmp_path / "logs")
 
 
+def test_a_refresh_job_reruns_when_a_dep_finished_after_it(tmp_path):
+    import os
+    count = tmp_path / "count.txt"
+    log = f"open({str(count)!r}, 'a').write('r\\n')"
+    dep, report = touch_job("cell", tmp_path), touch_job("report", tmp_path, ["cell"], log)
+    report.refresh = True
+    assert run_jobs([dep, report], tmp_path / "logs", verbose=False)["failed"] == []
+    assert run_jobs([dep, report], tmp_path / "logs", verbose=False)["report"] == {}   # up to date: skipped
+    os.utime(dep.done, (report.done.stat().st_mtime + 10,) * 2)   # the cell finished after the (partial) report
+    assert list(run_jobs([dep, report], tmp_path / "logs", verbose=False)["report"]) == ["report"]
+    assert count.read_text().split() == ["r", "r"]
+
+
 def fashion_mnist_installed() -> bool:
     return Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
 
