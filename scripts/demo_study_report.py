@@ -7,8 +7,8 @@ import json
 from pathlib import Path
 
 from scripts import demo_study as study
-from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
-                                          write_results_json)
+from scripts.study_report_common import (begin_report, cell_text, errorbar_line, labelled_panels, run_summary,
+                                          save_figure, tile, write_results_json)
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
@@ -63,21 +63,33 @@ def plot(agg: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def first_seeds(arrays, per_row: int, keep: int):
+    """Images laid out ``per_row`` seeds per class prompt -> the first ``keep`` seeds of each prompt, same order."""
+    return arrays.reshape(-1, per_row, *arrays.shape[1:])[:, :keep].reshape(-1, *arrays.shape[1:])
+
+
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
-    """One row per class prompt (seeds 0-7 in each row), for each model at each of its step counts."""
+    """One row per class prompt (seeds 0-7 in each row), for each model at each of its step counts, and one
+    side-by-side sheet (compare-classes.png): LCM vs LCM-AT at their fewest and middle step counts, and the teacher,
+    seeds 0-3 per class."""
     import numpy as np
 
     from eval.fashion_prompts import class_prompts
     from runtime.pipeline import Pipeline
-    written = []
+    written, arrays = [], {}
     for model in study.MODELS:
         with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
             for steps in (cfg["teacher_steps"] if model == "teacher" else cfg["steps"]):
-                arrays = np.concatenate([pipe([p], num_images=8, steps=steps, seed=0).arrays for p in class_prompts()])
+                arrays[model, steps] = np.concatenate([pipe([p], num_images=8, steps=steps, seed=0).arrays
+                                                       for p in class_prompts()])
                 name = f"grid-{model}-steps{steps}.png"
-                tile(arrays, 8).save(report / name)
+                tile(arrays[model, steps], 8).save(report / name)
                 written.append(name)
-    return written
+    shown = [(m, n) for n in (cfg["steps"][0], cfg["steps"][len(cfg["steps"]) // 2]) for m in study.STUDENTS]
+    shown += [("teacher", n) for n in cfg["teacher_steps"]]
+    labelled_panels([(f"{LABELS[m]}, {n} step{'s' * (n > 1)}", tile(first_seeds(arrays[m, n], 8, 4), 4))
+                     for m, n in shown]).save(report / "compare-classes.png")
+    return written + ["compare-classes.png"]
 
 
 def write_report(out: Path, cfg: dict) -> Path:

@@ -62,6 +62,20 @@ def tile(arrays, width: int, scale: int = 2):
     return Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST)
 
 
+def labelled_panels(panels: list[tuple[str, object]], gap: int = 8, header: int = 16):
+    """PIL images side by side on white, each under its label (PIL's default font), ``gap`` px apart."""
+    from PIL import Image, ImageDraw
+    width = sum(image.width for _, image in panels) + gap * (len(panels) - 1)
+    height = header + max(image.height for _, image in panels)
+    sheet = Image.new("RGB", (width, height), "white")
+    draw, x = ImageDraw.Draw(sheet), 0
+    for label, image in panels:
+        sheet.paste(image.convert("RGB"), (x, header))
+        draw.text((x + 2, 2), label, fill="black")
+        x += image.width + gap
+    return sheet
+
+
 def errorbar_line(ax, points: list[tuple], label: str) -> None:
     """One model's line: ``points`` are (x, {mean, std}) pairs; error bars are the seed std."""
     points = sorted(points, key=lambda p: p[0])
