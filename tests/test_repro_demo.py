@@ -26,6 +26,7 @@ def test_quick_demo_study_runs_every_stage_and_reports(tmp_path):
     assert seeds == 3
     assert results["compare_verdict"] is not None
     assert (out / "report" / "grid-lcm-at-steps1.png").is_file()
+    assert (out / "report" / "compare-classes.png").is_file()   # LCM vs LCM-AT vs the teacher, side by side
     assert (out / "runs" / "lcm-at" / "model" / "toolkit.json").is_file()  # the distilled model's own defaults
     listing = subprocess.run(command[:-4] + ["--list"], check=True, env=env, capture_output=True, text=True).stdout
     assert all(line.startswith("done") for line in listing.splitlines())
