@@ -31,6 +31,8 @@ def collect_rows(out: Path) -> list[dict]:
 
 def table_markdown(agg: dict, features: str) -> list[str]:
     keys = [k for k in agg if k[0] == features]
+    if not keys:
+        return ["(not measured yet)"]
     nfes = sorted({k[3] for k in keys})
     columns = [(s, n) for s in study.SAMPLERS for n in nfes if any(k[2] == s and k[3] == n for k in keys)]
     lines = ["| method | " + " | ".join(f"{SAMPLER_LABELS[s]} {n}" for s, n in columns) + " |",
