@@ -12,7 +12,7 @@ from pathlib import Path
 from scripts import adm_study as study
 from scripts.adm_study import CLF
 from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
-                                          write_results_json)
+                                          training_table, write_results_json)
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
@@ -96,10 +96,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     lines += table_markdown(agg, "inception") + ["", "## ES factor (DDIM, held-out seeds, train-split reference)", ""]
     lines += [f"- {study.LABELS[m]}: lambda = {e['chosen']} (FID by lambda: "
               + ", ".join(f"{k}: {v:.2f}" for k, v in e["fid_by_lambda"].items()) + ")" for m, e in es.items()]
-    lines += ["", "## Training", "", "| run | command | batches | optimizer steps | batch | lr | EMA | wall time |",
-              "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {t['model']} | {t['command']} | {t['batches']} | {t['optimizer_steps']} | {t['batch_size']} | "
-              f"{t['lr']} | {t['ema_decay']} | {t['wall_seconds'] / 60:.1f} min |" for t in training]
+    lines += ["", "## Training", ""] + training_table(training, with_ema=True)
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_nfe.png")
     grids = sample_grids(out, cfg, report)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scripts import demo_study as study
 from scripts.study_report_common import (begin_report, cell_text, errorbar_line, labelled_panels, run_summary,
-                                          save_figure, tile, write_results_json)
+                                          save_figure, tile, training_table, write_results_json)
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
@@ -100,10 +100,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     lines += table_markdown(agg, "inception", "Inception FID (lower is better)")
     lines += table_markdown(agg, "adherence", "Prompt adherence (classifier accuracy on class prompts)", 3)
     lines += table_markdown(agg, "clip", "CLIP score (the study's own CLIP, runs/clip; higher is better)")
-    lines += ["### Training", "", "| run | command | batches | optimizer steps | batch | lr | wall time |",
-              "|---|---|---|---|---|---|---|"]
-    lines += [f"| {t['model']} | {t['command']} | {t['batches']} | {t['optimizer_steps']} | {t['batch_size']} | "
-              f"{t['lr']} | {t['wall_seconds'] / 60:.1f} min |" for t in training]
+    lines += ["### Training", ""] + training_table(training, with_ema=False)
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_steps.png")
     grids = sample_grids(out, cfg, report)

@@ -44,6 +44,14 @@ def run_summary(run: Path, name: str) -> dict:
             "ema_decay": options.get("ema_decay")}
 
 
+def training_table(training: list[dict], with_ema: bool) -> list[str]:
+    """The report's training table: one row per run_summary record (EMA decay only where the runs set one)."""
+    head = ["run", "command", "batches", "optimizer steps", "batch", "lr"] + (["EMA"] if with_ema else []) + ["wall time"]
+    keys = ["model", "command", "batches", "optimizer_steps", "batch_size", "lr"] + (["ema_decay"] if with_ema else [])
+    rows = [[str(t[k]) for k in keys] + [f"{t['wall_seconds'] / 60:.1f} min"] for t in training]
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
 def write_csv(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n", extrasaction="ignore")
