@@ -59,9 +59,9 @@ def plot(agg: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, len(study.SAMPLERS), figsize=(4 * len(study.SAMPLERS), 3.4), sharey=True)
     for ax, sampler in zip(axes, study.SAMPLERS):
-        for model in study.MODELS:
+        for i, model in enumerate(study.MODELS):
             errorbar_line(ax, [(k[3], v) for k, v in agg.items() if k[0] == CLF and k[1] == model and k[2] == sampler],
-                          study.LABELS[model])
+                          study.LABELS[model], color=f"C{i}")
         nfes = sorted({k[3] for k in agg if k[0] == CLF})
         ax.set_title(SAMPLER_LABELS[sampler])
         ax.set_xscale("log")
@@ -69,8 +69,10 @@ def plot(agg: dict, path: Path) -> None:
         ax.minorticks_off()
         ax.set_xlabel("NFE")
     axes[0].set_ylabel("classifier FID (lower is better)")
-    axes[-1].legend(fontsize=7)
-    save_figure(fig, path)
+    # one legend for the figure, from every panel: a panel may lack a model whose cells are not measured yet
+    handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    save_figure(fig, path, bottom=0.1)
 
 
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:

@@ -84,12 +84,13 @@ def labelled_panels(panels: list[tuple[str, object]], gap: int = 8, header: int 
     return sheet
 
 
-def errorbar_line(ax, points: list[tuple], label: str) -> None:
-    """One model's line: ``points`` are (x, {mean, std}) pairs; error bars are the seed std."""
+def errorbar_line(ax, points: list[tuple], label: str, color: str | None = None) -> None:
+    """One model's line: ``points`` are (x, {mean, std}) pairs; error bars are the seed std. Pass ``color`` to keep
+    a model's colour the same in every panel (matplotlib's cycle shifts when a panel lacks a model)."""
     points = sorted(points, key=lambda p: p[0])
     if points:
         ax.errorbar([p[0] for p in points], [p[1]["mean"] for p in points], yerr=[p[1]["std"] or 0 for p in points],
-                    marker="o", capsize=3, label=label)
+                    marker="o", capsize=3, label=label, color=color)
 
 
 def begin_report(out: Path, rows: list[dict], keys: tuple[str, ...], value: str, columns: tuple[str, ...]):
@@ -112,8 +113,9 @@ def write_results_json(out: Path, report: Path, rows: list[dict], agg: dict, key
         "config": cfg})
 
 
-def save_figure(fig, path: Path) -> None:
+def save_figure(fig, path: Path, bottom: float = 0.0) -> None:
+    """Lay out and write ``fig``; ``bottom``: the fraction of its height kept free (for a figure legend)."""
     import matplotlib.pyplot as plt
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, bottom, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
