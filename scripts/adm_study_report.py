@@ -11,8 +11,8 @@ from pathlib import Path
 
 from scripts import adm_study as study
 from scripts.adm_study import CLF
-from scripts.study_report_common import (begin_report, cell_text, errorbar_line, run_summary, save_figure, tile,
-                                          training_table, write_results_json)
+from scripts.study_report_common import (begin_report, cell_text, errorbar_line, labelled_panels, run_summary,
+                                          save_figure, stacked, tile, training_table, write_results_json)
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
@@ -76,17 +76,20 @@ def plot(agg: dict, path: Path) -> None:
 
 
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
-    """count samples (DDIM, seeds 0..count-1) per model at each grid NFE, tiled 8 wide."""
+    """count samples (DDIM, seeds 0..count-1) per model at each grid NFE, tiled 8 wide, and compare.png: the first
+    16 seeds of every model side by side, one row of panels per NFE (same seeds, so the same starting noise)."""
     from runtime.pipeline import Pipeline
-    written = []
+    written, arrays = [], {}
     for model in study.MODELS:
         with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
             for nfe in cfg["grid"]["nfes"]:
-                arrays = pipe(num_images=cfg["grid"]["count"], steps=nfe, sampler="ddim", seed=0).arrays
+                arrays[model, nfe] = pipe(num_images=cfg["grid"]["count"], steps=nfe, sampler="ddim", seed=0).arrays
                 name = f"grid-{model}-nfe{nfe}.png"
-                tile(arrays, 8).save(report / name)
+                tile(arrays[model, nfe], 8).save(report / name)
                 written.append(name)
-    return written
+    stacked([labelled_panels([(f"{study.LABELS[m]}, DDIM {n}", tile(arrays[m, n][:16], 4)) for m in study.MODELS])
+             for n in cfg["grid"]["nfes"]]).save(report / "compare.png")
+    return written + ["compare.png"]
 
 
 def write_report(out: Path, cfg: dict) -> Path:

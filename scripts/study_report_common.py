@@ -84,6 +84,18 @@ def labelled_panels(panels: list[tuple[str, object]], gap: int = 8, header: int 
     return sheet
 
 
+def stacked(sheets: list, gap: int = 8):
+    """PIL images one under another on white, ``gap`` px apart."""
+    from PIL import Image
+    sheet = Image.new("RGB", (max(s.width for s in sheets), sum(s.height for s in sheets) + gap * (len(sheets) - 1)),
+                      "white")
+    y = 0
+    for s in sheets:
+        sheet.paste(s, (0, y))
+        y += s.height + gap
+    return sheet
+
+
 def errorbar_line(ax, points: list[tuple], label: str, color: str | None = None) -> None:
     """One model's line: ``points`` are (x, {mean, std}) pairs; error bars are the seed std. Pass ``color`` to keep
     a model's colour the same in every panel (matplotlib's cycle shifts when a panel lacks a model)."""
