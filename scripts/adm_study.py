@@ -10,6 +10,8 @@ CLF = "fmnist-classifier"
 MODELS = ("base", "ft", "ip", "at", "at-detach")
 LABELS = {"base": "ADM (base)", "ft": "ADM-FT", "ip": "ADM-IP", "at": "ADM-AT (full)", "at-detach": "ADM-AT (detach)"}
 SAMPLERS = ("ddim", "dpmpp_2m", "iddpm", "es_ddim")   # es_ddim: DDIM on eps / lambda (ES)
+# ES's lambda is picked for DDIM (the grid's ES column) and, to see whether ES would help it, for DPM-Solver++(2M)
+ES_SAMPLERS = ("ddim", "dpmpp_2m")
 
 FULL = dict(
     base=dict(steps=8000, batch=64, lr=2e-4, ema=0.9995), finetune=dict(opt_steps=3000, batch=64, lr=1e-4, ema=0.999),
@@ -36,8 +38,8 @@ def cell_path(out: Path, features: str, model: str, sampler: str, seed: int, nfe
     return out / "cells" / features / model / f"{sampler}-seed{seed}-nfe{nfe}.json"
 
 
-def es_path(out: Path, model: str) -> Path:
-    return out / "es" / f"{model}.json"
+def es_path(out: Path, model: str, sampler: str = "ddim") -> Path:
+    return out / "es" / (f"{model}.json" if sampler == "ddim" else f"{model}-{sampler}.json")
 
 
 def config_for(quick: bool) -> dict:

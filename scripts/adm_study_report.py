@@ -49,6 +49,23 @@ def table_markdown(agg: dict, features: str) -> list[str]:
     return lines
 
 
+def es_table(picks: dict, sampler_label: str) -> list[str]:
+    """Classifier FID by ES factor, one row per model (its lowest in bold), from the es/*.json records."""
+    if not picks:
+        return []
+    first = next(iter(picks.values()))
+    lambdas = list(first["fid_by_lambda"])
+    lines = ["", f"## ES factor, {sampler_label} (NFE {first['nfe']}, {first['num']} samples on held-out seeds "
+             f"{first['seed']}+, classifier FID vs the train split)", "",
+             "| method | " + " | ".join(f"λ = {lam}" for lam in lambdas) + " | chosen |",
+             "|---" * (len(lambdas) + 2) + "|"]
+    for model, pick in picks.items():
+        fids = pick["fid_by_lambda"]
+        cells = [f"**{fids[lam]:.2f}**" if float(lam) == pick["chosen"] else f"{fids[lam]:.2f}" for lam in lambdas]
+        lines.append(f"| {study.LABELS[model]} | " + " | ".join(cells) + f" | {pick['chosen']} |")
+    return lines
+
+
 def training_summary(out: Path) -> list[dict]:
     return [run_summary(out / "runs" / model, model) for model in study.MODELS]
 
@@ -95,12 +112,13 @@ def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
 def write_report(out: Path, cfg: dict) -> Path:
     rows = collect_rows(out)
     report, agg = begin_report(out, rows, ("features", "model", "sampler", "nfe"), "fid", CSV_COLUMNS)
-    es = {m: json.loads(p.read_text()) for m in study.MODELS if (p := study.es_path(out, m)).is_file()}
+    es = {sampler: {m: json.loads(p.read_text()) for m in study.MODELS
+                    if (p := study.es_path(out, m, sampler)).is_file()} for sampler in study.ES_SAMPLERS}
     training = training_summary(out)
     lines = ["## Classifier FID", ""] + table_markdown(agg, CLF) + ["", "## Inception FID", ""]
-    lines += table_markdown(agg, "inception") + ["", "## ES factor (DDIM, held-out seeds, train-split reference)", ""]
-    lines += [f"- {study.LABELS[m]}: lambda = {e['chosen']} (FID by lambda: "
-              + ", ".join(f"{k}: {v:.2f}" for k, v in e["fid_by_lambda"].items()) + ")" for m, e in es.items()]
+    lines += table_markdown(agg, "inception")
+    for sampler, picks in es.items():
+        lines += es_table(picks, SAMPLER_LABELS[sampler])
     lines += ["", "## Training", ""] + training_table(training, with_ema=True)
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_nfe.png")

@@ -16,23 +16,23 @@ from scripts.study_fid import extractor as _extractor
 from scripts.study_fid import fid_rows as _fid_rows
 
 
-def pick_es(out: Path, model: str, cfg: dict) -> dict:
-    """ES factor of ``model``: the lowest classifier FID at NFE es.nfe (DDIM) over es.lambdas, on seeds the grid
-    never uses, against the train split (the grid's reference is the test split)."""
+def pick_es(out: Path, model: str, cfg: dict, sampler: str = "ddim") -> dict:
+    """ES factor of ``model`` under ``sampler``: the lowest classifier FID at NFE es.nfe over es.lambdas, on seeds
+    the grid never uses, against the train split (the grid's reference is the test split)."""
     from eval.fid import load_stats
     from runtime.staging import write_json
     es = cfg["es"]
     ref, extractor = load_stats(study.ref_path(out, "train", CLF)), _extractor(CLF)
     fids = {}
     for lam in es["lambdas"]:
-        rows = _fid_rows(study.model_dir(out, model), ref, extractor, nfes=(es["nfe"],), num=es["num"], sampler="ddim",
+        rows = _fid_rows(study.model_dir(out, model), ref, extractor, nfes=(es["nfe"],), num=es["num"], sampler=sampler,
                          seed=es["seed"], eps_scale=None if lam == 1.0 else lam,
-                         cache=out / "cache" / "es" / model / f"lambda-{lam}")
+                         cache=out / "cache" / "es" / study.es_path(out, model, sampler).stem / f"lambda-{lam}")
         fids[str(lam)] = rows[0]["fid"]
     chosen = float(min(fids, key=fids.get))
     record = {"model": model, "fid_by_lambda": fids, "chosen": chosen, "nfe": es["nfe"], "num": es["num"],
-              "seed": es["seed"], "sampler": "ddim", "ref": "fashion-mnist train split (classifier features)"}
-    write_json(study.es_path(out, model), record)
+              "seed": es["seed"], "sampler": sampler, "ref": "fashion-mnist train split (classifier features)"}
+    write_json(study.es_path(out, model, sampler), record)
     return record
 
 
@@ -68,11 +68,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--features", default=CLF)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--nfes", default="")
+    parser.add_argument("--sampler", default="ddim", choices=study.ES_SAMPLERS)
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     cfg, out = study.config_for(args.quick), args.out.resolve()
     if args.stage == "_es":
-        pick_es(out, args.model, cfg)
+        pick_es(out, args.model, cfg, args.sampler)
     elif args.stage == "_grid":
         run_grid(out, args.model, args.features, args.seed, tuple(int(n) for n in args.nfes.split(",")), cfg)
     else:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
-from scripts.adm_study import (CLF, MODELS, SAMPLERS, cell_path, config_for, es_path, model_dir,  # noqa: E402
-                               ref_path)
+from scripts.adm_study import (CLF, ES_SAMPLERS, MODELS, SAMPLERS, cell_path, config_for, es_path,  # noqa: E402
+                               model_dir, ref_path)
 from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
 
 
@@ -64,6 +64,13 @@ def grid_job(out: Path, cfg: dict, features: str, model: str, seed: int, nfes: t
                cell_path(out, features, model, SAMPLERS[-1], seed, nfes[-1]), (f"es-{model}", ref))
 
 
+def es_job(out: Path, model: str, sampler: str, q: list[str]) -> Job:
+    """ES factor of ``model`` under ``sampler`` (DDIM's feeds the grid's ES column; the others are only reported)."""
+    name = f"es-{model}" if sampler == "ddim" else f"es-{sampler}-{model}"
+    return Job(name, lambda: this_script("_es", "--out", out, "--model", model, "--sampler", sampler, *q),
+               es_path(out, model, sampler), (f"train-{model}", "ref-fmnist-classifier-train"))
+
+
 def build_jobs(out: Path, quick: bool) -> list[Job]:
     """Every job, in the order they are started when ready: the first complete table (one seed, every model and
     sampler) comes before the Inception column, the deployment check, the other seeds and the base's NFE 50."""
@@ -75,10 +82,10 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
     for name in MODELS:
         jobs.append(Job(f"train-{name}", fixed(train_command(out, name, cfg)), model_dir(out, name) / "training.json",
                         () if name == "base" else ("train-base",)))
-    jobs += [Job(f"es-{name}", fixed(this_script("_es", "--out", out, "--model", name, *q)), es_path(out, name),
-                 (f"train-{name}", "ref-fmnist-classifier-train")) for name in MODELS]
+    jobs += [es_job(out, name, "ddim", q) for name in MODELS]
     first, *others = cfg["seeds"]
     jobs += [grid_job(out, cfg, CLF, name, first, cfg["nfes"], quick) for name in MODELS]
+    jobs += [es_job(out, name, sampler, q) for sampler in ES_SAMPLERS[1:] for name in MODELS]
     jobs += [grid_job(out, cfg, "inception", name, first, (cfg["inception"]["nfe"],), quick) for name in MODELS]
     jobs += deployment_jobs(out, cfg)
     jobs += [grid_job(out, cfg, CLF, name, seed, cfg["nfes"], quick) for seed in others for name in MODELS]

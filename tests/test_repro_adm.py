@@ -80,7 +80,11 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     assert seeds == set(cfg["seeds"])
     steps = {t["model"]: t["optimizer_steps"] for t in results["training"]}
     assert steps["ft"] == steps["ip"] == steps["at"] == steps["at-detach"] == cfg["finetune"]["opt_steps"]
-    assert results["compare_verdict"] is not None and len(results["grids"]) == 2 * len(adm_study.MODELS)
+    assert results["compare_verdict"] is not None and len(results["grids"]) == 2 * len(adm_study.MODELS) + 1
+    assert "compare.png" in results["grids"] and (out / "report/compare.png").is_file()
+    for sampler in adm_study.ES_SAMPLERS:   # every model's ES pick under every sampler searched
+        assert set(results["es"][sampler]) == set(adm_study.MODELS)
+        assert all(r["sampler"] == sampler for r in results["es"][sampler].values())
     assert "ADM-AT (full)" in (out / "report/table.md").read_text()
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
