@@ -15,8 +15,12 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:   # torch is imported where it is used, so the serving-only install can import this module
+    import torch
 
 from runtime.errors import ToolkitError
 
