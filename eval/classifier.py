@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-if TYPE_CHECKING:   # torch is imported where it is used, so the serving-only install can import this module
+if TYPE_CHECKING:   # torch is imported lazily, inside the functions that use it
     import torch
 
 from runtime.errors import ToolkitError
