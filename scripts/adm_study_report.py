@@ -2,12 +2,13 @@
 
 Writes ``OUT/report/``: results.json and results.csv (one row per model x sampler x NFE x features x seed),
 table.md (the seed paper's layout: rows = training methods, columns = sampler x NFE, mean +- std over the
-sampling seeds; the ES searches; the training budgets and wall times), fid_vs_nfe.png, grid-<model>-nfe<N>.png
+sampling seeds; each AT row against the others, cell by cell, beyond seed spread or not; the ES searches; the training budgets and wall times), fid_vs_nfe.png, grid-<model>-nfe<N>.png
 and compare.png (every model side by side).
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 from scripts import adm_study as study
@@ -51,6 +52,34 @@ def table_markdown(agg: dict, features: str) -> list[str]:
         lines.append(f"N = {sample['num']} samples per cell and seed; {sample['n_seeds']} sampling seed(s) per cell "
                      "(mean ± std over seeds).")
     return lines
+
+
+def versus_table(agg: dict, features: str, models=("at", "at-detach")) -> list[str]:
+    """Each AT variant against every other row, per sampler: in how many NFE cells its FID is lower by more than
+    the seed spread, within it, higher by more. Spread as in eval/verdict.py: 2 sqrt(std_a^2 + std_b^2), the std
+    being over a cell's sampling seeds; cells with one seed have no spread and are left out."""
+    def counts(model, other, sampler):
+        tally = [0, 0, 0]   # better, within, worse
+        for key, mine in agg.items():
+            theirs = agg.get((features, other, sampler, key[3]))
+            if key[:3] != (features, model, sampler) or theirs is None or None in (mine["std"], theirs["std"]):
+                continue
+            delta, spread = mine["mean"] - theirs["mean"], 2.0 * math.hypot(mine["std"], theirs["std"])
+            tally[0 if delta < -spread else 2 if delta > spread else 1] += 1
+        return tally
+    rows = []
+    for i, model in enumerate(models):
+        for other in (m for m in study.MODELS if m not in models[:i + 1]):   # each AT pair once
+            tallies = [counts(model, other, s) for s in study.SAMPLERS]
+            if any(sum(t) for t in tallies):
+                rows.append(f"| {study.LABELS[model]} | {study.LABELS[other]} | "
+                            + " | ".join("/".join(map(str, t)) if sum(t) else "–" for t in tallies) + " |")
+    if not rows:
+        return ["(needs two or more sampling seeds per cell)"]
+    return ["NFE cells where the AT row's FID is lower / within seed spread / higher than the other row's "
+            "(spread: 2 sqrt(std_a² + std_b²) over sampling seeds; one training run per method, so training noise "
+            "is not in it).", "", "| AT row | vs | " + " | ".join(SAMPLER_LABELS[s] for s in study.SAMPLERS) + " |",
+            "|---|---|" + "---|" * len(study.SAMPLERS)] + rows
 
 
 def es_table(picks: dict, sampler_label: str) -> list[str]:
@@ -121,6 +150,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     training = training_summary(out)
     lines = ["## Classifier FID", ""] + table_markdown(agg, CLF) + ["", "## Inception FID", ""]
     lines += table_markdown(agg, "inception")
+    lines += ["", "## ADM-AT against the other rows (classifier FID)", ""] + versus_table(agg, CLF)
     for sampler, picks in es.items():
         lines += es_table(picks, SAMPLER_LABELS[sampler])
     lines += ["", "## Training", ""] + training_table(training, with_ema=True)

@@ -85,7 +85,9 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     for sampler in adm_study.ES_SAMPLERS:   # every model's ES pick under every sampler searched
         assert set(results["es"][sampler]) == set(adm_study.MODELS)
         assert all(r["sampler"] == sampler for r in results["es"][sampler].values())
-    assert "ADM-AT (full)" in (out / "report/table.md").read_text()
+    table = (out / "report/table.md").read_text()
+    assert "ADM-AT (full)" in table
+    assert "| ADM-AT (detach) | ADM-FT |" in table   # three seeds: the AT rows are compared with the others
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
 
