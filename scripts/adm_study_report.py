@@ -2,8 +2,8 @@
 
 Writes ``OUT/report/``: results.json and results.csv (one row per model x sampler x NFE x features x seed),
 table.md (the seed paper's layout: rows = training methods, columns = sampler x NFE, mean +- std over the
-sampling seeds; each AT row against the others, cell by cell, beyond seed spread or not; the ES searches; the training budgets and wall times), fid_vs_nfe.png, grid-<model>-nfe<N>.png
-and compare.png (every model side by side).
+sampling seeds; each AT row against the others, cell by cell, beyond seed spread or not; the ES searches; the
+training budgets and wall times), fid_vs_nfe.png, grid-<model>-nfe<N>.png and compare.png (every model side by side).
 """
 from __future__ import annotations
 
