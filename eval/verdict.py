@@ -8,7 +8,8 @@ further apart than ``2 sigma`` would be told apart by a rerun with new seeds onl
   difference is usually far below this.)
 - model M has an *advantage* over the baseline B at some step count when its metric is better by more than
   2 sqrt(sigma_M^2 + sigma_B^2) on the reference backend; a backend *keeps* it when M is still better than B
-  there at every such step count.
+  there at every such step count. M is *worse* than B where it trails by more than the same margin; the summary
+  says so, rather than only "not better".
 """
 from __future__ import annotations
 
@@ -45,19 +46,32 @@ def _agreement(cell, metric, model, backend, reference, steps) -> dict:
 
 def _advantage(cell, metric, model, baseline, backend, reference, steps) -> dict:
     sign = METRICS[metric][1]
-    adv, thresholds, significant = [], [], []
+    adv, thresholds, ref_adv = [], [], []
     for s in steps:
         mine, base = cell[(model, backend, s)], cell[(baseline, backend, s)]
         ref_mine, ref_base = cell[(model, reference, s)], cell[(baseline, reference, s)]
         adv.append(sign * (mine[metric] - base[metric]))
-        threshold = 2.0 * math.hypot(ref_mine[f"{metric}_std"] or 0.0, ref_base[f"{metric}_std"] or 0.0)
-        thresholds.append(threshold)
-        significant.append(sign * (ref_mine[metric] - ref_base[metric]) > threshold)
+        thresholds.append(2.0 * math.hypot(ref_mine[f"{metric}_std"] or 0.0, ref_base[f"{metric}_std"] or 0.0))
+        ref_adv.append(sign * (ref_mine[metric] - ref_base[metric]))
+    significant = [a > t for a, t in zip(ref_adv, thresholds)]
     checked = [a > 0 for a, sig in zip(adv, significant) if sig]
     return {"metric": metric, "model": model, "baseline": baseline, "backend": backend, "steps": steps,
             "advantage": adv, "thresholds": thresholds,
             "significant_on_reference": [s for s, sig in zip(steps, significant) if sig],
+            # the other way round too, so that a verdict never reads "not better" where the model is clearly worse
+            "worse_on_reference": [s for s, a, t in zip(steps, ref_adv, thresholds) if a < -t],
             "kept": all(checked) if checked else None}
+
+
+def _comparison(a: dict, reference: str) -> str:
+    """One model against the baseline on the reference backend: better, worse, both (at different steps) or
+    neither beyond seed noise."""
+    label = METRICS[a["metric"]][0]
+    better, worse = (",".join(map(str, a[k])) for k in ("significant_on_reference", "worse_on_reference"))
+    said = ([f"beats {a['baseline']} on {label} on {reference} at steps {better}"] if better else []) + (
+        [f"is worse than {a['baseline']} on {label} on {reference} at steps {worse}"] if worse else [])
+    return (f"{a['model']} " + " and ".join(said) if said
+            else f"{a['model']} is within seed noise of {a['baseline']} on {label} on {reference} at this N")
 
 
 def _summary(agreement: list[dict], advantage: list[dict], reference: str) -> str:
@@ -68,10 +82,7 @@ def _summary(agreement: list[dict], advantage: list[dict], reference: str) -> st
                      else "outside seed noise of " + reference + ": " + ", ".join(bad))
     for a in advantage:
         if a["backend"] == reference:
-            label, steps = METRICS[a["metric"]][0], ",".join(map(str, a["significant_on_reference"]))
-            parts.append(f"{a['model']} beats {a['baseline']} on {label} on {reference} at steps {steps}" if steps
-                         else f"{a['model']} is not significantly better than {a['baseline']} on {label} on "
-                              f"{reference} at this N")
+            parts.append(_comparison(a, reference))
     kept = [a for a in advantage if a["backend"] != reference and a["kept"] is not None]
     if kept:
         lost = sorted({f"{a['model']} on {a['backend']} ({METRICS[a['metric']][0]})" for a in kept if not a["kept"]})
@@ -96,5 +107,7 @@ def verdict_lines(verdict: dict) -> list[str]:
         if a["backend"] == ref:
             kept = "reference"
         lines.append(f"- {a['model']} vs {a['baseline']}, {label} advantage on {a['backend']} by steps: {cells}; "
-                     f"significant on {ref} at steps: {sig} -> {kept}")
+                     f"significant on {ref} at steps: {sig}"
+                     + (f"; worse on {ref} at steps: {','.join(map(str, a['worse_on_reference']))}"
+                        if a["worse_on_reference"] else "") + f" -> {kept}")
     return lines

@@ -275,6 +275,19 @@ def test_verdict_keeps_an_advantage_reproduced_within_tolerance():
     assert "kept on every backend" in summary
 
 
+def test_verdict_says_worse_where_the_model_trails_beyond_seed_noise():
+    rows = [_row("lcm", "torch", 1, 20.0), _row("lcm-at", "torch", 1, 25.0),     # 5.0 worse, tolerance 0.28
+            _row("lcm", "torch", 2, 10.0), _row("lcm-at", "torch", 2, 8.0),      # 2.0 better
+            _row("lcm", "torch", 4, 6.0), _row("lcm-at", "torch", 4, 6.1)]       # within
+    verdict = build_verdict(rows, baseline="lcm")
+    assert verdict["summary"] == ("lcm-at beats lcm on FID on torch at steps 2 and is worse than lcm on FID on torch "
+                                  "at steps 1")
+    (advantage,) = verdict["advantage"]
+    assert advantage["significant_on_reference"] == [2] and advantage["worse_on_reference"] == [1]
+    rows = [_row("lcm", "torch", 1, 20.0), _row("lcm-at", "torch", 1, 20.2)]
+    assert build_verdict(rows, baseline="lcm")["summary"] == "lcm-at is within seed noise of lcm on FID on torch at this N"
+
+
 def test_compare_scores_clip_for_text_to_image_models_without_a_fid_reference(tiny_lcm_dir, tmp_path):
     config = _tiny_clip_config(tmp_path / "tiny-clip-compare.json")
     prompts = tmp_path / "prompts.txt"
