@@ -14,7 +14,8 @@ from pathlib import Path
 from scripts import adm_study as study
 from scripts.adm_study import CLF
 from scripts.study_report_common import (begin_report, cell_text, errorbar_line, labelled_panels, run_summary,
-                                          save_figure, stacked, tile, training_table, write_results_json)
+                                          save_figure, stacked, tile, training_table, versions_lines,
+                                          write_results_json)
 
 SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
@@ -30,7 +31,7 @@ def collect_rows(out: Path) -> list[dict]:
         for row in cell["rows"]:
             rows.append({"features": cell["features"], "model": cell["model"], "sampler": cell["sampler"],
                          "eps_scale": cell["eps_scale"], "nfe": row["nfe"], "seed": cell["seed"], "num": row["num"],
-                         "fid": row["fid"], "seconds": 0.0 if reused else row["seconds"]})
+                         "fid": row["fid"], "seconds": 0.0 if reused else row["seconds"], "backend": row.get("backend")})
     return rows
 
 
@@ -154,6 +155,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     for sampler, picks in es.items():
         lines += es_table(picks, SAMPLER_LABELS[sampler])
     lines += ["", "## Training", ""] + training_table(training, with_ema=True)
+    lines += ["", "## Versions", ""] + versions_lines(rows, training)
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_nfe.png")
     grids = sample_grids(out, cfg, report)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from scripts import demo_study as study
 from scripts.study_report_common import (begin_report, cell_text, errorbar_line, labelled_panels, run_summary,
-                                          save_figure, tile, training_table, write_results_json)
+                                          save_figure, tile, training_table, versions_lines, write_results_json)
 
 LABELS = {"teacher": "teacher (DDIM, CFG)", "lcm": "LCM", "lcm-at": "LCM-AT"}
 CSV_COLUMNS = ("metric", "model", "steps", "seed", "num", "value", "seconds")
@@ -23,7 +23,8 @@ def collect_rows(out: Path) -> list[dict]:
         for row in cell["rows"]:
             value = row[VALUE_KEY.get(metric, "fid")]
             rows.append({"metric": metric, "model": cell["model"], "steps": row.get("nfe", row.get("steps")),
-                         "seed": cell["seed"], "num": row["num"], "value": value, "seconds": row["seconds"]})
+                         "seed": cell["seed"], "num": row["num"], "value": value, "seconds": row["seconds"],
+                         "backend": row.get("backend")})
     return rows
 
 
@@ -101,6 +102,7 @@ def write_report(out: Path, cfg: dict) -> Path:
     lines += table_markdown(agg, "adherence", "Prompt adherence (classifier accuracy on class prompts)", 3)
     lines += table_markdown(agg, "clip", "CLIP score (the study's own CLIP, runs/clip; higher is better)")
     lines += ["### Training", ""] + training_table(training, with_ema=False)
+    lines += ["", "### Versions", ""] + versions_lines(rows, training)
     (report / "table.md").write_text("\n".join(lines) + "\n")
     plot(agg, report / "fid_vs_steps.png")
     grids = sample_grids(out, cfg, report)

@@ -41,7 +41,7 @@ def run_summary(run: Path, name: str) -> dict:
     return {"model": name, "command": data.get("command"), "batches": lines[-1]["step"] if lines else 0,
             "optimizer_steps": lines[-1].get("optimizer_steps", lines[-1]["step"]) if lines else 0,
             "wall_seconds": round(wall), "batch_size": options.get("batch_size"), "lr": options.get("lr"),
-            "ema_decay": options.get("ema_decay")}
+            "ema_decay": options.get("ema_decay"), "versions": data.get("versions")}
 
 
 def training_table(training: list[dict], with_ema: bool) -> list[str]:
@@ -50,6 +50,21 @@ def training_table(training: list[dict], with_ema: bool) -> list[str]:
     keys = ["model", "command", "batches", "optimizer_steps", "batch_size", "lr"] + (["ema_decay"] if with_ema else [])
     rows = [[str(t[k]) for k in keys] + [f"{t['wall_seconds'] / 60:.1f} min"] for t in training]
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def versions_lines(rows: list[dict], training: list[dict]) -> list[str]:
+    """What the numbers came from: the packages this report runs with, the backends the cells were sampled on
+    (each cell records its own) and the packages each training run recorded, runs with equal versions on one line."""
+    from runtime.provenance import versions
+    def text(found: dict) -> str:
+        return ", ".join(f"{k} {v}" for k, v in found.items())
+    by_versions: dict[str, list[str]] = {}
+    for t in training:
+        if t.get("versions"):
+            by_versions.setdefault(text(t["versions"]), []).append(t["model"])
+    backends = sorted({r["backend"] for r in rows if r.get("backend")})
+    return ([f"- this report: {text(versions('eval'))}", f"- cells sampled on: {'; '.join(backends) or '–'}"]
+            + [f"- {', '.join(names)} trained with: {found}" for found, names in by_versions.items()])
 
 
 def write_csv(rows: list[dict], columns: tuple[str, ...], path: Path) -> None:
@@ -115,12 +130,14 @@ def begin_report(out: Path, rows: list[dict], keys: tuple[str, ...], value: str,
 
 def write_results_json(out: Path, report: Path, rows: list[dict], agg: dict, keys: tuple[str, ...], cfg: dict,
                        **extra) -> None:
-    """report/results.json: the raw rows, the aggregate by ``keys``, the study's config, the verdict of the
-    deployment check (compare/record.json) when it ran, and ``extra`` sections."""
+    """report/results.json: the raw rows, the aggregate by ``keys``, the study's config, the package versions, the
+    verdict of the deployment check (compare/record.json) when it ran, and ``extra`` sections."""
     from runtime.staging import write_json
     compare = out / "compare" / "record.json"
+    from runtime.provenance import versions
     write_json(report / "results.json", {
         "rows": rows, "aggregate": [dict(zip(keys, k), **v) for k, v in agg.items()], **extra,
+        "versions": versions("eval"),
         "compare_verdict": json.loads(compare.read_text()).get("verdict") if compare.is_file() else None,
         "config": cfg})
 

@@ -88,6 +88,7 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     table = (out / "report/table.md").read_text()
     assert "ADM-AT (full)" in table
     assert "| ADM-AT (detach) | ADM-FT |" in table   # three seeds: the AT rows are compared with the others
+    assert "## Versions" in table and results["versions"]["torch"] and results["training"][0]["versions"]["torch"]
     rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
 

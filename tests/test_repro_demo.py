@@ -25,6 +25,7 @@ def test_quick_demo_study_runs_every_stage_and_reports(tmp_path):
     seeds = next(r for r in results["aggregate"] if r["metric"] == "fmnist-classifier")["n_seeds"]
     assert seeds == 3
     assert results["compare_verdict"] is not None
+    assert "### Versions" in (out / "report" / "table.md").read_text() and results["versions"]["torch"]
     assert (out / "report" / "grid-lcm-at-steps1.png").is_file()
     assert (out / "report" / "compare-classes.png").is_file()   # LCM vs LCM-AT vs the teacher, side by side
     assert (out / "runs" / "lcm-at" / "model" / "toolkit.json").is_file()  # the distilled model's own defaults

@@ -1,4 +1,4 @@
-"""The ADM study report's comparison of the AT rows with the others, on hand-made aggregates."""
+"""Pieces of the study reports on hand-made data: the ADM report's AT-vs-others counts, the versions section."""
 from scripts.adm_study_report import versus_table
 
 CLF = "fmnist-classifier"
@@ -31,3 +31,15 @@ def test_versus_compares_the_two_at_rows_once():
     assert rows == ["| ADM-AT (full) | ADM (base) | 0/1/0 | – | – | – |",
                     "| ADM-AT (full) | ADM-AT (detach) | 0/1/0 | – | – | – |",
                     "| ADM-AT (detach) | ADM (base) | 0/1/0 | – | – | – |"]
+
+
+def test_versions_name_the_backends_and_group_runs_trained_with_equal_versions():
+    from scripts.study_report_common import versions_lines
+    rows = [{"backend": "torch 2 on cpu"}, {"backend": "torch 2 on cpu"}, {"backend": "onnxruntime 1 on cpu"},
+            {"backend": None}]
+    training = [{"model": "base", "versions": {"torch": "2"}}, {"model": "ft", "versions": {"torch": "2"}},
+                {"model": "ip", "versions": {"torch": "3"}}, {"model": "at", "versions": None}]
+    lines = versions_lines(rows, training)
+    assert lines[0].startswith("- this report: python ")
+    assert lines[1:] == ["- cells sampled on: onnxruntime 1 on cpu; torch 2 on cpu",
+                         "- base, ft trained with: torch 2", "- ip trained with: torch 3"]
