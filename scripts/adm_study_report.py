@@ -59,11 +59,13 @@ def versus_table(agg: dict, features: str, models=("at", "at-detach")) -> list[s
     """Each AT variant against every other row, per sampler: in how many NFE cells its FID is lower by more than
     the seed spread, within it, higher by more. Spread as in eval/verdict.py: 2 sqrt(std_a^2 + std_b^2), the std
     being over a cell's sampling seeds; cells with one seed have no spread and are left out."""
+    nfes = sorted({key[3] for key in agg})
+
     def counts(model, other, sampler):
         tally = [0, 0, 0]   # better, within, worse
-        for key, mine in agg.items():
-            theirs = agg.get((features, other, sampler, key[3]))
-            if key[:3] != (features, model, sampler) or theirs is None or None in (mine["std"], theirs["std"]):
+        for nfe in nfes:
+            mine, theirs = agg.get((features, model, sampler, nfe)), agg.get((features, other, sampler, nfe))
+            if mine is None or theirs is None or None in (mine["std"], theirs["std"]):
                 continue
             delta, spread = mine["mean"] - theirs["mean"], 2.0 * math.hypot(mine["std"], theirs["std"])
             tally[0 if delta < -spread else 2 if delta > spread else 1] += 1

@@ -56,6 +56,7 @@ def versions_lines(rows: list[dict], training: list[dict]) -> list[str]:
     """What the numbers came from: the packages this report runs with, the backends the cells were sampled on
     (each cell records its own) and the packages each training run recorded, runs with equal versions on one line."""
     from runtime.provenance import versions
+
     def text(found: dict) -> str:
         return ", ".join(f"{k} {v}" for k, v in found.items())
     by_versions: dict[str, list[str]] = {}
@@ -132,9 +133,9 @@ def write_results_json(out: Path, report: Path, rows: list[dict], agg: dict, key
                        **extra) -> None:
     """report/results.json: the raw rows, the aggregate by ``keys``, the study's config, the package versions, the
     verdict of the deployment check (compare/record.json) when it ran, and ``extra`` sections."""
+    from runtime.provenance import versions
     from runtime.staging import write_json
     compare = out / "compare" / "record.json"
-    from runtime.provenance import versions
     write_json(report / "results.json", {
         "rows": rows, "aggregate": [dict(zip(keys, k), **v) for k, v in agg.items()], **extra,
         "versions": versions("eval"),
