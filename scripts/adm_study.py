@@ -38,6 +38,11 @@ def cell_path(out: Path, features: str, model: str, sampler: str, seed: int, nfe
     return out / "cells" / features / model / f"{sampler}-seed{seed}-nfe{nfe}.json"
 
 
+def cache_path(out: Path, features: str, model: str, sampler: str, seed: int, nfe: int) -> Path:
+    """The per-chunk feature cache of one cell (eval/sample_fid.py adds ``nfe-<N>/`` under it)."""
+    return out / "cache" / features / model / f"{sampler}-seed{seed}-nfe{nfe}"
+
+
 def es_path(out: Path, model: str, sampler: str = "ddim") -> Path:
     return out / "es" / (f"{model}.json" if sampler == "ddim" else f"{model}-{sampler}.json")
 

@@ -2,8 +2,9 @@
 
 Writes ``OUT/report/``: results.json and results.csv (one row per model x sampler x NFE x features x seed),
 table.md (the seed paper's layout: rows = training methods, columns = sampler x NFE, mean +- std over the
-sampling seeds; each AT row against the others, cell by cell, beyond seed spread or not; the ES searches; the
-training budgets and wall times), fid_vs_nfe.png, grid-<model>-nfe<N>.png and compare.png (every model side by side).
+sampling seeds, or the bootstrap std where a column has one seed; each AT row against the others, cell by cell,
+beyond seed spread or not; the ES searches; the training budgets and wall times; the versions), fid_vs_nfe.png,
+grid-<model>-nfe<N>.png and compare.png (every model side by side).
 """
 from __future__ import annotations
 
@@ -21,18 +22,44 @@ SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDP
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
 
 
+def sampled_as(sampler: str, eps_scale: float | None) -> str:
+    """The cell whose samples a cell scored: an ES cell without scaling (lambda = 1.0) reuses the DDIM cell's."""
+    return "ddim" if sampler == "es_ddim" and eps_scale in (None, 1.0) else sampler
+
+
 def collect_rows(out: Path) -> list[dict]:
-    """One row per cell and NFE. An ES cell without scaling (lambda = 1.0) reuses the DDIM cell's samples, so its
-    seconds are 0: summing the column gives the compute actually spent."""
+    """One row per cell and NFE. A cell that reuses another's samples (sampled_as) counts 0 seconds: summing the
+    column gives the compute actually spent."""
     rows = []
     for path in sorted((out / "cells").rglob("*.json")):
         cell = json.loads(path.read_text())
-        reused = cell["sampler"] == "es_ddim" and cell["eps_scale"] in (None, 1.0)
+        reused = sampled_as(cell["sampler"], cell["eps_scale"]) != cell["sampler"]
         for row in cell["rows"]:
             rows.append({"features": cell["features"], "model": cell["model"], "sampler": cell["sampler"],
                          "eps_scale": cell["eps_scale"], "nfe": row["nfe"], "seed": cell["seed"], "num": row["num"],
                          "fid": row["fid"], "seconds": 0.0 if reused else row["seconds"], "backend": row.get("backend")})
     return rows
+
+
+def with_bootstrap_noise(out: Path, agg: dict, rows: list[dict], features: str = "inception", rounds: int = 20) -> dict:
+    """Cells of ``features`` measured at one sampling seed (the Inception column) get as their std the bootstrap std
+    of FID over ``rounds`` resamplings of their samples (eval.fid.ReferenceFID.bootstrap_std on the cell's feature
+    cache, as scripts/fid_bootstrap.py), marked ``std_kind: bootstrap``; a cell whose cache is gone keeps none."""
+    from eval.fid import ReferenceFID, load_stats
+    from scripts.fid_bootstrap import cached_features
+    ref = study.ref_path(out, "test", features)
+    single = [r for r in rows if r["features"] == features
+              and agg[(features, r["model"], r["sampler"], r["nfe"])]["n_seeds"] == 1]
+    if not single or not ref.is_file():
+        return agg
+    reference, agg = ReferenceFID(load_stats(ref)), dict(agg)
+    for r in single:
+        cache = study.cache_path(out, features, r["model"], sampled_as(r["sampler"], r["eps_scale"]), r["seed"], r["nfe"])
+        if (cache / f"nfe-{r['nfe']}").is_dir():
+            key = (features, r["model"], r["sampler"], r["nfe"])
+            std = reference.bootstrap_std(cached_features(cache / f"nfe-{r['nfe']}"), rounds=rounds)
+            agg[key] = {**agg[key], "std": std, "std_kind": "bootstrap"}
+    return agg
 
 
 def table_markdown(agg: dict, features: str) -> list[str]:
@@ -50,8 +77,9 @@ def table_markdown(agg: dict, features: str) -> list[str]:
     sample = next(iter(agg[k] for k in keys), None)
     if sample:
         lines.append("")
+        spread = ("± is the bootstrap std of FID over resamplings of the N samples: the seed noise at this N" if sample.get("std_kind") == "bootstrap" else "mean ± std over seeds")
         lines.append(f"N = {sample['num']} samples per cell and seed; {sample['n_seeds']} sampling seed(s) per cell "
-                     "(mean ± std over seeds).")
+                     f"({spread}).")
     return lines
 
 
@@ -148,6 +176,7 @@ def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
 def write_report(out: Path, cfg: dict) -> Path:
     rows = collect_rows(out)
     report, agg = begin_report(out, rows, ("features", "model", "sampler", "nfe"), "fid", CSV_COLUMNS)
+    agg = with_bootstrap_noise(out, agg, rows)
     es = {sampler: {m: json.loads(p.read_text()) for m in study.MODELS
                     if (p := study.es_path(out, m, sampler)).is_file()} for sampler in study.ES_SAMPLERS}
     training = training_summary(out)

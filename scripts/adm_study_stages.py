@@ -55,7 +55,7 @@ def run_grid(out: Path, model: str, features: str, seed: int, nfes: tuple[int, .
             else:
                 rows = _fid_rows(study.model_dir(out, model), ref, extractor, nfes=(nfe,), num=num, seed=seed,
                                  sampler="ddim" if sampler == "es_ddim" else sampler, eps_scale=eps_scale,
-                                 cache=out / "cache" / features / model / f"{sampler}-seed{seed}-nfe{nfe}")
+                                 cache=study.cache_path(out, features, model, sampler, seed, nfe))
             write_json(path, {"model": model, "sampler": sampler, "eps_scale": eps_scale, "seed": seed, "num": num,
                               "features": features, "rows": rows})
 

@@ -76,6 +76,8 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
                 assert ("fmnist-classifier", model, sampler, nfe) in cells
             assert ("inception", model, sampler, cfg["inception"]["nfe"]) in cells
     assert all(math.isfinite(r["fid"]) and r["fid"] >= 0 for r in results["rows"])
+    inception = [a for a in results["aggregate"] if a["features"] == "inception"]   # one seed: bootstrap noise
+    assert all(a["std_kind"] == "bootstrap" and a["std"] > 0 for a in inception)
     seeds = {r["seed"] for r in results["rows"] if r["features"] == "fmnist-classifier"}
     assert seeds == set(cfg["seeds"])
     steps = {t["model"]: t["optimizer_steps"] for t in results["training"]}
