@@ -43,3 +43,28 @@ def test_versions_name_the_backends_and_group_runs_trained_with_equal_versions()
     assert lines[0].startswith("- this report: python ")
     assert lines[1:] == ["- cells sampled on: onnxruntime 1 on cpu; torch 2 on cpu",
                          "- base, ft trained with: torch 2", "- ip trained with: torch 3"]
+
+
+def test_one_seed_cells_get_a_bootstrap_std_computed_once_per_feature_cache(tmp_path, monkeypatch):
+    import numpy as np
+
+    from scripts import adm_study_report as report
+    from scripts.fid_bootstrap import cached_features
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4), num=np.int64(100))
+    monkeypatch.setattr(report.study, "ref_path", lambda out, split, features: tmp_path / "ref.npz")
+    cache = report.study.cache_path(tmp_path, "inception", "base", "ddim", 0, 10) / "nfe-10"
+    cache.mkdir(parents=True)
+    np.savez(cache / "chunk-00000.npz", inception=rng.normal(size=(64, 4)))
+    (cache / "key.json").write_text("{}")
+    rows = [{"features": "inception", "model": "base", "sampler": s, "eps_scale": lam, "nfe": 10, "seed": 0}
+            for s, lam in (("ddim", None), ("es_ddim", 1.0))]   # the ES cell without scaling reuses DDIM's samples
+    agg = {("inception", "base", s, 10): cell(3.0, None) for s in ("ddim", "es_ddim")}
+    calls = []
+    monkeypatch.setattr("scripts.fid_bootstrap.cached_features", lambda d: calls.append(d) or cached_features(d))
+    first = report.with_bootstrap_noise(tmp_path, agg, rows)
+    again = report.with_bootstrap_noise(tmp_path, agg, rows)
+    assert len(calls) == 1 and first == again   # both cells read the one cache, and only the first report reads it
+    stds = {first[k]["std"] for k in agg}
+    assert len(stds) == 1 and stds.pop() > 0 and all(first[k]["std_kind"] == "bootstrap" for k in agg)
+    assert agg[("inception", "base", "ddim", 10)]["std"] is None   # the input aggregate is left as it was
