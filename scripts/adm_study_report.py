@@ -37,7 +37,8 @@ def collect_rows(out: Path) -> list[dict]:
         for row in cell["rows"]:
             rows.append({"features": cell["features"], "model": cell["model"], "sampler": cell["sampler"],
                          "eps_scale": cell["eps_scale"], "nfe": row["nfe"], "seed": cell["seed"], "num": row["num"],
-                         "fid": row["fid"], "seconds": 0.0 if reused else row["seconds"], "backend": row.get("backend")})
+                         "fid": row["fid"], "seconds": 0.0 if reused else row["seconds"],
+                         "backend": row.get("backend")})
     return rows
 
 
@@ -88,7 +89,9 @@ def table_markdown(agg: dict, features: str) -> list[str]:
     sample = next(iter(agg[k] for k in keys), None)
     if sample:
         lines.append("")
-        spread = ("± is the bootstrap std of FID over resamplings of the N samples: the seed noise at this N" if sample.get("std_kind") == "bootstrap" else "mean ± std over seeds")
+        bootstrap = sample.get("std_kind") == "bootstrap"
+        spread = ("± is the bootstrap std of FID over resamplings of the N samples: the seed noise at this N"
+                  if bootstrap else "mean ± std over seeds")
         lines.append(f"N = {sample['num']} samples per cell and seed; {sample['n_seeds']} sampling seed(s) per cell "
                      f"({spread}).")
     return lines
@@ -163,7 +166,8 @@ def plot(agg: dict, path: Path) -> None:
     axes[0].set_ylabel("classifier FID (lower is better)")
     # one legend for the figure, from every panel: a panel may lack a model whose cells are not measured yet
     handles = {label: h for ax in axes for h, label in zip(*ax.get_legend_handles_labels())}
-    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    if handles:   # none before the first cell is measured
+        fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     save_figure(fig, path, bottom=0.1)
 
 
