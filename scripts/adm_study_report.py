@@ -82,19 +82,32 @@ def table_markdown(agg: dict, features: str) -> list[str]:
     columns = [(s, n) for s in study.SAMPLERS for n in nfes if any(k[2] == s and k[3] == n for k in keys)]
     lines = ["| method | " + " | ".join(f"{SAMPLER_LABELS[s]} {n}" for s, n in columns) + " |",
              "|---|" + "---|" * len(columns)]
+    best = {col: min((k for k in keys if (k[2], k[3]) == col), key=lambda k: agg[k]["mean"]) for col in columns}
     for model in study.MODELS:
-        cells = [cell_text(agg.get((features, model, s, n))) for s, n in columns]
+        cells = [bold_if(best[(s, n)] == (features, model, s, n), cell_text(agg.get((features, model, s, n))))
+                 for s, n in columns]
         if any(c != "–" for c in cells):
             lines.append(f"| {study.LABELS[model]} | " + " | ".join(cells) + " |")
-    sample = next(iter(agg[k] for k in keys), None)
-    if sample:
-        lines.append("")
-        bootstrap = sample.get("std_kind") == "bootstrap"
-        spread = ("± is the bootstrap std of FID over resamplings of the N samples: the seed noise at this N"
-                  if bootstrap else "mean ± std over seeds")
-        lines.append(f"N = {sample['num']} samples per cell and seed; {sample['n_seeds']} sampling seed(s) per cell "
-                     f"({spread}).")
-    return lines
+    return lines + ["", table_note([agg[k] for k in keys])]
+
+
+def bold_if(condition: bool, text: str) -> str:
+    return f"**{text}**" if condition else text
+
+
+def table_note(stats: list[dict]) -> str:
+    """N and the seed count under a table; a table whose cells have different seed counts (a study still running)
+    says so, since a cell without ± then has one seed."""
+    seeds = sorted({s["n_seeds"] for s in stats})
+    bootstrap = any(s.get("std_kind") == "bootstrap" for s in stats)
+    spread = ("± is the bootstrap std of FID over resamplings of the N samples: the seed noise at this N"
+              if bootstrap else "mean ± std over seeds")
+    if len(seeds) > 1:
+        spread += "; a cell without ± has one seed"
+    counts = "–".join(map(str, (seeds[0], seeds[-1]) if len(seeds) > 1 else seeds))
+    nums = "/".join(map(str, sorted({s["num"] for s in stats})))
+    return f"N = {nums} samples per cell and seed; {counts} sampling seed(s) per cell ({spread}); lowest mean in each " \
+           "column in bold."
 
 
 def versus_table(agg: dict, features: str, models=("at", "at-detach")) -> list[str]:

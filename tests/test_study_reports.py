@@ -68,3 +68,15 @@ def test_one_seed_cells_get_a_bootstrap_std_computed_once_per_feature_cache(tmp_
     stds = {first[k]["std"] for k in agg}
     assert len(stds) == 1 and stds.pop() > 0 and all(first[k]["std_kind"] == "bootstrap" for k in agg)
     assert agg[("inception", "base", "ddim", 10)]["std"] is None   # the input aggregate is left as it was
+
+
+def test_table_bolds_each_columns_lowest_mean_and_says_when_seed_counts_differ():
+    from scripts.adm_study_report import table_markdown
+    agg = {(CLF, "base", "ddim", 5): cell(11.0, 0.2), (CLF, "ft", "ddim", 5): cell(10.0, 0.3),
+           (CLF, "base", "ddim", 50): cell(7.0, None)}   # a column only the base has, at one seed so far
+    lines = table_markdown(agg, CLF)
+    assert lines[:2] == ["| method | DDIM 5 | DDIM 50 |", "|---|---|---|"]
+    assert lines[2] == "| ADM (base) | 11.00 ± 0.20 | **7.00** |"
+    assert lines[3] == "| ADM-FT | **10.00 ± 0.30** | – |"
+    assert "1–3 sampling seed(s) per cell (mean ± std over seeds; a cell without ± has one seed)" in lines[-1]
+    assert lines[-1].startswith("N = 10000 samples per cell and seed;")
