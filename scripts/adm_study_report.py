@@ -102,7 +102,7 @@ def table_note(stats: list[dict]) -> str:
     bootstrap = any(s.get("std_kind") == "bootstrap" for s in stats)
     spread = ("± is the bootstrap std of FID over resamplings of the N samples: the seed noise at this N"
               if bootstrap else "mean ± std over seeds")
-    if len(seeds) > 1:
+    if len(seeds) > 1 and seeds[0] == 1:
         spread += "; a cell without ± has one seed"
     counts = "–".join(map(str, (seeds[0], seeds[-1]) if len(seeds) > 1 else seeds))
     nums = "/".join(map(str, sorted({s["num"] for s in stats})))
