@@ -44,6 +44,9 @@ def generate(
     class_label: Optional[list[int]] = typer.Option(None, help="Class label(s) for class-conditional models."),
     eps_scale: Optional[float] = typer.Option(None, help="Epsilon scaling (ES), e.g. 1.017."),
     eta: Optional[float] = typer.Option(None, help="DDIM eta (0: deterministic)."),
+    sampler_option: Optional[list[str]] = typer.Option(
+        None, help="KEY=VALUE passed to the sampler, e.g. use_clipped_model_output=true (DDIM: eps re-derived from "
+                   "the clipped x0, as guided-diffusion), spacing=linspace. Repeatable."),
     batch_size: Optional[int] = typer.Option(None, help="Images per network batch (default: up to 8)."),
     backend: str = typer.Option("torch", help="torch | onnxruntime (tensorrt: planned)"),
     backend_option: Optional[list[str]] = typer.Option(
@@ -54,14 +57,14 @@ def generate(
     out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
-    from runtime.cli_generate import run_generate
+    from runtime.cli_generate import run_generate, sampler_options
     from runtime.generation import GenerationOptions
     labels = (class_label[0] if len(class_label) == 1 else class_label) if class_label else None
     options = GenerationOptions(
         prompts=prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed, sampler=sampler,
         guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width,
         class_labels=labels, eps_scale=eps_scale, batch_size=batch_size,
-        sampler_options=None if eta is None else {"eta": eta})
+        sampler_options=sampler_options(sampler_option, eta))
     run_generate(options, model=model, backend=backend, backend_option=backend_option, device=device, dtype=dtype,
                  out=out)
 

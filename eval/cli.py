@@ -86,6 +86,8 @@ def sample_fid(model: str = typer.Argument(..., help="Diffusers dir, export dir 
                num: int = typer.Option(10000, help="Samples per NFE."),
                sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm (default: the "
                                                      "model's)."),
+               sampler_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE for the sampler, e.g. "
+                                                                  "use_clipped_model_output=true (DDIM). Repeatable."),
                backend: str = typer.Option("torch", help="torch | onnxruntime (tensorrt: planned)"),
                backend_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE for the backend, e.g. "
                                                                   "cuda_graph=true (onnxruntime). Repeatable."),

@@ -9,7 +9,7 @@ from eval.compare_report import RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
 from eval.measure import make_extractor, source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
-from runtime.cli_generate import parse_options
+from runtime.cli_generate import parse_options, sampler_options
 from runtime.errors import ToolkitError
 from runtime.model_spec import model_name
 from runtime.progress import console, progress_bars
@@ -49,8 +49,8 @@ def _reference(ref: str, extractor, cache, chunk_size):
                             chunk_size=chunk_size, progress=tracker("reference features", 0))
 
 
-def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option, dtype, batch_size, prompts,
-                       guidance_scale, eps_scale, resize, inception, features, inception_engine, device, cache,
+def sample_fid_command(*, model, ref, nfe, num, sampler, sampler_option, backend, backend_option, dtype, batch_size,
+                       prompts, guidance_scale, eps_scale, resize, inception, features, inception_engine, device, cache,
                        chunk_size, seed, out) -> list[dict]:
     if num < 2:
         raise ToolkitError(f"--num must be at least 2 (FID needs a covariance), got {num}")
@@ -60,7 +60,8 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, backend, backend_option
     config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
                              backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
                              chunk_size=chunk_size, prompts=as_tuple(read_prompts(prompts)) if prompts else None,
-                             guidance_scale=guidance_scale, eps_scale=eps_scale, cache_dir=cache,
+                             guidance_scale=guidance_scale, eps_scale=eps_scale,
+                             sampler_options=sampler_options(sampler_option) or {}, cache_dir=cache,
                              backend_options=parse_options(backend_option or []))
     ref_stats = _reference(ref, extractor, cache, chunk_size)
     with progress_bars() as tracker:

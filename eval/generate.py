@@ -24,6 +24,7 @@ class SamplingPlan:
     prompts: tuple[str, ...] | None = None
     guidance_scale: float | None = None
     eps_scale: float | None = None        # ES sampler (epsilon scaling); None: plain
+    sampler_options: dict = dataclasses.field(default_factory=dict)   # e.g. DDIM's use_clipped_model_output
 
     def prompts_for(self, start: int, stop: int) -> list[str] | None:
         if not self.prompts:
@@ -35,7 +36,9 @@ class SamplingPlan:
         made with another prompts file of the same length is refused rather than mixed in."""
         return {"steps": self.steps, "sampler": self.sampler, "seed": self.seed, "num_prompts":
                 len(self.prompts) if self.prompts else 0, "prompts_sha1": _prompts_hash(self.prompts),
-                "guidance_scale": self.guidance_scale, **({"eps_scale": self.eps_scale} if self.eps_scale else {})}
+                "guidance_scale": self.guidance_scale, **({"eps_scale": self.eps_scale} if self.eps_scale else {}),
+                # only when set, so the keys of caches made before sampler options existed still match
+                **({"sampler_options": dict(sorted(self.sampler_options.items()))} if self.sampler_options else {})}
 
 
 def _prompts_hash(prompts: Sequence[str] | None) -> str | None:
@@ -58,7 +61,7 @@ def sample_producer(pipe, plan: SamplingPlan, on_progress: StepProgress | None =
             tick = lambda done, total: on_progress(start + (stop - start) * done / total)  # noqa: E731
         # default: the whole chunk in one batch (chunks are sized for memory already; see --chunk-size)
         common = dict(steps=plan.steps, sampler=plan.sampler, seeds=seeds, batch_size=plan.batch_size or stop - start,
-                      eps_scale=plan.eps_scale, progress=tick)
+                      eps_scale=plan.eps_scale, sampler_options=plan.sampler_options or None, progress=tick)
         if spec.is_latent:
             out = pipe(plan.prompts_for(start, stop), guidance_scale=plan.guidance_scale, **common)
         else:

@@ -27,6 +27,7 @@ class SampleFIDConfig:
     prompts: tuple[str, ...] | None = None
     guidance_scale: float | None = None
     eps_scale: float | None = None
+    sampler_options: dict = dataclasses.field(default_factory=dict)
     cache_dir: Path | None = None
     backend_options: dict = dataclasses.field(default_factory=dict)
 
@@ -56,7 +57,7 @@ def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor,
         for nfe in config.nfes:
             plan = SamplingPlan(steps=nfe, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
                                 prompts=config.prompts, guidance_scale=config.guidance_scale,
-                                eps_scale=config.eps_scale)
+                                eps_scale=config.eps_scale, sampler_options=config.sampler_options)
             started = time.perf_counter()
             feats = generated_features(pipe, plan, extractor, config.num, chunk_size=config.chunk_size,
                                        cache_dir=cache_subdir(config.cache_dir, f"nfe-{nfe}"), model_id=model_id,

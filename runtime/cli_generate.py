@@ -51,18 +51,27 @@ BUNDLED_HINT = ("this is the bundled demo model: it draws 32x32 Fashion-MNIST cl
                 "photographs use --model SimianLuo/LCM_Dreamshaper_v7 (needs network access or a populated HF cache)")
 
 
-def parse_options(pairs: list[str]) -> dict:
-    """``KEY=VALUE`` strings -> a dict; values read as JSON where they parse (true, 4, 0.5), else as text."""
+def parse_options(pairs: list[str], flag: str = "--backend-option", example: str = "cuda_graph=true") -> dict:
+    """``KEY=VALUE`` strings (given with ``flag``) -> a dict; values read as JSON where they parse (true, 4, 0.5),
+    else as text."""
     options = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise ToolkitError(f"backend option '{pair}' is not KEY=VALUE, e.g. --backend-option cuda_graph=true")
+            raise ToolkitError(f"{flag} '{pair}' is not KEY=VALUE, e.g. {flag} {example}")
         try:
             options[key] = json.loads(value)
         except json.JSONDecodeError:
             options[key] = value
     return options
+
+
+def sampler_options(pairs: list[str] | None, eta: float | None = None) -> dict | None:
+    """``--sampler-option KEY=VALUE`` strings (and DDIM's ``--eta``) -> the sampler's keyword options, or None."""
+    options = parse_options(pairs or [], "--sampler-option", "use_clipped_model_output=true")
+    if eta is not None:
+        options["eta"] = eta
+    return options or None
 
 
 def write_images(output, out_dir: Path, source: dict) -> list[Path]:

@@ -18,13 +18,15 @@ from scripts.study_report_common import (begin_report, cell_text, errorbar_line,
                                           save_figure, stacked, tile, training_table, versions_lines,
                                           write_results_json)
 
-SAMPLER_LABELS = {"ddim": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim": "ES (DDIM)"}
+SAMPLER_LABELS = {"ddim_gd": "DDIM", "dpmpp_2m": "DPM-Solver++(2M)", "iddpm": "IDDPM", "es_ddim_gd": "ES (DDIM)",
+                  "ddim": "diffusers DDIM", "es_ddim": "ES (diffusers DDIM)"}
 CSV_COLUMNS = ("features", "model", "sampler", "eps_scale", "nfe", "seed", "num", "fid", "seconds")
 
 
 def sampled_as(sampler: str, eps_scale: float | None) -> str:
-    """The cell whose samples a cell scored: an ES cell without scaling (lambda = 1.0) reuses the DDIM cell's."""
-    return "ddim" if sampler == "es_ddim" and eps_scale in (None, 1.0) else sampler
+    """The cell whose samples a cell scored: an ES cell without scaling (lambda = 1.0) reuses its DDIM cell's."""
+    base = study.ES_OF.get(sampler)
+    return base if base and eps_scale in (None, 1.0) else sampler
 
 
 def collect_rows(out: Path) -> list[dict]:
@@ -74,12 +76,12 @@ def cell_bootstrap_std(out: Path, cache: Path, ref: Path, rounds: int) -> float:
     return memo[key]
 
 
-def table_markdown(agg: dict, features: str) -> list[str]:
-    keys = [k for k in agg if k[0] == features]
+def table_markdown(agg: dict, features: str, samplers=study.TABLE_SAMPLERS) -> list[str]:
+    keys = [k for k in agg if k[0] == features and k[2] in samplers]
     if not keys:
         return ["(not measured yet)"]
     nfes = sorted({k[3] for k in keys})
-    columns = [(s, n) for s in study.SAMPLERS for n in nfes if any(k[2] == s and k[3] == n for k in keys)]
+    columns = [(s, n) for s in samplers for n in nfes if any(k[2] == s and k[3] == n for k in keys)]
     lines = ["| method | " + " | ".join(f"{SAMPLER_LABELS[s]} {n}" for s, n in columns) + " |",
              "|---|" + "---|" * len(columns)]
     best = {col: min((k for k in keys if (k[2], k[3]) == col), key=lambda k: agg[k]["mean"]) for col in columns}
@@ -128,7 +130,7 @@ def versus_table(agg: dict, features: str, models=("at", "at-detach")) -> list[s
     rows = []
     for i, model in enumerate(models):
         for other in (m for m in study.MODELS if m not in models[:i + 1]):   # each AT pair once
-            tallies = [counts(model, other, s) for s in study.SAMPLERS]
+            tallies = [counts(model, other, s) for s in study.TABLE_SAMPLERS]
             if any(sum(t) for t in tallies):
                 rows.append(f"| {study.LABELS[model]} | {study.LABELS[other]} | "
                             + " | ".join("/".join(map(str, t)) if sum(t) else "–" for t in tallies) + " |")
@@ -136,8 +138,8 @@ def versus_table(agg: dict, features: str, models=("at", "at-detach")) -> list[s
         return ["(needs two or more sampling seeds per cell)"]
     return ["NFE cells where the AT row's FID is lower / within seed spread / higher than the other row's "
             "(spread: 2 sqrt(std_a² + std_b²) over sampling seeds; one training run per method, so training noise "
-            "is not in it).", "", "| AT row | vs | " + " | ".join(SAMPLER_LABELS[s] for s in study.SAMPLERS) + " |",
-            "|---|---|" + "---|" * len(study.SAMPLERS)] + rows
+            "is not in it).", "", "| AT row | vs | " + " | ".join(SAMPLER_LABELS[s] for s in study.TABLE_SAMPLERS)
+            + " |", "|---|---|" + "---|" * len(study.TABLE_SAMPLERS)] + rows
 
 
 def es_table(picks: dict, sampler_label: str) -> list[str]:
@@ -165,8 +167,9 @@ def plot(agg: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, len(study.SAMPLERS), figsize=(4 * len(study.SAMPLERS), 3.4), sharey=True)
-    for ax, sampler in zip(axes, study.SAMPLERS):
+    samplers = study.TABLE_SAMPLERS
+    fig, axes = plt.subplots(1, len(samplers), figsize=(4 * len(samplers), 3.4), sharey=True)
+    for ax, sampler in zip(axes, samplers):
         for i, model in enumerate(study.MODELS):
             errorbar_line(ax, [(k[3], v) for k, v in agg.items() if k[0] == CLF and k[1] == model and k[2] == sampler],
                           study.LABELS[model], color=f"C{i}")
@@ -185,14 +188,16 @@ def plot(agg: dict, path: Path) -> None:
 
 
 def sample_grids(out: Path, cfg: dict, report: Path) -> list[str]:
-    """count samples (DDIM, seeds 0..count-1) per model at each grid NFE, tiled 8 wide, and compare.png: the first
+    """count samples (the table's DDIM, seeds 0..count-1) per model at each grid NFE, tiled 8 wide, and compare.png: the first
     16 seeds of every model side by side, one row of panels per NFE (same seeds, so the same starting noise)."""
     from runtime.pipeline import Pipeline
     written, arrays = [], {}
     for model in study.MODELS:
         with Pipeline.load(str(study.model_dir(out, model)), backend="torch", device="cpu") as pipe:
             for nfe in cfg["grid"]["nfes"]:
-                arrays[model, nfe] = pipe(num_images=cfg["grid"]["count"], steps=nfe, sampler="ddim", seed=0).arrays
+                sampler, options = study.SAMPLER_RUNS["ddim_gd"]
+                arrays[model, nfe] = pipe(num_images=cfg["grid"]["count"], steps=nfe, sampler=sampler,
+                                          sampler_options=options, seed=0).arrays
                 name = f"grid-{model}-nfe{nfe}.png"
                 tile(arrays[model, nfe], 8).save(report / name)
                 written.append(name)
@@ -211,6 +216,9 @@ def write_report(out: Path, cfg: dict) -> Path:
     lines = ["## Classifier FID", ""] + table_markdown(agg, CLF) + ["", "## Inception FID", ""]
     lines += table_markdown(agg, "inception")
     lines += ["", "## ADM-AT against the other rows (classifier FID)", ""] + versus_table(agg, CLF)
+    lines += ["", "## Diffusers' default DDIM (x0 clipped, ε not re-derived from it)", ""]
+    for features, title in ((CLF, "Classifier FID"), ("inception", "Inception FID")):
+        lines += [f"{title}:", ""] + table_markdown(agg, features, study.X0_CLIP_SAMPLERS) + [""]
     for sampler, picks in es.items():
         lines += es_table(picks, SAMPLER_LABELS[sampler])
     lines += ["", "## Training", ""] + training_table(training, with_ema=True)

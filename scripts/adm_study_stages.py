@@ -25,8 +25,8 @@ def pick_es(out: Path, model: str, cfg: dict, sampler: str = "ddim") -> dict:
     ref, extractor = load_stats(study.ref_path(out, "train", CLF)), _extractor(CLF)
     fids = {}
     for lam in es["lambdas"]:
-        rows = _fid_rows(study.model_dir(out, model), ref, extractor, nfes=(es["nfe"],), num=es["num"], sampler=sampler,
-                         seed=es["seed"], eps_scale=None if lam == 1.0 else lam,
+        rows = _fid_rows(study.model_dir(out, model), ref, extractor, nfes=(es["nfe"],), num=es["num"],
+                         **run_plan(sampler), seed=es["seed"], eps_scale=None if lam == 1.0 else lam,
                          cache=out / "cache" / "es" / study.es_path(out, model, sampler).stem / f"lambda-{lam}")
         fids[str(lam)] = rows[0]["fid"]
     chosen = float(min(fids, key=fids.get))
@@ -41,7 +41,7 @@ def run_grid(out: Path, model: str, features: str, seed: int, nfes: tuple[int, .
     uses fewer samples). One JSON per (sampler, NFE); finished ones are skipped."""
     from eval.fid import load_stats
     from runtime.staging import write_json
-    chosen = json.loads(study.es_path(out, model).read_text())["chosen"]
+    chosen = {base: json.loads(study.es_path(out, model, base).read_text())["chosen"] for base in study.ES_OF.values()}
     ref, extractor = load_stats(study.ref_path(out, "test", features)), _extractor(features)
     num = cfg["inception"]["num"] if features == "inception" else cfg["num"]
     for sampler in study.SAMPLERS:
@@ -49,15 +49,22 @@ def run_grid(out: Path, model: str, features: str, seed: int, nfes: tuple[int, .
             path = study.cell_path(out, features, model, sampler, seed, nfe)
             if path.exists():
                 continue
-            eps_scale = chosen if sampler == "es_ddim" else None
-            if sampler == "es_ddim" and chosen == 1.0:  # ES picked no scaling: the DDIM cell is the ES cell
-                rows = json.loads(study.cell_path(out, features, model, "ddim", seed, nfe).read_text())["rows"]
+            base = study.ES_OF.get(sampler)
+            eps_scale = chosen[base] if base else None
+            if eps_scale == 1.0:  # ES picked no scaling: the DDIM cell is the ES cell
+                rows = json.loads(study.cell_path(out, features, model, base, seed, nfe).read_text())["rows"]
             else:
                 rows = _fid_rows(study.model_dir(out, model), ref, extractor, nfes=(nfe,), num=num, seed=seed,
-                                 sampler="ddim" if sampler == "es_ddim" else sampler, eps_scale=eps_scale,
+                                 **run_plan(sampler), eps_scale=eps_scale,
                                  cache=study.cache_path(out, features, model, sampler, seed, nfe))
             write_json(path, {"model": model, "sampler": sampler, "eps_scale": eps_scale, "seed": seed, "num": num,
                               "features": features, "rows": rows})
+
+
+def run_plan(sampler: str) -> dict:
+    """The toolkit sampler and options of one of the study's samplers (study.SAMPLER_RUNS)."""
+    name, options = study.SAMPLER_RUNS[sampler]
+    return {"sampler": name, "sampler_options": options}
 
 
 def main(argv: list[str]) -> int:

@@ -10,9 +10,11 @@ Stages (each a job; a rerun of the same command skips finished jobs and resumes 
 2. one base ADM from scratch (``toolkit train adm --preset fmnist``), then four fine-tunes from its EMA weights
    with the same number of optimizer steps: plain (``adm``), ADM-IP, ADM-AT full and ADM-AT detach (free AT makes
    K=3 optimizer steps per batch, so its runs take a third of the batches);
-3. ES: the factor per model, the best classifier FID at NFE 10 (DDIM) on held-out seeds against the train split;
-4. the grid: DDIM, DPM-Solver++(2M), IDDPM and ES-DDIM at every NFE, 3 sampling seeds, classifier FID; the
-   NFE-10 column again with the Inception FID;
+3. ES: the factor per model and DDIM variant, the best classifier FID at NFE 10 on held-out seeds against the
+   train split;
+4. the grid: DDIM (guided-diffusion's: eps re-derived from the clipped x0), DPM-Solver++(2M), IDDPM and ES on that
+   DDIM, plus diffusers' default DDIM (x0 clipped, eps kept) and ES on it, at every NFE, 3 sampling seeds,
+   classifier FID; the NFE-10 column again with the Inception FID;
 5. deployment: fp16 ONNX exports of the plain fine-tune and ADM-AT, ``toolkit eval compare`` torch vs ONNX Runtime;
 6. the report: results.json / results.csv, table.md, fid_vs_nfe.png, sample grids.
 """
@@ -23,8 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
-from scripts.adm_study import (CLF, ES_SAMPLERS, MODELS, SAMPLERS, cell_path, config_for, es_path,  # noqa: E402
-                               model_dir, ref_path)
+from scripts.adm_study import (CLF, ES_OF, ES_SAMPLERS, MODELS, SAMPLERS, cell_path, config_for,  # noqa: E402
+                               es_path, model_dir, ref_path)
 from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
 
 
@@ -61,13 +63,17 @@ def grid_job(out: Path, cfg: dict, features: str, model: str, seed: int, nfes: t
     args = ["_grid", "--out", out, "--model", model, "--features", features, "--seed", seed,
             "--nfes", ",".join(map(str, nfes))] + (["--quick"] if quick else [])
     return Job(f"grid-{features}-{model}-seed{seed}-nfe{'-'.join(map(str, nfes))}", lambda: this_script(*args),
-               cell_path(out, features, model, SAMPLERS[-1], seed, nfes[-1]), (f"es-{model}", ref))
+               cell_path(out, features, model, SAMPLERS[-1], seed, nfes[-1]),
+               (*(es_name(model, base) for base in ES_OF.values()), ref))
+
+
+def es_name(model: str, sampler: str) -> str:
+    return f"es-{model}" if sampler == "ddim" else f"es-{sampler}-{model}"
 
 
 def es_job(out: Path, model: str, sampler: str, q: list[str]) -> Job:
-    """ES factor of ``model`` under ``sampler`` (DDIM's feeds the grid's ES column; the others are only reported)."""
-    name = f"es-{model}" if sampler == "ddim" else f"es-{sampler}-{model}"
-    return Job(name, lambda: this_script("_es", "--out", out, "--model", model, "--sampler", sampler, *q),
+    """ES factor of ``model`` under ``sampler`` (each DDIM's feeds an ES column; DPM-Solver's is only reported)."""
+    return Job(es_name(model, sampler), lambda: this_script("_es", "--out", out, "--model", model, "--sampler", sampler, *q),
                es_path(out, model, sampler), (f"train-{model}", "ref-fmnist-classifier-train"))
 
 
@@ -82,10 +88,11 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
     for name in MODELS:
         jobs.append(Job(f"train-{name}", fixed(train_command(out, name, cfg)), model_dir(out, name) / "training.json",
                         () if name == "base" else ("train-base",)))
-    jobs += [es_job(out, name, "ddim", q) for name in MODELS]
+    grid_es = tuple(dict.fromkeys(ES_OF.values()))
+    jobs += [es_job(out, name, sampler, q) for sampler in grid_es for name in MODELS]
     first, *others = cfg["seeds"]
     jobs += [grid_job(out, cfg, CLF, name, first, cfg["nfes"], quick) for name in MODELS]
-    jobs += [es_job(out, name, sampler, q) for sampler in ES_SAMPLERS[1:] for name in MODELS]
+    jobs += [es_job(out, name, sampler, q) for sampler in ES_SAMPLERS if sampler not in grid_es for name in MODELS]
     jobs += [grid_job(out, cfg, "inception", name, first, (cfg["inception"]["nfe"],), quick) for name in MODELS]
     jobs += deployment_jobs(out, cfg)
     jobs += [grid_job(out, cfg, CLF, name, seed, cfg["nfes"], quick) for seed in others for name in MODELS]

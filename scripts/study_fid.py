@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def fid_rows(model: Path, ref, extractor, *, nfes, num: int, seed: int, cache: Path, **plan) -> list[dict]:
-    """One row per NFE (eval.sample_fid.run_sample_fid); ``plan``: sampler, eps_scale, prompts, guidance_scale."""
+    """One row per NFE (eval.sample_fid.run_sample_fid); ``plan``: sampler, sampler_options, eps_scale, prompts,
+    guidance_scale."""
     from eval.sample_fid import SampleFIDConfig, run_sample_fid
     # batches of 100: the small UNets run ~30% faster per image than at 500 on one CPU thread (cache-bound)
     config = SampleFIDConfig(model=str(model), nfes=tuple(nfes), num=num, device="cpu", seed=seed, cache_dir=cache,

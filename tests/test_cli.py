@@ -96,6 +96,19 @@ def test_backend_options_reach_the_backend(tiny_lcm_dir, tmp_path):
     assert malformed.exit_code == 2 and "KEY=VALUE" in malformed.stderr
 
 
+def test_sampler_options_reach_the_sampler_and_the_png_record(tiny_uncond_dir, tmp_path):
+    ok = _run("generate", "--model", tiny_uncond_dir, "--sampler", "ddim", "--nfe", "2", "--device", "cpu",
+              "--sampler-option", "use_clipped_model_output=true", "--eta", "0.5", "--out", tmp_path)
+    assert ok.exit_code == 0, ok.output
+    record = json.loads(Image.open(tmp_path / "sample-seed0.png").text["at-diffusion-toolkit"])
+    assert record["sampler_options"] == {"use_clipped_model_output": True, "eta": 0.5}
+    unknown = _run("generate", "--model", tiny_uncond_dir, "--sampler", "dpmpp_2m", "--device", "cpu",
+                   "--sampler-option", "use_clipped_model_output=true", "--out", tmp_path)
+    assert unknown.exit_code == 2 and "has no option(s) ['use_clipped_model_output']" in unknown.stderr
+    malformed = _run("generate", "--model", tiny_uncond_dir, "--sampler-option", "eta", "--out", tmp_path)
+    assert malformed.exit_code == 2 and "--sampler-option 'eta' is not KEY=VALUE" in malformed.stderr
+
+
 @pytest.mark.parametrize("args, text", [(["generate", "--help"], "default: bundled model"),
                                         (["export", "run", "--help"], "default: exports/<model-name>[-fp16]"),
                                         (["eval", "sample-fid", "--help"], "default: one chunk")])

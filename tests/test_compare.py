@@ -150,6 +150,27 @@ def test_sample_fid_eps_scale_is_the_es_sampler_and_keys_the_cache(tiny_uncond_d
     assert mixed.exit_code == 2 and "was made for" in mixed.output
 
 
+def test_sample_fid_sampler_options_reach_the_sampler_and_key_the_cache(tiny_uncond_dir, ref_stats, feature_net,
+                                                                       tmp_path):
+    common = ("--ref", ref_stats, "--nfe", "2", "--num", "4", "--sampler", "ddim", "--inception", feature_net,
+              "--device", "cpu")
+    plain = _invoke("sample-fid", tiny_uncond_dir, *common, "--cache", tmp_path / "c1", "--out", tmp_path / "plain.json")
+    gd = _invoke("sample-fid", tiny_uncond_dir, *common, "--sampler-option", "use_clipped_model_output=true",
+                 "--cache", tmp_path / "c2", "--out", tmp_path / "gd.json")
+    assert plain.exit_code == 0 and gd.exit_code == 0, plain.output + gd.output
+    records = [json.loads((tmp_path / f).read_text()) for f in ("plain.json", "gd.json")]
+    # the random tiny UNet's x0 leaves [-1, 1], so re-deriving eps from the clipped x0 changes the samples
+    assert records[0]["results"][0]["fid"] != records[1]["results"][0]["fid"]
+    assert records[1]["config"]["sampler_options"] == {"use_clipped_model_output": True}
+    mixed = _invoke("sample-fid", tiny_uncond_dir, *common, "--sampler-option", "use_clipped_model_output=true",
+                    "--cache", tmp_path / "c1")
+    assert mixed.exit_code == 2 and "was made for" in mixed.output
+    unknown = _invoke("sample-fid", tiny_uncond_dir, *common, "--sampler-option", "warp=9")
+    assert unknown.exit_code == 2 and "has no option(s) ['warp']" in unknown.output
+    malformed = _invoke("sample-fid", tiny_uncond_dir, *common, "--sampler-option", "warp")
+    assert malformed.exit_code == 2 and "--sampler-option 'warp' is not KEY=VALUE" in malformed.output
+
+
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 2 samples of 32 features: FID itself is not checked
 def test_sample_fid_cache_of_a_retrained_model_is_refused(ref_stats, feature_net, tmp_path):
     # the cache used to be keyed on the model's path alone: features of the old weights were reused

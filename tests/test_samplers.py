@@ -70,13 +70,13 @@ def run_ours(name, schedule, model, x, steps, seed, ts_options=None, **options):
     return sampler.fn(model, x, schedule, ts, noise, **options), ts, calls
 
 
-def parity(scheduler, name, steps, ts_options=None, step_kwargs=None, float64=True, **options):
+def parity(scheduler, name, steps, ts_options=None, step_kwargs=None, float64=True, data_std=0.5, **options):
     """Max |ours - diffusers| over one run from the same x_T with the same noise streams."""
     schedule = NoiseSchedule.from_config(dict(scheduler.config))
     dtype = torch.float64 if float64 else torch.float32
     if float64:
         float64_reference(scheduler, schedule)
-    model = toy_model(schedule)
+    model = toy_model(schedule, data_std)
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(0), dtype=dtype)
     ref, ref_ts = run_diffusers(scheduler, model, x_T.clone(), steps, seed=1, **(step_kwargs or {}))
     ours, ts, _ = run_ours(name, schedule, model, x_T.numpy().astype(np.float64), steps, 1, ts_options, **options)
@@ -125,6 +125,22 @@ def test_ddim_matches_ddim_scheduler(prediction_type, spacing, offset, set_alpha
 def test_ddim_with_eta_matches_ddim_scheduler_fed_the_same_noise(prediction_type, eta):
     scheduler = DDIMScheduler(prediction_type=prediction_type, clip_sample=True)  # pixel-DDPM defaults
     assert parity(scheduler, "ddim", 10, step_kwargs={"eta": eta}, eta=eta) < 1e-10
+
+
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_eps_from_the_clipped_x0_matches_ddim_schedulers_use_clipped_model_output(eta):
+    """guided-diffusion's DDIM (eps re-derived from the clipped x0). Data of std 3 puts x0 outside [-1, 1], so the
+    clipping is exercised: the result differs from DDIM that keeps the network's eps."""
+    def run(rederive):
+        scheduler = DDIMScheduler(clip_sample=True)
+        return parity(scheduler, "ddim", 10, step_kwargs={"eta": eta, "use_clipped_model_output": rederive},
+                      data_std=3.0, eta=eta, use_clipped_model_output=rederive)
+    assert run(True) < 1e-10 and run(False) < 1e-10
+    schedule = NoiseSchedule.from_config(dict(DDIMScheduler(clip_sample=True).config))
+    x_T = np.random.default_rng(0).standard_normal(SHAPE)
+    outs = [run_ours("ddim", schedule, toy_model(schedule, 3.0), x_T, 10, 1, use_clipped_model_output=flag)[0]
+            for flag in (False, True)]
+    assert np.abs(outs[0] - outs[1]).max() > 1e-3   # far beyond the parity tolerance: the two are told apart
 
 
 @pytest.mark.parametrize("prediction_type", PREDICTIONS)

@@ -9,9 +9,9 @@ def cell(mean, std):
 
 
 def test_versus_counts_cells_beyond_the_seed_spread_per_sampler():
-    agg = {(CLF, "at", "ddim", 5): cell(10.0, 0.3), (CLF, "base", "ddim", 5): cell(11.0, 0.1),   # 1.0 > 2*0.32: lower
-           (CLF, "at", "ddim", 10): cell(8.0, 0.3), (CLF, "base", "ddim", 10): cell(8.5, 0.3),   # 0.5 < 0.85: within
-           (CLF, "at", "ddim", 20): cell(9.0, 0.1), (CLF, "base", "ddim", 20): cell(7.0, 0.1),   # higher
+    agg = {(CLF, "at", "ddim_gd", 5): cell(10.0, 0.3), (CLF, "base", "ddim_gd", 5): cell(11.0, 0.1),   # 1.0 > 2*0.32: lower
+           (CLF, "at", "ddim_gd", 10): cell(8.0, 0.3), (CLF, "base", "ddim_gd", 10): cell(8.5, 0.3),   # 0.5 < 0.85: within
+           (CLF, "at", "ddim_gd", 20): cell(9.0, 0.1), (CLF, "base", "ddim_gd", 20): cell(7.0, 0.1),   # higher
            (CLF, "at", "iddpm", 5): cell(5.0, None), (CLF, "base", "iddpm", 5): cell(9.0, None)}  # one seed: skipped
     lines = versus_table(agg, CLF, models=("at",))
     row = next(line for line in lines if line.startswith("| ADM-AT (full) | ADM (base) |"))
@@ -21,12 +21,12 @@ def test_versus_counts_cells_beyond_the_seed_spread_per_sampler():
 
 
 def test_versus_says_what_it_needs_when_no_cell_has_seeds():
-    agg = {(CLF, "at", "ddim", 5): cell(10.0, None), (CLF, "base", "ddim", 5): cell(11.0, None)}
+    agg = {(CLF, "at", "ddim_gd", 5): cell(10.0, None), (CLF, "base", "ddim_gd", 5): cell(11.0, None)}
     assert versus_table(agg, CLF) == ["(needs two or more sampling seeds per cell)"]
 
 
 def test_versus_compares_the_two_at_rows_once():
-    agg = {(CLF, m, "ddim", 5): cell(10.0, 0.1) for m in ("base", "at", "at-detach")}
+    agg = {(CLF, m, "ddim_gd", 5): cell(10.0, 0.1) for m in ("base", "at", "at-detach")}
     rows = [line for line in versus_table(agg, CLF) if line.startswith("| ADM-AT")]
     assert rows == ["| ADM-AT (full) | ADM (base) | 0/1/0 | – | – | – |",
                     "| ADM-AT (full) | ADM-AT (detach) | 0/1/0 | – | – | – |",
@@ -72,11 +72,23 @@ def test_one_seed_cells_get_a_bootstrap_std_computed_once_per_feature_cache(tmp_
 
 def test_table_bolds_each_columns_lowest_mean_and_says_when_seed_counts_differ():
     from scripts.adm_study_report import table_markdown
-    agg = {(CLF, "base", "ddim", 5): cell(11.0, 0.2), (CLF, "ft", "ddim", 5): cell(10.0, 0.3),
-           (CLF, "base", "ddim", 50): cell(7.0, None)}   # a column only the base has, at one seed so far
+    agg = {(CLF, "base", "ddim_gd", 5): cell(11.0, 0.2), (CLF, "ft", "ddim_gd", 5): cell(10.0, 0.3),
+           (CLF, "base", "ddim_gd", 50): cell(7.0, None)}   # a column only the base has, at one seed so far
     lines = table_markdown(agg, CLF)
     assert lines[:2] == ["| method | DDIM 5 | DDIM 50 |", "|---|---|---|"]
     assert lines[2] == "| ADM (base) | 11.00 ± 0.20 | **7.00** |"
     assert lines[3] == "| ADM-FT | **10.00 ± 0.30** | – |"
     assert "1–3 sampling seed(s) per cell (mean ± std over seeds; a cell without ± has one seed)" in lines[-1]
     assert lines[-1].startswith("N = 10000 samples per cell and seed;")
+
+
+def test_diffusers_default_ddim_goes_to_its_own_table_and_es_cells_reuse_their_own_ddims_samples():
+    from scripts.adm_study_report import sampled_as, table_markdown
+    agg = {(CLF, "base", "ddim_gd", 5): cell(11.0, 0.2), (CLF, "base", "ddim", 5): cell(19.0, 0.2),
+           (CLF, "base", "es_ddim", 5): cell(19.0, 0.2)}
+    assert table_markdown(agg, CLF)[:3] == ["| method | DDIM 5 |", "|---|---|", "| ADM (base) | **11.00 ± 0.20** |"]
+    side = table_markdown(agg, CLF, ("ddim", "es_ddim"))
+    assert side[0] == "| method | diffusers DDIM 5 | ES (diffusers DDIM) 5 |"
+    assert side[2] == "| ADM (base) | **19.00 ± 0.20** | **19.00 ± 0.20** |"
+    assert [sampled_as(s, lam) for s, lam in (("es_ddim", 1.0), ("es_ddim_gd", 1.0), ("es_ddim_gd", 1.01),
+                                              ("ddim_gd", None))] == ["ddim", "ddim_gd", "es_ddim_gd", "ddim_gd"]
