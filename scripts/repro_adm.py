@@ -79,7 +79,7 @@ def es_job(out: Path, model: str, sampler: str, q: list[str]) -> Job:
 
 def build_jobs(out: Path, quick: bool) -> list[Job]:
     """Every job, in the order they are started when ready: the first complete table (one seed, every model and
-    sampler) comes before the Inception column, the deployment check, the other seeds and the base's NFE 50."""
+    sampler) comes before the Inception column, the deployment check, the base's NFE 50 and the other seeds."""
     cfg = config_for(quick)
     q = ["--quick"] if quick else []
     fixed = lambda cmd: (lambda: cmd)  # noqa: E731
@@ -95,8 +95,10 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
     jobs += [es_job(out, name, sampler, q) for sampler in ES_SAMPLERS if sampler not in grid_es for name in MODELS]
     jobs += [grid_job(out, cfg, "inception", name, first, (cfg["inception"]["nfe"],), quick) for name in MODELS]
     jobs += deployment_jobs(out, cfg)
+    # the base's NFE-50 job is the longest single one: started before the other seeds' grids so both cores stay busy
+    jobs += [grid_job(out, cfg, CLF, "base", seed, cfg["base_nfes"], quick)
+             for seed in cfg["seeds"][:cfg["base_nfe_seeds"]]]
     jobs += [grid_job(out, cfg, CLF, name, seed, cfg["nfes"], quick) for seed in others for name in MODELS]
-    jobs += [grid_job(out, cfg, CLF, "base", seed, cfg["base_nfes"], quick) for seed in cfg["seeds"]]
     jobs.append(Job("report", fixed(this_script("_report", "--out", out, *q)), out / "report" / "results.json",
                     tuple(j.name for j in jobs), refresh=True))
     return jobs
