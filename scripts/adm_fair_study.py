@@ -1,0 +1,79 @@
+"""The fair re-test of ADM-AT on Fashion-MNIST (issue 29, docs/results.md part III) as data: budgets, the
+pre-registered convergence criterion of the base and where each result lives under the study directory.
+scripts/repro_adm_fair.py turns it into jobs; scripts/adm_fair_stages.py runs and judges them.
+
+Phase A (this file's ``base`` and ``check`` entries): train one base ADM from scratch in segments of
+``segment`` steps (resume is bitwise exact and the LR is constant after warm-up, so the segments are one run),
+keep the EMA weights after each segment as a snapshot, measure each snapshot's classifier FID (the curve), and at
+the check points fine-tune the snapshot plainly for ``check.steps`` optimizer steps with the arms' recipe. The
+criterion, written before any number was seen:
+
+    the base counts as converged at snapshot S when, in both curve cells (guided-diffusion's DDIM and
+    DPM-Solver++(2M), NFE 10), |mean FID(FT from S) - mean FID(S)| < 2 * sigma, the means over the
+    ``check.seeds`` sampling seeds of ``num`` samples and sigma the larger of the two models' std over those
+    seeds in that cell. The first such S is the base of the arms; segments after it are not trained. If no check
+    point passes by the last segment, the last snapshot is the base and the report says it is not converged by
+    the criterion, with the measured fine-tune gain.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+CLF = "fmnist-classifier"
+# the curve's cells: the table's two deterministic samplers at NFE 10 (scripts/adm_study.py's names and runs)
+CURVE_SAMPLERS = ("ddim_gd", "dpmpp_2m")
+
+FULL = dict(
+    # the base recipe of part I (scripts/adm_study.py FULL.base), run longer
+    base=dict(batch=64, lr=2e-4, ema=0.9995, seed=0), segment=4000, last=48000,
+    # the arms' fine-tuning recipe (part I's, EMA continued from the base's)
+    finetune=dict(batch=64, lr=1e-4, ema=0.999, seed=1),
+    check=dict(first=16000, every=8000, steps=3000, seeds=(0, 1_000_000, 2_000_000)),
+    curve=dict(nfe=10, num=10000, seed=0), save_every=500, ref_num=None)
+QUICK = dict(
+    base=dict(batch=16, lr=2e-4, ema=0.99, seed=0), segment=8, last=24,
+    finetune=dict(batch=16, lr=1e-4, ema=0.9, seed=1),
+    check=dict(first=16, every=8, steps=6, seeds=(0, 1000)),
+    curve=dict(nfe=4, num=64, seed=0), save_every=0, ref_num=200)
+
+
+def config_for(quick: bool) -> dict:
+    return QUICK if quick else FULL
+
+
+def segments(cfg: dict) -> list[int]:
+    return list(range(cfg["segment"], cfg["last"] + 1, cfg["segment"]))
+
+
+def check_points(cfg: dict) -> list[int]:
+    c = cfg["check"]
+    return [s for s in segments(cfg) if s >= c["first"] and (s - c["first"]) % c["every"] == 0]
+
+
+def base_run(out: Path) -> Path:
+    return out / "runs" / "base"
+
+
+def snapshot_dir(out: Path, step: int) -> Path:
+    """The base's EMA weights after ``step`` steps (a copy of runs/base/model taken when the segment ended)."""
+    return out / "snapshots" / f"base-{step}"
+
+
+def check_run(out: Path, step: int) -> Path:
+    return out / "runs" / f"ft-check-{step}"
+
+
+def cell_path(out: Path, model: str, sampler: str, seed: int, nfe: int) -> Path:
+    return out / "cells" / CLF / model / f"{sampler}-seed{seed}-nfe{nfe}.json"
+
+
+def cache_path(out: Path, model: str, sampler: str, seed: int, nfe: int) -> Path:
+    return out / "cache" / CLF / model / f"{sampler}-seed{seed}-nfe{nfe}"
+
+
+def verdict_path(out: Path, step: int) -> Path:
+    return out / "checks" / f"base-{step}.json"
+
+
+def ref_path(out: Path, split: str) -> Path:
+    return out / "refs" / f"{CLF}-{split}.npz"

@@ -1,0 +1,68 @@
+"""The fair re-test of adversarial training on Fashion-MNIST (issue 29, docs/results.md part III), resumably.
+
+    python scripts/repro_adm_fair.py --out /work/study/adm-fair            # real budgets: many CPU hours
+    python scripts/repro_adm_fair.py --out /tmp/fair-quick --quick         # every stage, tiny budgets (minutes)
+    python scripts/repro_adm_fair.py --out DIR --list                      # the jobs and whether each is done
+
+Phase A, converging the base (the criterion is in scripts/adm_fair_study.py, written before the run):
+1. reference statistics: classifier features of the Fashion-MNIST test split (the cells' reference) and of the
+   train split (the held-out reference of later picks);
+2. the base from scratch in segments (``toolkit train adm --preset fmnist --resume`` to a growing --max-steps),
+   a snapshot of its EMA weights after each;
+3. the curve: classifier FID of each snapshot under guided-diffusion's DDIM and DPM-Solver++(2M) at NFE 10;
+4. at each check point, a plain fine-tune of the snapshot with the arms' recipe and both models at three sampling
+   seeds; the verdict says whether the base has converged; segments after the first passing check are skipped;
+5. the report: the curve (JSON, CSV, PNG) and the verdicts.
+Phase B (the arms from the converged base, the AT strength sweep, training seeds) builds on this directory.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
+
+from scripts import adm_fair_study as study  # noqa: E402
+from scripts.repro_adm import stats_command  # noqa: E402
+from scripts.study_runner import Job, study_main  # noqa: E402
+
+
+def stage(*args) -> list[str]:
+    return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
+
+
+def build_jobs(out: Path, quick: bool) -> list[Job]:
+    """The segment chain first (one job at a time, the longest path), then what measures it; the runner's second
+    slot takes the curve cells and checks as their snapshots appear."""
+    cfg, q = study.config_for(quick), ["--quick"] if quick else []
+    ref = "ref-fmnist-classifier-test"
+    jobs = [Job(f"ref-{study.CLF}-{split}", lambda s=split: stats_command(out, cfg, s, study.CLF), study.ref_path(out, split))
+            for split in ("test", "train")]
+    previous: tuple[str, ...] = ()
+    for step in study.segments(cfg):
+        jobs.append(Job(f"segment-{step}", lambda s=step: stage("_segment", "--out", out, "--step", s, *q),
+                        out / "segments" / f"base-{step}.json", previous))
+        previous = (f"segment-{step}",)
+    for step in study.segments(cfg):
+        name, seed = f"base-{step}", cfg["curve"]["seed"]
+        jobs.append(Job(f"curve-{step}", lambda n=name: stage("_cells", "--out", out, "--model", n, "--seeds", seed, *q),
+                        out / "cells" / "done" / f"{name}-seeds{seed}.json", (f"segment-{step}", ref)))
+    for step in study.check_points(cfg):
+        jobs.append(Job(f"ft-check-{step}", lambda s=step: stage("_ftcheck", "--out", out, "--step", s, *q),
+                        out / "segments" / f"ft-check-{step}.json", (f"segment-{step}",)))
+        jobs.append(Job(f"check-{step}", lambda s=step: stage("_check", "--out", out, "--step", s, *q),
+                        study.verdict_path(out, step), (f"ft-check-{step}", f"curve-{step}")))
+    jobs.append(Job("report", lambda: stage("_report", "--out", out, *q), out / "report" / "curve.json",
+                    tuple(job.name for job in jobs), refresh=True))
+    return jobs
+
+
+def main(argv: list[str] | None = None) -> int:
+    if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
+        from scripts import adm_fair_stages
+        return adm_fair_stages.main(sys.argv[1:])
+    return study_main(argv, __doc__.splitlines()[0], build_jobs, study.config_for)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
