@@ -1,4 +1,4 @@
-"""``toolkit eval``: fid, stats, clip, sample-fid, compare (mounted by toolkit.py)."""
+"""``toolkit eval``: fid, stats, clip, sample-fid, compare, adherence, exposure-bias (mounted by toolkit.py)."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -168,3 +168,23 @@ def adherence(model: str = typer.Argument(..., help="A text-to-image model train
     if out is not None:
         write_json(out, {"results": rows, "config": config.__dict__, "classifier": classifier.describe(),
                          "versions": versions("eval")})
+
+
+@app.command("exposure-bias")
+@handles_errors
+def exposure_bias(model: str = typer.Argument(..., help="A pixel diffusion model (toolkit train adm / adm-at / adm-ip: "
+                                              "a diffusers UNet2DModel directory)."),
+                  sampler: str = typer.Option(..., help="lcm | ddim | dpmpp_2m | iddpm"),
+                  nfe: int = typer.Option(..., help="Sampling steps (one network call each)."),
+                  num: int = typer.Option(1000, help="Sampler trajectories (seeds SEED..SEED+NUM-1), and data images."),
+                  data: str = typer.Option("fashion-mnist", help="Reference data, preprocessed as training does: "
+                                           "fashion-mnist[:train|:test], mnist[:split], or any --data of toolkit train adm."),
+                  batch_size: Optional[int] = typer.Option(None, help="Trajectories per batch (default: what fits "
+                                                           "512 MB of stored predictions; results do not depend on it)."),
+                  device: str = DEVICE, seed: int = SEED,
+                  out: Optional[Path] = typer.Option(None, help="Output directory (replaced atomically; default "
+                                                     "exposure-bias/MODEL-SAMPLER-nfeN).")) -> None:
+    """Train/sampling mismatch per step: the sampler's E||x_t||^2/d against q(x_t)'s, and the network's eps error."""
+    args = dict(locals())
+    from eval.exposure_bias_cli import exposure_bias_command
+    exposure_bias_command(**args)
