@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_cuda, requires_fashion_mnist
 from runtime.errors import ToolkitError
 from train.adm_cli import train_adm
 from train.adm_losses import (ADMObjective, Draw, FreeATObjective, InputPerturbationObjective, NoiseLevels,
@@ -472,14 +473,14 @@ def test_init_checkpoint_that_does_not_fit_the_preset_fails_before_training(tmp_
     assert result.optimizer_steps == 3  # fine-tuning with the checkpoint's own config works
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_bf16_at_step_runs_on_gpu(tmp_path, toy_npz):
     result = train_adm("adm-at", **run_options(toy_npz, tmp_path / "run", device="cuda", mixed_precision="bf16",
                                                 max_steps=1))
     assert result.optimizer_steps == 3
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_fp16_at_with_importance_sampler_resumes_on_gpu(tmp_path, toy_npz):
     """fp16 (GradScaler, skipped steps) and the loss-second-moment sampler drawing from a CUDA generator,
     with a checkpoint and a resume in between."""
@@ -491,9 +492,7 @@ def test_fp16_at_with_importance_sampler_resumes_on_gpu(tmp_path, toy_npz):
     assert [r["step"] for r in records] == [1, 2] and all(math.isfinite(r["loss"]) for r in records)
 
 
+@requires_fashion_mnist
 def test_fashion_mnist_package_loads_when_installed():
-    from train.image_data import FASHION_MNIST_DIR
-    if not FASHION_MNIST_DIR.is_dir():
-        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
     ds = load_image_dataset("fashion-mnist", class_cond=True)
     assert (len(ds), ds.info.channels, ds.info.resolution, ds.info.num_classes) == (60000, 1, 28, 10)

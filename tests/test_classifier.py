@@ -3,20 +3,16 @@ use as an FID feature network (``--features fmnist-classifier``), and ``toolkit 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import requires_fashion_mnist
 from eval.classifier import DEFAULT_WEIGHTS, FEATURE_DIM, FashionClassifierFeatures, card, file_sha256
 from eval.fid import FeatureStats
 from eval.measure import check_comparable, make_extractor
 from runtime.errors import ToolkitError
-
-FASHION = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
-needs_fashion = pytest.mark.skipif(not FASHION.is_file(),
-                                   reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +26,7 @@ def test_shipped_weights_match_their_card():
     assert record["test_accuracy"] >= 0.85 and record["command"] == "toolkit train classifier"
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_accuracy_on_the_real_test_split_matches_the_card(classifier):
     from eval.sources import dataset_labels, dataset_source
     images, labels = dataset_source("fashion-mnist", "test").images[:2000], dataset_labels("fashion-mnist", "test")[:2000]
@@ -69,7 +65,7 @@ def test_missing_or_corrupt_weights_are_one_clear_error(tmp_path):
         FashionClassifierFeatures(bad, device="cpu")
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_eval_stats_and_fid_with_classifier_features(tmp_path):
     from toolkit import app
     runner = CliRunner()
@@ -84,7 +80,7 @@ def test_eval_stats_and_fid_with_classifier_features(tmp_path):
     assert 0 < fid < 20   # train vs test of the same data set: small (Inception gives ~60 at this N)
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_train_classifier_command_writes_weights_and_card(tmp_path):
     from toolkit import app
     result = CliRunner().invoke(app, ["train", "classifier", "--out", str(tmp_path / "run"), "--max-steps", "3",

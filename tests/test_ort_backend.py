@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 from typer.testing import CliRunner
 
+from conftest import requires_cuda
 from export.exporter import ExportSettings, run_export
 from runtime import Pipeline
 from runtime.backends import BackendError, get_backend_class
@@ -257,20 +258,12 @@ def test_default_arrays_on_cuda_follow_torch(monkeypatch):
             ort_binding.make_arrays("torch", "cuda", 0)
 
 
-def _torch_cuda() -> bool:
-    try:
-        import torch
-    except ImportError:
-        return False
-    return torch.cuda.is_available()
-
-
 CUDA_VARIANTS = [pytest.param({"arrays": "numpy"}, id="numpy"),
                  pytest.param({"arrays": "numpy", "cuda_graph": True}, id="numpy-graph"),
                  pytest.param({"arrays": "torch"}, id="torch",
-                              marks=pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")),
+                              marks=requires_cuda),
                  pytest.param({"arrays": "torch", "cuda_graph": True}, id="torch-graph",
-                              marks=pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA"))]
+                              marks=requires_cuda)]
 
 
 def _cpu_and_cuda(export_dir, **cuda_options):
@@ -295,14 +288,14 @@ def test_cuda_io_binding_matches_cpu(lcm_export, cuda_options):
 
 
 @needs_cuda_ep
-@pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")
+@requires_cuda
 def test_cuda_default_arrays_are_torch(uncond_export):
     with Pipeline.load(uncond_export, backend="onnxruntime", device="cuda") as pipe:
         assert "torch arrays, IO binding" in pipe.backend.describe()
 
 
 @needs_cuda_ep
-@pytest.mark.skipif(not _torch_cuda(), reason="needs torch with CUDA")
+@requires_cuda
 def test_cuda_torch_fp16_matches_cpu(lcm_fp16_export):
     request = dict(prompts=["astronaut in a jungle"], steps=4, seed=0)
     with Pipeline.load(lcm_fp16_export, backend="onnxruntime", device="cpu") as pipe:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_cuda
 from runtime import Pipeline
 from runtime.errors import ToolkitError
 from runtime.noise import SeededNoise
@@ -191,7 +192,7 @@ def test_fp16_keeps_force_upcast_vaes_in_fp32(tiny_lcm_dir):
     assert backend._vae_dtype(Path(tiny_lcm_dir)) == torch.bfloat16  # bf16 has fp32's range: no overflow
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@requires_cuda
 @pytest.mark.parametrize("model", ["lcm", "uncond"])
 def test_torch_backend_auto_on_cuda_is_fp16_and_close_to_cpu(tiny_lcm_dir, tiny_uncond_dir, model):
     # the GPU path end to end: host noise moved to the device, fp16 casts inside, float32 back at the boundary
