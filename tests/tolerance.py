@@ -38,3 +38,41 @@ def assert_close_scaled(got, ref, rel: float, scale: float | None = None, what: 
     err = scaled_error(got, ref, scale)
     label = f"{what}: " if what else ""
     assert err <= rel, f"{label}max |got - ref| is {err:.3g} of the scale, over the {rel:.3g} allowed"
+
+
+# ---- networks: two evaluations whose kernels round differently (ONNX Runtime vs PyTorch, another batch
+# size, CPU vs CUDA). Each layer's output rounds once per evaluation on each side (<= EPS apart, relative),
+# and those differences add up over the layers a result passes through, step after step.
+
+# Conv2d + Linear modules of train/tiny_models.py's networks, counted as
+# sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules()): an upper bound on their depth
+TINY_TEXT_ENCODER_LAYERS = 12
+TINY_TEXT_UNET_LAYERS = 84          # 83 without LCM's guidance embedding (the SD-style model)
+TINY_VAE_DECODER_LAYERS = 26
+TINY_PIXEL_UNET_LAYERS = 51
+
+
+def network_rel(layers: int, amplification: float = 1.0, eps: float = EPS32) -> float:
+    """Relative difference allowed after ``layers`` layer evaluations that round differently on the two
+    sides: one rounding each (<= ``eps`` apart), adding up, times what the sampler multiplies them by."""
+    return layers * amplification * eps
+
+
+def guidance_amplification(scale: float) -> float:
+    """Classifier-free guidance (1 - g) eps_uncond + g eps_cond: a difference in either branch reaches the
+    guided eps times |1 - g| + g (14 at g = 7.5)."""
+    return abs(1.0 - scale) + scale
+
+
+def clipped_step_growth(schedule, timesteps) -> float:
+    """A clip_sample sampler's result is bounded, but not the error in it: x0 = (x - sigma eps) / alpha_t
+    enters the next step times alpha_next, so a network difference grows by up to the largest
+    alpha_next / alpha_t over the grid (the last step, to alpha_bar = 1 before t=0, included)."""
+    ab = [schedule.alpha_bar(int(t)) for t in timesteps] + [schedule.final_alpha_cumprod]
+    return max((ab[i + 1] / ab[i]) ** 0.5 for i in range(len(timesteps)))
+
+
+def sampler_ops_rel(steps: int, eps: float = EPS32) -> float:
+    """The same networks, bit for bit, with the samplers' elementwise ops done by another library (torch vs
+    numpy): ~10 ops per step, each correctly rounded on both sides (<= eps apart), adding up."""
+    return steps * 10 * eps
