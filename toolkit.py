@@ -54,7 +54,8 @@ def generate(
                    "cuda_graph=true, intra_op_threads=4 (onnxruntime). Repeatable."),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16"),
-    out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs."),
+    out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs (NAME-seedN.png); an existing file is "
+                                                   "never overwritten: the new image gets NAME-seedN-1.png, -2, ..."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
     from runtime.cli_generate import run_generate, sampler_options

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from eval.clip_score import ClipScorer, read_prompts
 from eval.compare import CellMetrics, CompareConfig, run_compare, validate
-from eval.compare_report import RECORD, write_report
+from eval.compare_report import FORMAT as REPORT_FORMAT, RECORD, write_report
 from eval.generate import as_tuple, parse_int_list
 from eval.measure import make_extractor, source_stats
 from eval.sample_fid import SampleFIDConfig, run_sample_fid
@@ -85,7 +85,7 @@ def compare_command(*, model, export, backend, backend_option, steps, num, ref, 
                            grid_count=grid, bootstrap=bootstrap, baseline=baseline, cache_dir=cache,
                            backend_options=per_backend_options(backend_option))
     validate(config)  # before the slow parts: a missing export or a bad --out fails at once
-    check_target(out, RECORD, "eval compare report")
+    check_target(out, RECORD, "eval compare report", REPORT_FORMAT)
     check_writable(out, parent=True)
     if ref is None and (no_clip or not config.prompts):
         raise ToolkitError("nothing to measure: pass --ref for FID" + (" (--no-clip turns CLIP score off)" if no_clip

@@ -20,19 +20,25 @@ COLUMNS = ["model", "backend", "steps", "fid", "fid_std", "clip", "clip_std", "n
 TABLE_COLUMNS = COLUMNS[:-1]   # report.md leaves out the 64-digit hash (results.csv has it)
 
 
-RECORD = "record.json"   # marks a directory as a compare report: only such a directory is ever replaced
+# record.json marks a directory as a compare report: an --out is replaced only when its record.json has this
+# format and the directory holds nothing else than the files it lists (runtime/staging.py)
+RECORD = "record.json"
+FORMAT = "at-diffusion-toolkit/compare-report"
+FORMAT_VERSION = 1
 
 
 def write_report(out: str | os.PathLike, rows: list[dict], grids: dict, *, baseline: str, record: dict) -> Path:
     out = Path(out)
     verdict = build_verdict(rows, baseline)
-    with staged_directory(out, RECORD, "eval compare report") as staging:
+    with staged_directory(out, RECORD, "eval compare report", FORMAT) as staging:
         (staging / "results.csv").write_text(results_csv(rows))
         metrics = [m for m in METRICS if any(r.get(m) is not None for r in rows)]
         plot_metrics(rows, metrics, staging / "plot.png")
         image_grid(grids, staging / "grid.png")
-        (staging / RECORD).write_text(json.dumps({**record, "verdict": verdict}, indent=2, default=str))
         (staging / "report.md").write_text(report_markdown(rows, verdict, record, pixel_differences(grids, verdict)))
+        files = sorted(p.relative_to(staging).as_posix() for p in staging.rglob("*") if p.is_file())
+        (staging / RECORD).write_text(json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **record,
+                                                  "verdict": verdict, "files": files}, indent=2, default=str))
     return out
 
 

@@ -19,7 +19,7 @@ from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
 from export.validate import ExportValidationError, ValidationReport, validate_export
 from runtime.backends.ort_backend import parse_device
 from runtime.errors import ToolkitError
-from runtime.export_manifest import read_manifest
+from runtime.export_manifest import FORMAT, read_manifest
 from runtime.provenance import tree_fingerprint
 from runtime.faults import fault_point
 from runtime.model_source import MANIFEST, open_model
@@ -59,15 +59,16 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
     contracts = select_components(spec, contracts_for(spec, shapes, _vocab_size(source.path)), settings.components)
     precision = "float16" if settings.fp16 else "float32"
     contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
-    check_target(settings.out, MANIFEST, "export")  # before the slow part: a bad --out fails at once
+    check_target(settings.out, MANIFEST, "export", FORMAT)  # before the slow part: a bad --out fails at once
     check_writable(settings.out, parent=True)
     if settings.validate:
         parse_device(settings.device)  # and so does a --device ONNX Runtime cannot validate on
 
     from export.torch_modules import load_networks  # torch: only once the arguments are known good
     networks = load_networks(source.path, spec, settings.device)
-    # manifest.json marks an export: --out never replaces a directory that is not a previous export
-    with staged_directory(settings.out, MANIFEST, "export") as staging:
+    # --out is replaced only when it is a previous export (manifest.json of this toolkit's format) holding
+    # nothing its manifest does not list: replacing deletes the directory's files
+    with staged_directory(settings.out, MANIFEST, "export", FORMAT) as staging:
         files = {}
         for name, contract in contracts.items():
             log(f"exporting {name} ({contract.precision}, opset {settings.opset})")

@@ -5,6 +5,8 @@ The runtime reads it back with ``runtime.export_manifest`` (no torch needed ther
   scheduler config), components (file, precision, contract: names, dtypes, shapes, min/opt/max
   profiles, tolerances), files (path -> sha256, bytes), tokenizer_files, source (path, tree sha256),
   settings (the export command's options), versions, validation (the checks' results).
+``format`` and ``files`` are also what a later ``toolkit export --out`` to the same directory checks before
+replacing it: only a directory holding nothing but the files listed here (runtime/staging.py).
 """
 from __future__ import annotations
 

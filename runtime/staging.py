@@ -5,6 +5,12 @@ successful one replaces it with two renames on the same filesystem (the old one 
 the new one is in place). Shared by ``toolkit export`` (marker ``manifest.json``) and the eval reports
 (marker ``record.json``); ``atomic_file`` does the same for one file (JSON results, stats, cached chunks).
 Standard library only.
+
+A previous output is replaced only when this toolkit wrote it: its marker is JSON with the writer's own
+``format`` and a ``files`` list (paths relative to the directory), and the directory holds nothing else. A file the
+marker does not list is someone else's: replacing the directory would delete it, so the command refuses, naming
+it (refusing rather than carrying such files over: a carried-over file would sit in an export whose manifest does
+not describe it, and a refusal loses nothing).
 """
 from __future__ import annotations
 
@@ -14,7 +20,7 @@ import os
 import shutil
 import tempfile
 import uuid
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from runtime.errors import ToolkitError
 from runtime.faults import fault_point
@@ -42,24 +48,63 @@ def check_writable(path: str | os.PathLike, option: str = "--out", *, parent: bo
         raise ToolkitError(f"cannot write {option} {path}: {problem}; choose a writable location")
 
 
-def check_target(out: Path, marker: str, what: str = "output") -> None:
-    """Refuse to replace a directory this toolkit did not write (it lacks ``marker``): a typo in --out must
-    not delete a folder of someone's files. An empty directory is fine."""
+def check_target(out: Path, marker: str, what: str = "output", fmt: str | None = None) -> None:
+    """Refuse to replace a directory this toolkit did not write: a typo in --out must not delete a folder of
+    someone's files. An empty or missing directory is fine. With ``fmt``, ``out`` must be a previous output of that
+    format (``marker`` is JSON with ``"format": fmt`` and a ``files`` list) holding only the files it lists; without
+    it (writers whose marker carries no format yet), the marker's name alone is checked."""
     out = Path(out)
-    if out.exists() and not (out / marker).is_file() and (not out.is_dir() or any(out.iterdir())):
-        raise ToolkitError(f"--out {out} exists and is not an {what} directory (no {marker}); "
-                           "choose a new path or remove it first")
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    refused = f"--out {out} exists and is not an {what} directory"
+    if not out.is_dir():
+        raise ToolkitError(f"{refused} (it is a file); choose a new path or remove it first")
+    listed = listed_files(out, marker, fmt) if fmt else ({marker} if (out / marker).is_file() else None)
+    if listed is None:
+        made_by = f"{marker} of format {fmt}" if fmt else marker
+        raise ToolkitError(f"{refused} (no {made_by}); choose a new path or remove it first")
+    stray = first_unlisted(out, listed) if fmt else None
+    if stray is not None:
+        raise ToolkitError(f"--out {out} is a previous {what} but also holds {stray}, which its {marker} does not "
+                           f"list: replacing it would delete that; move it out, or choose a new path")
+
+
+def listed_files(out: Path, marker: str, fmt: str) -> set[str] | None:
+    """The relative paths ``out/marker`` lists as its own (the marker included), or None when the marker is
+    missing, not JSON, or not of format ``fmt`` (e.g. a web app's manifest.json)."""
+    try:
+        data = json.loads((Path(out) / marker).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != fmt or not isinstance(data.get("files"), (dict, list)):
+        return None
+    return {marker, *map(str, data["files"])}   # files: a list of paths, or a dict keyed by path (export manifest)
+
+
+def first_unlisted(root: Path, listed: set[str]) -> str | None:
+    """The first (sorted) entry under ``root`` that is neither a listed file nor a folder holding one: a file, a
+    symlink (never followed) or an empty folder someone else put there. None when there is none."""
+    folders = {parent.as_posix() for rel in listed for parent in PurePosixPath(rel).parents}
+    entries = []
+    for folder, dirs, files in os.walk(root):   # followlinks=False: a link to a folder is an entry, not a tree
+        entries += [Path(folder, name) for name in (*dirs, *files)]
+    for path in sorted(entries):
+        rel = path.relative_to(root).as_posix()
+        is_folder = path.is_dir() and not path.is_symlink()
+        if rel not in listed and not (is_folder and rel in folders):
+            return rel
+    return None
 
 
 @contextlib.contextmanager
-def staged_directory(out: Path, marker: str, what: str = "output"):
-    """Yield a fresh temporary directory; on normal exit it becomes ``out``, on an exception it is removed."""
+def staged_directory(out: Path, marker: str, what: str = "output", fmt: str | None = None):
+    """Yield a fresh temporary directory; on normal exit it becomes ``out``, on an exception it is removed.
+    ``out`` may be replaced only when ``check_target`` accepts it (``fmt``: see there)."""
     out = Path(out)
-    check_target(out, marker, what)
+    check_target(out, marker, what, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
     clean_stale(out)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-{os.getpid()}-", dir=out.parent))
-    staging.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the output should get normal permissions
+    staging = temp_dir_beside(out, "partial")
     try:
         yield staging
     except BaseException:
@@ -114,6 +159,14 @@ def clean_stale(out: Path) -> list[Path]:
                 shutil.rmtree(path, ignore_errors=True)
             handled.append(path)
     return handled
+
+
+def temp_dir_beside(out: Path, kind: str) -> Path:
+    """A new empty directory ``.NAME.KIND-PID-XXXXXXXX`` beside ``out`` (the pid tells ``clean_stale`` a dead
+    process's leftovers), with normal permissions: mkdtemp makes it 0700, the output it becomes should not be."""
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+    staging.chmod(0o777 & ~_umask())
+    return staging
 
 
 def _umask() -> int:

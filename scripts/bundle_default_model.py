@@ -12,19 +12,28 @@
 - ``models/demo-data``: the first ``--data-num`` captioned Fashion-MNIST training images as one webdataset shard;
 - a model card (README.md) in models/default with data and licenses, commands, measured numbers from the study's
   report (when it exists), limits, and the sha256 of every bundled file (``sha256sum -c`` format; a test checks it).
-Each directory is written atomically; existing ones are replaced only with ``--replace``.
+Each directory is written atomically; existing ones are replaced only with ``--replace``, and only when ``--out`` is
+a bundle this script wrote: every file in it is one the model card's sha256 list names (plus the card itself and
+the teacher's links). Anything else there (a folder of someone's files, a model put beside the bundle) is refused
+with one ``error:`` line and exit 2 before anything is read or written: replacing would delete it.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
+from runtime.errors import ToolkitError  # noqa: E402  (after the path: runnable from a checkout)
+
 SHARED = ("text_encoder", "vae", "tokenizer")
+PARTS = ("default", "default-teacher", "demo-data")   # what the script writes under --out
+CARD = "default/README.md"                            # its sha256 list names every other file of a bundle
+_CARD_LINE = re.compile(r"^[0-9a-f]{64}  (\S+)$", re.M)
 # Validation of the fp16 copy: 40 images (10 class prompts x 4 seeds, 4 steps), float32 runtime on the CPU.
 FP16_MAX_MEAN_ABS = 2.0 / 255     # mean |pixel difference| in [0, 1] units
 FP16_MIN_LABEL_AGREEMENT = 0.95   # the classifier's labels of the two sets of images
@@ -65,11 +74,9 @@ def validate_fp16(original: Path, candidate: Path) -> dict:
             "passed": mean_abs <= FP16_MAX_MEAN_ABS and agreement >= FP16_MIN_LABEL_AGREEMENT}
 
 
-def bundle_model(source: Path, dest: Path, replace: bool) -> dict:
+def bundle_model(source: Path, dest: Path) -> dict:
     """``source`` -> ``dest`` in float16 if it validates, else float32; returns the validation record."""
     from runtime.staging import staged_directory
-    if dest.exists() and not replace:
-        raise SystemExit(f"{dest} exists; pass --replace to rebuild it")
     with staged_directory(dest, "model_index.json", "model") as tmp:
         save_pipeline(source, tmp, fp16=True)
         check = validate_fp16(source, tmp)
@@ -85,7 +92,7 @@ def link_shared(teacher: Path, student: Path) -> None:
     from runtime.provenance import files_sha256
     for part in SHARED:
         if files_sha256(teacher / part) != files_sha256(student / part):
-            raise SystemExit(f"{teacher / part} differs from {student / part}; they must be the same weights")
+            raise ToolkitError(f"{teacher / part} differs from {student / part}; they must be the same weights")
         shutil.rmtree(teacher / part)
         (teacher / part).symlink_to(Path("..") / student.name / part)
 
@@ -96,13 +103,32 @@ def write_recipe(teacher: Path, recipe: dict) -> None:
     path.write_text(json.dumps({**data, "distillation": recipe}, indent=2) + "\n")
 
 
-def bundle_data(study: Path, dest: Path, num: int, replace: bool) -> None:
+def bundle_data(dest: Path, num: int) -> None:
     from runtime.staging import staged_directory
     from train.fashion_captions import write_shards
-    if dest.exists() and not replace:
-        raise SystemExit(f"{dest} exists; pass --replace to rebuild it")
     with staged_directory(dest, "fmnist-train-000.tar", "data") as tmp:
         write_shards(tmp, split="train", num=num, per_shard=num)
+
+
+def check_out(out: Path, replace: bool) -> None:
+    """Refuse an ``--out`` the bundle must not write into: anything but a new or empty folder, or (with
+    ``--replace``) a previous bundle holding only the files its model card lists."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+        return
+    if not out.is_dir():
+        raise ToolkitError(f"--out {out} is a file; pass a folder for {', '.join(PARTS)}")
+    from runtime.staging import first_unlisted
+    card = out / CARD
+    listed = set(_CARD_LINE.findall(card.read_text(errors="replace"))) if card.is_file() else set()
+    if not listed:
+        raise ToolkitError(f"--out {out} is not empty and is not a bundle this script wrote (no {CARD} listing its "
+                           "files); nothing was written: choose a new or empty folder")
+    stray = first_unlisted(out, {*listed, CARD, *(f"default-teacher/{part}" for part in SHARED)})
+    if stray is not None:
+        raise ToolkitError(f"--out {out} holds {stray}, which its model card does not list (not part of a bundle): "
+                           "rebuilding would delete it; move it out, or choose a new or empty folder")
+    if not replace:
+        raise ToolkitError(f"--out {out} holds a previous bundle; pass --replace to rebuild it")
 
 
 def write_samples(model: Path, path: Path) -> None:
@@ -127,18 +153,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replace", action="store_true", help="Rebuild directories that exist.")
     parser.add_argument("--samples", type=Path, help="Also write a per-class sample grid of the bundled model here.")
     args = parser.parse_args(argv)
+    try:
+        check_out(args.out, args.replace)   # before anything is read or written
+        checks = bundle(args)
+    except ToolkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(json.dumps(checks, indent=2))
+    return 0
+
+
+def bundle(args: argparse.Namespace) -> dict:
     from scripts.model_card import write_card
     student, teacher = args.out / "default", args.out / "default-teacher"
-    checks = {"student": bundle_model(args.study / "runs/lcm-at/model", student, args.replace),
-              "teacher": bundle_model(args.study / "runs/teacher/model", teacher, args.replace)}
+    checks = {"student": bundle_model(args.study / "runs/lcm-at/model", student),
+              "teacher": bundle_model(args.study / "runs/teacher/model", teacher)}
     link_shared(teacher, student)
-    bundle_data(args.study, args.out / "demo-data", args.data_num, args.replace)
+    bundle_data(args.out / "demo-data", args.data_num)
     write_recipe(teacher, {**json.loads(args.recipe), "data": "../demo-data"})
     write_card(args.out, args.study, checks)
     if args.samples:
         write_samples(student, args.samples)
-    print(json.dumps(checks, indent=2))
-    return 0
+    return checks
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 
 from runtime.errors import ToolkitError
 from train.batch_order import StepBatchSampler
-from train.trainer import StepContext, Trainer, TrainerConfig
+from train.trainer import StepContext, Trainer, TrainerConfig, claim_run_dir
 
 
 @pytest.fixture(autouse=True)
@@ -197,7 +197,7 @@ def test_a_second_trainer_on_a_running_run_dir_is_refused_naming_the_holder(tmp_
     import sys
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        (tmp_path / "run").mkdir()
+        claim_run_dir(tmp_path / "run", resume=True)   # the holder made the run directory (its marker)
         (tmp_path / "run" / ".lock").write_text(json.dumps({"pid": holder.pid, "host": os.uname().nodename,
                                                             "started": "2026-11-29 12:00:00"}))
         with pytest.raises(ToolkitError, match=f"in use by another trainer \\(pid {holder.pid}"):

@@ -27,7 +27,6 @@ import hashlib
 import io
 import json
 import re
-import shutil
 import tarfile
 from pathlib import Path
 
@@ -189,6 +188,7 @@ class CaptionDataset(torch.utils.data.Dataset):
 
 
 CACHE_VERSION = 1
+CACHE_FORMAT = "at-diffusion-toolkit/latent-cache"
 CHUNK = 256  # samples per safetensors file
 
 
@@ -208,27 +208,35 @@ def cache_key(records: list[Record], resolution: int, teacher_path: Path) -> dic
 def open_or_build_cache(cache_dir: str | Path, dataset: CaptionDataset, key: dict, encode, batch_size: int = 16):
     """The cached dataset in ``cache_dir``, building it first if the dir is absent or empty.
     ``encode(pixel_values, input_ids) -> (moments, prompt_embeds)`` runs the frozen VAE and text encoder."""
+    from runtime.staging import staged_directory
     cache_dir = Path(cache_dir)
     manifest = cache_dir / "manifest.json"
-    if manifest.exists():
-        found = json.loads(manifest.read_text())
-        if found.get("key") != key:
+    if manifest.exists():   # only read: a cache is reused when its key matches exactly, and never rewritten
+        found = _read_json(manifest)
+        if not isinstance(found, dict) or "key" not in found:
+            raise ToolkitError(f"--cache-latents {cache_dir} is not a latent cache (its manifest.json is not one "
+                               "this toolkit wrote); pass a new directory")
+        if found["key"] != key:
             raise ToolkitError(f"--cache-latents {cache_dir} was made for other data, resolution or teacher "
                                f"components; delete it or pass a new directory")
         return CachedDataset(cache_dir, found)
-    if cache_dir.exists() and any(cache_dir.iterdir()):
-        raise ToolkitError(f"--cache-latents {cache_dir} is not empty and has no manifest.json (an interrupted "
-                           "build or another folder); delete it or pass a new directory")
-    tmp = cache_dir.with_name(f".{cache_dir.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    _write_chunks(tmp, dataset, encode, batch_size)
-    (tmp / "manifest.json").write_text(json.dumps({"key": key, "chunk": CHUNK, "dtype": "float16"}, indent=2))
-    if cache_dir.exists():
-        cache_dir.rmdir()
-    tmp.rename(cache_dir)
+    if cache_dir.exists() and (not cache_dir.is_dir() or any(cache_dir.iterdir())):
+        raise ToolkitError(f"--cache-latents {cache_dir} is not empty and has no manifest.json (another folder); "
+                           "pass a new directory")
+    # built beside it under a unique name and renamed into place: an interrupted build leaves the directory as it
+    # was, and only the build's own leftovers (.NAME.partial-PID-*, of dead processes) are ever removed
+    with staged_directory(cache_dir, "manifest.json", "latent cache") as tmp:
+        _write_chunks(tmp, dataset, encode, batch_size)
+        (tmp / "manifest.json").write_text(json.dumps({"format": CACHE_FORMAT, "key": key, "chunk": CHUNK,
+                                                       "dtype": "float16"}, indent=2))
     return CachedDataset(cache_dir, json.loads(manifest.read_text()))
+
+
+def _read_json(path: Path):
+    try:
+        return json.loads(path.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return None
 
 
 @torch.no_grad()

@@ -8,11 +8,29 @@ so VAE, teacher and LCM training all read the same files, and a small subset can
 from __future__ import annotations
 
 import io
+import re
 import tarfile
 from pathlib import Path
 
 from eval.fashion_prompts import caption
 from runtime.errors import ToolkitError
+
+# what write_shards names its files (and their temporary names): the only files it ever replaces
+SHARD_NAME = re.compile(r"fmnist-[a-z]+-\d{3}\.tar(\.tmp)?")
+
+
+def check_shard_folder(out: Path) -> None:
+    """``out`` must be new, empty, or a folder of these shards (any split): rewriting a shard replaces a file of
+    the same name, which must not be someone else's."""
+    out = Path(out)
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ToolkitError(f"--out {out} is a file; pass a folder for the shards")
+    others = sorted(p.name for p in out.iterdir() if not (p.is_file() and SHARD_NAME.fullmatch(p.name)))
+    if others:
+        raise ToolkitError(f"--out {out} holds {others[0]}, which is not a shard this command wrote "
+                           "(fmnist-SPLIT-NNN.tar); nothing was written: choose a new or empty folder")
 
 
 def write_shards(out: Path, *, split: str = "train", num: int | None = None, resolution: int = 32,
@@ -22,6 +40,7 @@ def write_shards(out: Path, *, split: str = "train", num: int | None = None, res
     from PIL import Image
 
     from eval.sources import dataset_labels, dataset_source
+    check_shard_folder(out)   # before the data loads
     images, labels = dataset_source("fashion-mnist", split).images, dataset_labels("fashion-mnist", split)
     num = len(images) if num is None else num
     if not 1 <= num <= len(images):

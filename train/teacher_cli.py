@@ -59,17 +59,19 @@ class TeacherObjective:
         return {"loss": ctx.update(micro_batches, loss_fn)}
 
 
-def _parts(vae_dir: Path, run_dir: Path, resolution: int, seed: int):
+def _parts(vae_dir: Path, run_dir: Path, resolution: int, seed: int, resume: bool):
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     from train.clip_tokenizer import write_clip_tokenizer
+    from train.trainer import claim_run_dir
     if not (Path(vae_dir) / "config.json").is_file():
         raise ToolkitError(f"--vae {vae_dir} is not an AutoencoderKL directory (no config.json); train one with "
                            "'toolkit train vae' and pass its model/ directory")
     vae = AutoencoderKL.from_pretrained(vae_dir).requires_grad_(False).eval()
     factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    claim_run_dir(run_dir, resume)   # the tokenizer goes into the run directory: refuse a foreign --out first
     tokenizer = CLIPTokenizer.from_pretrained(write_clip_tokenizer(Path(run_dir) / "tokenizer"))
     torch.manual_seed(seed)
     model = torch.nn.ModuleDict({"unet": UNet2DConditionModel(sample_size=resolution // factor, **UNET_CONFIG),
@@ -90,7 +92,7 @@ def train_teacher(*, data: str, vae: Path, out: Path, resolution: int = 32, max_
     if not 0 <= caption_dropout < 1:
         raise ToolkitError(f"--caption-dropout must be in [0, 1), got {caption_dropout}")
     records = find_records(data)
-    vae_model, tokenizer, model = _parts(vae, out, resolution, seed)
+    vae_model, tokenizer, model = _parts(vae, out, resolution, seed, resume)
     dataset = CaptionDataset(records, tokenizer, resolution)
     alphas = torch.from_numpy(NoiseSchedule.from_config(teacher_scheduler_config()).alphas_cumprod.copy())
     empty = dataset.tokenize([""])[0]

@@ -25,9 +25,12 @@ API (nothing in here knows about diffusion; objectives bring the maths)::
   noise from it, so a step's randomness does not depend on what ran before it (exact resume).
 - Devices: ``device`` auto|cpu|cuda (cuda without a GPU is a ToolkitError), ``mixed_precision``
   no|fp16|bf16 through accelerate. Multi-GPU: ``accelerate launch -m toolkit train adm ...``.
-- Run directory: ``config.json``, ``metrics.jsonl`` (+ ``tensorboard/``), ``.lock`` while running,
+- Run directory: ``toolkit-run.json`` (the marker: this trainer made it; train/run_lock.py), ``config.json``,
+  ``metrics.jsonl`` (+ ``tensorboard/``), ``.lock`` while running,
   ``checkpoints/step-N/`` (accelerate ``save_state`` + ``trainer_object_N.pt`` (train/trainer_state.py) +
   ``trainer_state.json``, written into ``.step-N.tmp`` and renamed); ``model/``, the final export.
+- ``run_dir`` must be new, empty, or a run this trainer made (``check_run_dir``): anything else is refused
+  before a file is written, so a mistyped --out never loses someone's config.json, model/ or metrics.jsonl.
 - ``resume=True`` continues from the latest checkpoint bitwise (same data order, RNG, optimizer); a
   different seed, batch_size or grad_accum than the checkpoint's is a ToolkitError (``max_steps`` may grow).
   SIGINT (Ctrl-C) finishes the current step, saves a checkpoint and returns ``interrupted=True``.
@@ -52,13 +55,76 @@ from runtime.errors import ToolkitError
 from runtime.faults import fault_point
 from runtime.staging import swap_in as _replace_dir  # move aside, rename, delete; restores on failure
 from train.batch_order import StepBatchSampler, derive_seed, to_device
-from train.run_lock import run_lock
+from train.run_lock import RUN_MARKER, adopt_run_dir, create_run_dir, read_run_marker, run_lock
 from train.run_log import MetricsLog, StepProgress, truncate_metrics
 from train.trainer_state import (ConstantDecayEMA, Counters, EMAModel, load_states, migrate_legacy_states,
                                  save_states)
 
 CHECKPOINTS = "checkpoints"
 MODEL_DIR = "model"
+CONFIG_FILE = "config.json"
+# TrainerConfig fields every trainer version wrote to config.json: how a run made before run markers is known
+_LEGACY_CONFIG_KEYS = {"run_dir", "max_steps", "batch_size", "lr", "grad_accum", "seed", "save_every", "resume"}
+
+
+def latest_checkpoint(run_dir: Path) -> tuple[int, Path] | None:
+    """(step, path) of the newest complete checkpoint in ``run_dir``, or None."""
+    found = []
+    for path in (Path(run_dir) / CHECKPOINTS).glob("step-*"):
+        suffix = path.name.removeprefix("step-")
+        if suffix.isdigit() and (path / "trainer_state.json").is_file():
+            found.append((int(suffix), path))
+    return max(found) if found else None
+
+
+def _is_legacy_run(run_dir: Path) -> bool:
+    """A run made before toolkit-run.json existed: its config.json is this trainer's TrainerConfig record."""
+    try:
+        saved = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    return isinstance(saved, dict) and _LEGACY_CONFIG_KEYS <= saved.keys()
+
+
+def check_run_dir(run_dir: Path, resume: bool) -> None:
+    """Refuse a ``--out`` the trainer must not write into (nothing is written here):
+
+    - new or empty: a fresh run; a run this trainer made (its marker): continued with ``resume``, restarted
+      without it unless it has a checkpoint (a new run would mix with the old one's metrics and checkpoints);
+    - a run made before the marker existed (its config.json is a TrainerConfig record): only with ``resume``.
+      Accepted so that runs of earlier versions (a study's, half way) stay resumable; --resume says the user means
+      this directory, and it rewrites only the trainer's own files (config.json, metrics.jsonl, checkpoints/,
+      model/). Without --resume it is refused, as any run with a checkpoint is;
+    - anything else (a file, a folder of someone's files) is refused, naming what it holds."""
+    run_dir = Path(run_dir)
+    if not run_dir.exists() or (run_dir.is_dir() and not any(run_dir.iterdir())):
+        return
+    if not run_dir.is_dir():
+        raise ToolkitError(f"--out {run_dir} is a file, not a run directory; choose a new --out")
+    marked, legacy = read_run_marker(run_dir) is not None, _is_legacy_run(run_dir)
+    found = latest_checkpoint(run_dir)
+    if (marked or legacy) and found is not None and not resume:
+        raise ToolkitError(f"{run_dir} already holds a training run (checkpoint step {found[0]}); "
+                           "pass --resume to continue it, or choose a new --out (or delete that directory)")
+    if marked or (legacy and resume):
+        return
+    first = sorted(p.name for p in run_dir.iterdir())[0]
+    hint = " or pass --resume to continue it (a run of an earlier version)" if legacy else ""
+    raise ToolkitError(f"--out {run_dir} is not empty and is not a run directory this toolkit made (no {RUN_MARKER}; "
+                       f"it holds {first}); nothing was written: choose a new or empty --out{hint}")
+
+
+def claim_run_dir(run_dir: Path, resume: bool) -> None:
+    """``check_run_dir``, then make ``run_dir`` a marked run directory (created with only its marker, or an
+    accepted run of an earlier version marked); call before writing anything into it. Idempotent."""
+    check_run_dir(run_dir, resume)
+    run_dir = Path(run_dir)
+    if read_run_marker(run_dir) is not None:
+        return
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        adopt_run_dir(run_dir)   # check_run_dir accepted it as a run of an earlier version (with --resume)
+    else:
+        create_run_dir(run_dir)
 
 
 @dataclass
@@ -139,6 +205,7 @@ class Trainer:
         self.config = config
         self.run_dir = Path(config.run_dir)
         check_writable(self.run_dir, parent=True)  # before any step: a bad --out fails at once
+        check_run_dir(self.run_dir, config.resume)  # ... and so does an --out that is not a run of this trainer
         self.optimizer_steps = 0
         self._stop_requested = False
 
@@ -204,12 +271,7 @@ class Trainer:
 
     # ---- checkpoints -------------------------------------------------------------------------
     def latest_checkpoint(self) -> tuple[int, Path] | None:
-        found = []
-        for path in (self.run_dir / CHECKPOINTS).glob("step-*"):
-            suffix = path.name.removeprefix("step-")
-            if suffix.isdigit() and (path / "trainer_state.json").is_file():
-                found.append((int(suffix), path))
-        return max(found) if found else None
+        return latest_checkpoint(self.run_dir)
 
     def save_checkpoint(self, step: int) -> Path:
         acc = self.accelerator
@@ -244,14 +306,6 @@ class Trainer:
             self.ema.to(self.accelerator.device)  # accelerate loads custom states onto the CPU
         return step
 
-    def _check_fresh_run_dir(self) -> None:
-        """A new run in a directory holding another run's checkpoints would append to its metrics.jsonl and
-        leave its later checkpoints for a future --resume to pick up, so it is refused."""
-        found = None if self.config.resume else self.latest_checkpoint()
-        if found is not None:
-            raise ToolkitError(f"{self.run_dir} already holds a training run (checkpoint step {found[0]}); "
-                               "pass --resume to continue it, or choose a new --out (or delete that directory)")
-
     def _check_resumable(self, saved: dict[str, Any]) -> None:
         """Exact resume replays the data order and noise of (seed, batch size, grad_accum); a change
         there would silently train on a different stream, so it is an error."""
@@ -275,7 +329,8 @@ class Trainer:
         """Train (resuming with ``resume``) while holding the run directory's lock; export at the end."""
         self.accelerator = self._make_accelerator()
         self._check_config(dataset)
-        self._check_fresh_run_dir()
+        if self.accelerator.is_main_process:  # checked again: time passed since __init__ (the others only read)
+            claim_run_dir(self.run_dir, self.config.resume)
         with run_lock(self.run_dir, enabled=self.accelerator.is_main_process):
             return self._fit(model, dataset, objective, export)
 
@@ -285,13 +340,13 @@ class Trainer:
         set_seed(cfg.seed)
         self._setup(model, objective)
         start = self._resume() if cfg.resume else 0
-        if start and self.accelerator.is_main_process:
-            truncate_metrics(self.run_dir, start)
+        if self.accelerator.is_main_process:  # a resumed run repeats the steps after its checkpoint; a restarted
+            truncate_metrics(self.run_dir, start)   # one (no checkpoint yet) drops the aborted attempt's lines
         if cfg.progress and self.accelerator.is_main_process:
             print(self.describe() + (f", resuming at step {start}" if start else ""), flush=True)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         if self.accelerator.is_main_process:
-            (self.run_dir / "config.json").write_text(json.dumps(cfg.to_json(), indent=2))
+            (self.run_dir / CONFIG_FILE).write_text(json.dumps(cfg.to_json(), indent=2))
         loader = self._loader(dataset, start)
         with self._sigint_guard():
             step, interrupted = self._loop(objective, loader, start)
