@@ -3,6 +3,7 @@
 A directory with ``tokenizer.json`` (what ``save_pretrained`` and our exports write) is read with the
 ``tokenizers`` library alone, which keeps the ONNX Runtime path free of torch and transformers. Hub
 Stable Diffusion repos ship only vocab.json + merges.txt, so those go through transformers' CLIPTokenizer.
+A folder with neither (or an empty vocabulary) is refused: loaded anyway, it maps every prompt to the same ids.
 """
 from __future__ import annotations
 
@@ -19,18 +20,17 @@ class PromptTokenizer:
     def __init__(self, tokenizer_dir: str | Path, max_length: int):
         self.max_length = max_length
         tokenizer_dir = Path(tokenizer_dir)
-        if not tokenizer_dir.is_dir():
-            raise ToolkitError(f"{tokenizer_dir} is missing: a text-to-image model needs its tokenizer/ directory")
-        if (tokenizer_dir / "tokenizer.json").exists():
+        if vocabulary_file(tokenizer_dir).name == FAST_FILE:
             self._encode = self._fast(tokenizer_dir)
         else:
             self._encode = self._transformers(tokenizer_dir)
 
     def _fast(self, tokenizer_dir: Path):
         from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        tok = Tokenizer.from_file(str(tokenizer_dir / FAST_FILE))
+        _require_tokens(tok.get_vocab_size(), tokenizer_dir / FAST_FILE)
         pad_token = _pad_token(tokenizer_dir)
-        counter = Tokenizer.from_file(str(tokenizer_dir / "tokenizer.json"))
+        counter = Tokenizer.from_file(str(tokenizer_dir / FAST_FILE))
         counter.no_truncation()
         counter.no_padding()
         self._count = lambda prompts: [len(e.ids) for e in counter.encode_batch(list(prompts))]
@@ -41,6 +41,7 @@ class PromptTokenizer:
     def _transformers(self, tokenizer_dir: Path):
         from transformers import CLIPTokenizer
         tok = CLIPTokenizer.from_pretrained(str(tokenizer_dir))
+        _require_tokens(len(tok.encoder), tokenizer_dir / SLOW_FILES[0])
         self._count = lambda prompts: [len(ids) for ids in tok(list(prompts), truncation=False).input_ids]
         return lambda prompts: tok(list(prompts), padding="max_length", max_length=self.max_length,
                                    truncation=True).input_ids
@@ -53,6 +54,30 @@ class PromptTokenizer:
     def __call__(self, prompts: Sequence[str]) -> np.ndarray:
         """Token ids [B, max_length] int64, padded and truncated as Stable Diffusion's pipelines do."""
         return np.asarray(self._encode(prompts), dtype=np.int64)
+
+
+FAST_FILE = "tokenizer.json"
+SLOW_FILES = ("vocab.json", "merges.txt")    # what CLIPTokenizer reads when there is no tokenizer.json
+
+
+def vocabulary_file(tokenizer_dir: Path) -> Path:
+    """The file the vocabulary comes from (tokenizer.json, else vocab.json beside merges.txt); a ToolkitError
+    naming the folder and the missing file when there is none."""
+    tokenizer_dir = Path(tokenizer_dir)
+    if not tokenizer_dir.is_dir():
+        raise ToolkitError(f"{tokenizer_dir} is missing: a text-to-image model needs its tokenizer/ directory")
+    if (tokenizer_dir / FAST_FILE).is_file():
+        return tokenizer_dir / FAST_FILE
+    missing = [name for name in SLOW_FILES if not (tokenizer_dir / name).is_file()]
+    if missing:
+        raise ToolkitError(f"tokenizer folder {tokenizer_dir} has no vocabulary: it lacks {FAST_FILE} and "
+                           f"{' and '.join(missing)}; copy the model's tokenizer files into it")
+    return tokenizer_dir / SLOW_FILES[0]
+
+
+def _require_tokens(count: int, path: Path) -> None:
+    if count == 0:
+        raise ToolkitError(f"tokenizer file {path} has an empty vocabulary; copy the model's tokenizer files there")
 
 
 def _pad_token(tokenizer_dir: Path) -> str:

@@ -22,9 +22,10 @@ ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16:
 
 
 def model_config_module():
-    spec = importlib.util.find_spec("tritonclient")   # present: the callers are marked requires_tritonclient
-    # loaded by file: importing tritonclient.grpc would import grpcio, which only its network client needs
-    return load_file(Path(spec.submodule_search_locations[0]) / "grpc" / "model_config_pb2.py", "model_config_pb2")
+    """Triton's ModelConfig protobuf as ``toolkit export triton`` loads it (one copy in protobuf's descriptor
+    pool); present: the callers are marked requires_tritonclient."""
+    from export.triton import model_config_pb2
+    return model_config_pb2()
 
 
 def load_file(path: Path, name: str):
@@ -82,6 +83,7 @@ def test_pipeline_config_parses(repo):
     assert all(i.optional for i in config.input) and [o.name for o in config.output] == ["IMAGES", "SEEDS"]
 
 
+@requires_tritonclient   # writing the repository needs it too (config.pbtxt is printed from the ModelConfig proto)
 def test_pipeline_model_gives_the_images_of_toolkit_generate(repo, tiny_lcm_export, tmp_path, monkeypatch):
     from toolkit import app
     monkeypatch.syspath_prepend(str(STUBS))
@@ -108,6 +110,7 @@ def test_pipeline_model_gives_the_images_of_toolkit_generate(repo, tiny_lcm_expo
         np.testing.assert_array_equal(image, np.asarray(Image.open(tmp_path / name).convert("RGB")))
 
 
+@requires_tritonclient
 def test_cli_writes_replaces_its_own_repository_and_refuses_a_foreign_folder(tiny_lcm_export, tmp_path):
     from toolkit import app
     out = tmp_path / "repo"
