@@ -9,11 +9,9 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler,
 from runtime.errors import ToolkitError
 from runtime.samplers import dpmpp_2m, get_sampler
 from runtime.schedule import NoiseSchedule, predict_x0, predict_x0_eps, spaced_timesteps
-from tolerance import EPS32, EPS64, assert_close_scaled, max_abs
+from tolerance import EPS32, EPS64, FLOAT32_CUMPROD, assert_close_scaled, max_abs
 
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]
-# diffusers' alphas_cumprod is a float32 cumprod of 1000 factors, each product rounding by <= EPS32/2
-FLOAT32_CUMPROD = 1000 * EPS32 / 2
 
 
 def _schedule(scheduler) -> NoiseSchedule:

@@ -8,6 +8,9 @@ import numpy as np
 EPS64 = float(np.finfo(np.float64).eps)   # 2.2e-16
 EPS32 = float(np.finfo(np.float32).eps)   # 1.19e-7
 EPS16 = float(np.finfo(np.float16).eps)   # 9.8e-4
+# diffusers' schedulers keep alphas_cumprod as a float32 cumprod of 1000 factors, each product rounding by
+# <= EPS32/2: relative to our float64 one it is good to 1000 EPS32/2 (6e-5) at worst
+FLOAT32_CUMPROD = 1000 * EPS32 / 2
 
 
 def as_float64(x) -> np.ndarray:
@@ -73,6 +76,6 @@ def clipped_step_growth(schedule, timesteps) -> float:
 
 
 def sampler_ops_rel(steps: int, eps: float = EPS32) -> float:
-    """The same networks, bit for bit, with the samplers' elementwise ops done by another library (torch vs
-    numpy): ~10 ops per step, each correctly rounded on both sides (<= eps apart), adding up."""
+    """Two implementations of a sampler's arithmetic (ours vs diffusers', torch vs numpy) on the same network
+    outputs: ~10 elementwise ops per step, each correctly rounded on both sides (<= eps apart), adding up."""
     return steps * 10 * eps
