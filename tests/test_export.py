@@ -20,6 +20,8 @@ from runtime.backends.ort_backend import OrtBackend
 from runtime.export_manifest import read_manifest
 from runtime.provenance import sha256_file
 from runtime.model_spec import ModelFormatError, ModelSpec
+from tolerance import (TINY_PIXEL_UNET_LAYERS, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, assert_close_scaled,
+                       clipped_step_growth, network_rel)
 
 
 def _export(model, out, **options):
@@ -89,8 +91,9 @@ def test_ort_pipeline_matches_torch_pipeline(tiny_lcm_dir, lcm_export):
     with Pipeline.load(lcm_export.out, backend="onnxruntime", device="cpu", dtype="float32") as pipe:
         got = pipe(**request)
     assert "onnxruntime" in got.backend
-    np.testing.assert_allclose(got.latents, expected.latents, atol=1e-4)
-    assert np.abs(got.arrays.astype(int) - expected.arrays.astype(int)).max() <= 1
+    # other kernels: the text encoder and 4 UNet steps round differently
+    assert_close_scaled(got.latents, expected.latents, network_rel(TINY_TEXT_ENCODER_LAYERS + 4 * TINY_TEXT_UNET_LAYERS))
+    assert np.abs(got.arrays.astype(int) - expected.arrays.astype(int)).max() <= 1   # uint8: a value near .5 may flip
 
 
 def test_unconditional_pixel_unet_exports_and_matches_torch(tiny_uncond_dir, uncond_export):
@@ -100,7 +103,9 @@ def test_unconditional_pixel_unet_exports_and_matches_torch(tiny_uncond_dir, unc
         expected = pipe(**request)
     with Pipeline.load(uncond_export.out, backend="onnxruntime", device="cpu", dtype="float32") as pipe:
         got = pipe(**request)
-    np.testing.assert_allclose(got.samples, expected.samples, atol=1e-4)
+        growth = clipped_step_growth(pipe.schedule, got.request["timesteps"])   # DDIM clips x0 on this model
+    assert pipe.schedule.clip_sample
+    assert_close_scaled(got.samples, expected.samples, network_rel(3 * TINY_PIXEL_UNET_LAYERS, growth))
 
 
 def test_fp16_export_validates_on_cpu_with_vae_and_text_encoder_in_fp32(lcm_fp16_export):
