@@ -12,8 +12,8 @@ from runtime.errors import ToolkitError
 from runtime.noise import SeededNoise
 from runtime.schedule import NoiseSchedule
 from tolerance import (TINY_PIXEL_UNET_LAYERS, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, TINY_VAE_DECODER_LAYERS,
-                       as_float64, assert_close_scaled, clipped_step_growth, guidance_amplification, network_rel,
-                       sampler_ops_rel)
+                       assert_close_scaled, clipped_step_growth, guidance_amplification, network_rel, sampler_ops_rel,
+                       schedule_rel)
 
 PROMPTS = ["astronaut in a jungle", "a red cube"]
 
@@ -42,9 +42,7 @@ def diffusers_rel(ref_pipe, steps: int, guidance_scale: float = 1.0) -> float:
     schedules), moving each step's sqrt(alpha_bar) / sqrt(1 - alpha_bar) by up to that; the two round ~10
     elementwise ops per step (the guided eps's scaled by CFG) and a few preparing the VAE's input (one step more)."""
     ours = NoiseSchedule.from_config(dict(ref_pipe.scheduler.config)).alphas_cumprod
-    grid = ref_pipe.scheduler.timesteps.numpy()
-    error = abs(as_float64(ref_pipe.scheduler.alphas_cumprod) - ours)[grid]
-    delta = float((error / np.minimum(ours[grid], 1 - ours[grid])).max())
+    delta = schedule_rel(ref_pipe.scheduler.alphas_cumprod, ours, ref_pipe.scheduler.timesteps)
     return steps * delta + sampler_ops_rel(steps + 1) * guidance_amplification(guidance_scale)
 
 

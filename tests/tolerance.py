@@ -79,3 +79,13 @@ def sampler_ops_rel(steps: int, eps: float = EPS32) -> float:
     """Two implementations of a sampler's arithmetic (ours vs diffusers', torch vs numpy) on the same network
     outputs: ~10 elementwise ops per step, each correctly rounded on both sides (<= eps apart), adding up."""
     return steps * 10 * eps
+
+
+def schedule_rel(theirs, ours, timesteps) -> float:
+    """How far another alphas_cumprod (diffusers' float32 one) is from ours at ``timesteps``, relative to
+    alpha_bar or 1 - alpha_bar, whichever is smaller: the most that any sqrt(alpha_bar) or
+    sqrt(1 - alpha_bar) a step multiplies by can move, doubled (the sqrt halves it)."""
+    ours = as_float64(ours)
+    t = np.asarray(as_float64(timesteps), dtype=np.int64)
+    error = np.abs(as_float64(theirs) - ours)[t]
+    return float((error / np.minimum(ours[t], 1.0 - ours[t])).max(initial=0.0))
