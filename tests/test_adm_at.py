@@ -24,6 +24,7 @@ from train.adversarial import ascend, free_at_steps, init_delta, per_sample_norm
 from train.image_data import load_image_dataset
 from train.presets import LINEAR_1000, build_model, unet_config
 from train.timestep_sampler import LossSecondMomentSampler, UniformSampler
+from tolerance import EPS32, EPS64, assert_close_scaled, max_abs
 
 
 @pytest.fixture(autouse=True)
@@ -103,8 +104,9 @@ def test_noise_levels_match_the_ddpm_linear_schedule():
     abar = np.cumprod(1 - betas)
     t = torch.tensor([0, 499, 999])
     a, s = linear_levels().coefficients(t, torch.zeros(3, 1, 2, 2))
-    np.testing.assert_allclose(a.flatten().numpy(), np.sqrt(abar[[0, 499, 999]]), rtol=1e-6)
-    np.testing.assert_allclose(s.flatten().numpy(), np.sqrt(1 - abar[[0, 499, 999]]), rtol=1e-6)
+    # float64 schedule and sqrt, then one cast to float32: <= EPS32/2 of each value (float64's part ~1e-16)
+    np.testing.assert_allclose(a.flatten().numpy(), np.sqrt(abar[[0, 499, 999]]), rtol=EPS32)
+    np.testing.assert_allclose(s.flatten().numpy(), np.sqrt(1 - abar[[0, 499, 999]]), rtol=EPS32)
 
 
 def test_at_loss_equals_the_formula_on_hand_made_tensors():
@@ -120,8 +122,12 @@ def test_at_loss_equals_the_formula_on_hand_made_tensors():
         x_in = a[i] * x0[i] + s[i] * eps[i] + delta[i]
         residual = (0.7 * x_in + 0.1) - eps[i] - delta[i] / s[i]
         expected.append(residual.pow(2).mean() * draw.weights[i])
-    torch.testing.assert_close(loss, torch.stack(expected).mean())
-    torch.testing.assert_close(model.inputs[0][0], a * x0 + s * eps + delta)
+    # float32, in another order: ~11 roundings build the residual (of up to its terms' size M), squaring doubles
+    # them (relative to M^2), the means and weights ~6 more; each <= EPS32/2
+    terms = max_abs(a * x0 + s * eps + delta, eps, delta / s)
+    assert_close_scaled(loss, torch.stack(expected).mean(), 14 * EPS32, scale=terms ** 2 * max_abs(draw.weights))
+    # two products and two sums on each side
+    assert_close_scaled(model.inputs[0][0], a * x0 + s * eps + delta, 4 * EPS32, scale=max_abs(a * x0, s * eps, delta))
 
 
 def test_delta_step_increases_the_loss_to_first_order():
@@ -171,7 +177,8 @@ def test_detached_target_drops_only_the_targets_term_from_deltas_gradient():
         objective = FreeATObjective(linear_levels(), UniformSampler(1000), adv_target_grad=mode)
         objective.at_loss(model, {"x": x0}, draw, delta).backward()
         grads[mode] = (delta.grad, model.w.grad, model.b.grad)
-    torch.testing.assert_close(grads["detach"][0], grads["full"][0] * 0.7 / (0.7 - 1 / s))
+    # products and quotients per element (autograd's 0.7 g - g / s cancels at most 2.4x): ~10 roundings of EPS32/2
+    torch.testing.assert_close(grads["detach"][0], grads["full"][0] * 0.7 / (0.7 - 1 / s), rtol=5 * 2.4 * EPS32, atol=0)
     assert torch.equal(grads["detach"][1], grads["full"][1]) and torch.equal(grads["detach"][2], grads["full"][2])
     with pytest.raises(ToolkitError, match="adv-target-grad"):
         FreeATObjective(linear_levels(), UniformSampler(1000), adv_target_grad="stop")
@@ -197,7 +204,8 @@ def test_fine_tuning_ema_continues_the_init_weights_at_a_constant_decay(tmp_path
     raw, ema, warm = (safetensors_of(tmp_path / name / "model") for name in ("raw", "ema", "warm"))
     assert any(not torch.equal(raw[k], init[k]) for k in raw)  # the step moved the weights
     for k in raw:
-        torch.testing.assert_close(ema[k], 0.9 * init[k] + 0.1 * raw[k], rtol=1e-5, atol=1e-6)
+        # float32 EMA s - (1 - d)(s - p) vs d init + (1 - d) raw: <= 9 roundings of EPS32/2 of the weights' size
+        assert_close_scaled(ema[k], 0.9 * init[k] + 0.1 * raw[k], 5 * EPS32, scale=max_abs(init[k], raw[k]), what=k)
         assert torch.equal(warm[k], raw[k])
     assert json.loads((tmp_path / "ema/model/training.json").read_text())["options"]["ema_warmup"] is False
 
@@ -219,7 +227,10 @@ def test_projection_bound_holds():
     norms = per_sample_norm(delta).flatten()
     assert (norms <= radius * (1 + 1e-6)).all()
     assert torch.equal(delta[inside], before[inside])            # samples inside the ball are untouched
-    torch.testing.assert_close(norms[~inside], torch.full_like(norms[~inside], radius))  # the rest land on it
+    # the rest land on it: two float32 norms (torch sums pairwise: <= log2(n) roundings, halved by the sqrt) and
+    # the scaling between them
+    on_ball = (math.log2(delta[0].numel()) + 2) * EPS32
+    torch.testing.assert_close(norms[~inside], torch.full_like(norms[~inside], radius), rtol=on_ball, atol=0)
     leaf = init_delta(delta)
     leaf.grad = torch.randn_like(leaf)
     for _ in range(50):  # many big ascent steps never leave the ball
@@ -274,13 +285,17 @@ def test_one_outer_at_step_with_k3_makes_exactly_three_optimizer_steps(tmp_path,
 def test_ip_input_and_target_follow_the_definition():
     x0, eps, xi = torch.rand(2, 1, 3, 3), torch.randn(2, 1, 3, 3), torch.randn(2, 1, 3, 3)
     a, s = torch.tensor([0.9, 0.3]).view(2, 1, 1, 1), torch.tensor([0.1, 0.7]).view(2, 1, 1, 1).sqrt()
-    torch.testing.assert_close(ip_input(x0, eps, xi, 0.15, a, s), a * x0 + s * (eps + 0.15 * xi))
+    terms = max_abs(a * x0, s * eps, 0.15 * s * xi)   # 4 float32 roundings on each side, of up to these terms' size
+    assert_close_scaled(ip_input(x0, eps, xi, 0.15, a, s), a * x0 + s * (eps + 0.15 * xi), 4 * EPS32, scale=terms)
     model = RecordingModel()
     draw = Draw(t=torch.tensor([1, 2]), weights=torch.ones(2), eps=eps, sqrt_abar=a, sqrt_one_minus=s, xi=xi)
     loss = InputPerturbationObjective(linear_levels(), UniformSampler(1000), gamma=0.15).loss(model, {"x": x0}, draw)
     x_in = model.inputs[0][0]
-    torch.testing.assert_close(x_in, a * x0 + s * eps + 0.15 * s * xi)
-    torch.testing.assert_close(loss, ((0.7 * x_in + 0.1) - eps).pow(2).mean())  # the target is eps, not eps+gamma*xi
+    assert_close_scaled(x_in, a * x0 + s * eps + 0.15 * s * xi, 5 * EPS32, scale=terms)   # 5 roundings here
+    # the target is eps, not eps+gamma*xi: the same ops on the same x_in but for the model's order (~6 roundings of
+    # the residual's terms, doubled by squaring, + the mean's)
+    residual_terms = max_abs(0.7 * x_in + 0.1, eps)
+    assert_close_scaled(loss, ((0.7 * x_in + 0.1) - eps).pow(2).mean(), 10 * EPS32, scale=residual_terms ** 2)
     assert torch.equal(noisy_input(x0, eps, a, s), a * x0 + s * eps) and torch.equal(at_target(eps, s), eps)
     assert per_sample_mse(torch.ones(2, 3), torch.zeros(2, 3)).tolist() == [1.0, 1.0]
 
@@ -289,17 +304,19 @@ def test_ip_input_and_target_follow_the_definition():
 def test_loss_second_moment_sampler_weights_and_state():
     sampler = LossSecondMomentSampler(4, history=2, uniform_prob=0.0)
     gen = torch.Generator().manual_seed(0)
-    assert torch.allclose(sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))  # warm-up
+    assert torch.equal(sampler.probabilities(), torch.full((4,), 0.25, dtype=torch.float64))  # warm-up: uniform
     sampler.update(torch.tensor([0, 1, 2, 3, 0, 1, 2, 3, 3]), torch.tensor([1.0, 2, 3, 4, 1, 2, 3, 4, 8]))
     rms = torch.tensor([1.0, 2.0, 3.0, math.sqrt((16 + 64) / 2)], dtype=torch.float64)  # history of t=3: [4, 8]
-    torch.testing.assert_close(sampler.probabilities(), rms / rms.sum())
+    # float64: square, mean of 2, sqrt, sum of 4, divide: ~8 roundings of EPS64/2 per element on each side
+    torch.testing.assert_close(sampler.probabilities(), rms / rms.sum(), rtol=8 * EPS64, atol=0)
     t, weights = sampler.sample(1000, gen, torch.device("cpu"))
     p = sampler.probabilities()
-    torch.testing.assert_close(weights.double(), 1 / (4 * p[t]), rtol=1e-6, atol=0)  # unbiased reweighting
+    # unbiased reweighting: the float64 1 / (N p) rounded once to float32 (<= EPS32/2), + float64's few roundings
+    torch.testing.assert_close(weights.double(), 1 / (4 * p[t]), rtol=EPS32, atol=0)
     assert abs((t == 3).float().mean().item() - p[3].item()) < 0.05
     restored = LossSecondMomentSampler(4, history=2, uniform_prob=0.0)
     restored.load_state_dict(sampler.state_dict())
-    torch.testing.assert_close(restored.probabilities(), p)
+    assert torch.equal(restored.probabilities(), p)   # the same state, the same computation
 
 
 # ---- runs: resume, runtime, CLI --------------------------------------------------------------------
@@ -375,7 +392,8 @@ def test_idx_cifar_and_numpy_sources_give_minus_one_to_one_images_and_labels(tmp
     ds = load_image_dataset(str(tmp_path), class_cond=True)
     assert (ds.info.channels, ds.info.resolution, len(ds)) == (1, 28, 5)
     item = ds[3]
-    torch.testing.assert_close(item["x"][0], torch.from_numpy(images[3]).float() / 127.5 - 1)
+    # uint8 -> [-1, 1] in float32: <= 2 roundings of EPS32/2 of magnitude 1 on each side
+    assert_close_scaled(item["x"][0], torch.from_numpy(images[3]).float() / 127.5 - 1, 2 * EPS32, scale=1.0)
     assert item["label"].item() == 3
     cifar = tmp_path / "cifar-10-batches-py"
     cifar.mkdir()

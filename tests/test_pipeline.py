@@ -77,7 +77,8 @@ def test_cfg_ddim_matches_diffusers_sd_pipeline(tiny_sd_dir):
         assert pipe.default_sampler == "ddim"
         out = pipe(PROMPTS[:1], steps=5, seed=5, guidance_scale=7.5, negative_prompt="blurry")
     assert out.request["guidance"] == "cfg"
-    assert_close_scaled(np.clip(out.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1), expected, diffusers_rel(ref, 5, 7.5))
+    ours = np.clip(out.samples / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    assert_close_scaled(ours, expected, diffusers_rel(ref, 5, 7.5))
     with Pipeline.load(tiny_sd_dir, device="cpu") as pipe, \
             pytest.raises(ToolkitError, match="guidance scale 1.0 <= 1 turns it off"):  # was silently unused
         pipe(PROMPTS[:1], steps=1, guidance_scale=1.0, negative_prompt="blurry")
