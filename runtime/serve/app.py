@@ -1,5 +1,7 @@
 """The HTTP API of ``toolkit serve`` (FastAPI): ``POST /v1/generate``, ``GET /healthz``, ``GET /readyz``,
-``GET /metrics``. One loaded ``Pipeline`` behind a ``DynamicBatcher``; docs/serving.md has the API and examples."""
+``GET /metrics``, ``GET /openapi.json``. One loaded ``Pipeline`` behind a ``DynamicBatcher``; docs/serving.md has
+the API and examples. Every answer, errors included, is JSON (or the PNG asked for): a request the handlers did not
+foresee gets a JSON 500, counted in /metrics, never a plain-text page."""
 from __future__ import annotations
 
 import asyncio
@@ -12,18 +14,20 @@ import time
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response
-
 from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 
 from runtime.errors import ToolkitError
 from runtime.generation import GenerationOptions, GenerationRequest
 from runtime.images import png_bytes
 from runtime.serve.batcher import DynamicBatcher, QueueFull
+from runtime.serve.body import BodyLimits
 from runtime.serve.metrics import ServeMetrics
-from runtime.serve.schema import GenerateBody, ServeLimits
+from runtime.serve.schema import MAX_SEED, GenerateBody, ServeLimits, check_resolved_steps, request_schema
 
 log = logging.getLogger("toolkit.serve")
-MAX_BODY_BYTES = 1 << 20   # prompts are capped far below this; a bigger body is a mistake or an attack
+MAX_INT_DIGITS = len(str(MAX_SEED))   # no integer field takes more digits than the largest seed
 
 
 class _Rejected(Exception):
@@ -37,17 +41,58 @@ UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer KEY'"
 
 def create_app(pipe, limits: ServeLimits, *, api_key: str | None = None, record: dict | None = None,
                on_ready=None) -> FastAPI:
-    """``pipe``: a loaded ``runtime.Pipeline`` (the caller closes it). ``record``: what each PNG's generation
-    record says about the model (name, path, sha256). With ``api_key``, /v1/generate and /metrics need
-    ``Authorization: Bearer KEY``; the probes stay open. ``on_ready()`` is called once warmed up."""
+    """``pipe``: a loaded ``runtime.Pipeline`` (the caller closes it). ``record``: what each reply and PNG
+    generation record says about the model (``model_record``). With ``api_key``, /v1/generate, /metrics and
+    /openapi.json need ``Authorization: Bearer KEY``, the browser docs (/docs, /redoc, which cannot send it) are
+    off, and the probes stay open. ``on_ready()`` is called once warmed up."""
     service = _Service(pipe, limits, api_key, record or {})
-    app = FastAPI(title="at-diffusion-toolkit", lifespan=lambda app: service.lifespan(on_ready))
+    open_docs = api_key is None
+    app = FastAPI(title="at-diffusion-toolkit", lifespan=lambda app: service.lifespan(on_ready),
+                  openapi_url="/openapi.json" if open_docs else None)
     app.state.drain = service.batcher.drain   # called by DrainingServer when shutdown begins
+    app.state.limits = limits                 # read by runtime/serve/server.py for the connection limits
+    app.add_middleware(BodyLimits, max_bytes=limits.max_body_bytes, timeout_s=limits.body_timeout_s,
+                       on_reject=service.count)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(Exception, service.unexpected_error)
     app.get("/healthz")(service.healthz)
     app.get("/readyz")(service.readyz)
     app.get("/metrics")(service.metrics_endpoint)
-    app.post("/v1/generate")(service.generate)
+    app.post("/v1/generate", openapi_extra=_generate_openapi(limits, pipe.spec))(service.generate)
+    if not open_docs:
+        _guard_openapi(app, api_key)
     return app
+
+
+def _guard_openapi(app: FastAPI, api_key: str) -> None:
+    """/openapi.json behind the API key (FastAPI's own route, and the browser docs that read it, are off)."""
+    async def guarded_openapi(request: Request):
+        if not _authorized(request, api_key):
+            return _error_response(401, UNAUTHORIZED)
+        return JSONResponse(app.openapi())
+    app.get("/openapi.json", include_in_schema=False)(guarded_openapi)
+
+
+def model_record(pipe, *, with_path: bool = False) -> dict:
+    """What replies and PNG records say about the served model: its name and weights' sha256, and its filesystem
+    path only when asked (``toolkit serve --expose-model-path``): a path tells clients about the server's disks."""
+    from runtime.fingerprint import model_sha256
+    record = {"model": pipe.spec.name, "model_sha256": model_sha256(pipe.source.path)}
+    return {**record, "model_path": str(pipe.source.path)} if with_path else record
+
+
+def _generate_openapi(limits: ServeLimits, spec) -> dict:
+    """The body is parsed by ``_parse`` (any content type), so FastAPI cannot see it: describe it by hand."""
+    error = {"application/json": {"schema": {"type": "object", "properties": {"error": {"type": "string"}},
+                                             "required": ["error"]}}}
+    return {"requestBody": {"required": True,
+                            "content": {"application/json": {"schema": request_schema(limits, spec)}}},
+            "responses": {"200": {"description": "image/png (format png) or JSON with base64 PNGs (format json)",
+                                  "content": {"image/png": {}, "application/json": {}}},
+                          **{str(code): {"description": why, "content": error} for code, why in (
+                              (400, "not JSON"), (401, "no or wrong API key"), (408, "body too slow"),
+                              (413, "body too large"), (422, "invalid field"), (503, "queue full"),
+                              (504, "not done within --timeout"))}}}
 
 
 class _Service:
@@ -83,19 +128,31 @@ class _Service:
 
     async def metrics_endpoint(self, request: Request):
         if not _authorized(request, self.api_key):
-            return JSONResponse({"error": UNAUTHORIZED}, 401)
+            return _error_response(401, UNAUTHORIZED)
         return Response(self.metrics.render(), media_type=self.metrics.content_type)
+
+    def count(self, status: int, kind: str) -> None:
+        """One failed request in /metrics (also called by the body limits middleware)."""
+        self.metrics.requests.labels(status=str(status)).inc()
+        self.metrics.errors.labels(kind=kind).inc()
+
+    async def unexpected_error(self, request: Request, exc: Exception):
+        """Whatever the handlers did not foresee: a JSON 500, counted; uvicorn logs the traceback."""
+        self.count(500, "internal")
+        return _error_response(500, f"internal error ({type(exc).__name__}); the server keeps serving, and its log "
+                                    "has the details")
 
     async def generate(self, request: Request):
         started = time.perf_counter()
         try:
             if not _authorized(request, self.api_key):
                 raise _Rejected(401, UNAUTHORIZED, "auth")
-            body = _parse(await request.body())
+            body = _parse(await _read_body(request))
             wanted = _validated(self.pipe, body, self.limits)
             images, batch = await _generate(self.batcher, wanted, self.limits.timeout_s)
         except _Rejected as exc:
-            return _count(self.metrics, exc)
+            self.count(exc.status, exc.kind)
+            return _error_response(exc.status, str(exc), exc.headers)
         self.metrics.latency.observe(time.perf_counter() - started)
         self.metrics.requests.labels(status="200").inc()
         self.metrics.images.inc(len(images))
@@ -105,21 +162,33 @@ class _Service:
         return await asyncio.to_thread(_response, body, wanted, images, batch, about, warnings)
 
 
+async def _read_body(request: Request) -> bytes:
+    """The body, at most ``max_body_bytes`` within ``body_timeout_s`` (``BodyLimits`` enforces both as it streams)."""
+    try:
+        return await request.body()
+    except ClientDisconnect:   # nobody reads this answer; it is counted like any bad request
+        raise _Rejected(400, "the client disconnected before sending the whole body", "validation") from None
+
+
 def _parse(raw: bytes) -> GenerateBody:
     """The request body -> GenerateBody, or a 4xx naming the problem. Parsed here rather than by FastAPI so that
     any content type works (curl -d sends form-encoded) and every error is one sentence."""
-    if len(raw) > MAX_BODY_BYTES:
-        raise _Rejected(413, f"the request body has {len(raw)} bytes; this server reads at most {MAX_BODY_BYTES}",
-                        "validation")
     if not raw.strip():
         raise _Rejected(400, 'the request needs a JSON body, e.g. {"prompt": "a photo of a sneaker", "steps": 4}',
                         "validation")
     try:
-        data = json.loads(raw)
+        data = json.loads(raw, parse_int=_bounded_int, parse_constant=_no_constant)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise _Rejected(400, f"the request body is not valid JSON ({exc})", "validation") from None
+    except RecursionError:   # [[[[... a few thousand deep: json's C parser gives up; the API nests two levels
+        raise _Rejected(400, "the request body nests arrays or objects too deeply; a generate request is one flat "
+                             "object", "validation") from None
     if not isinstance(data, dict):
         raise _Rejected(422, 'the request body must be a JSON object, e.g. {"prompt": "a photo of a sneaker"}',
+                        "validation")
+    unknown = [name for name in data if name not in GenerateBody.model_fields]
+    if unknown:   # here, not by pydantic: it cannot even name a key holding a lone surrogate
+        raise _Rejected(422, f"unknown field '{unknown[0]}'; the fields are: {', '.join(GenerateBody.model_fields)}",
                         "validation")
     try:
         return GenerateBody.model_validate(data)
@@ -127,10 +196,27 @@ def _parse(raw: bytes) -> GenerateBody:
         raise _Rejected(422, _validation_message(exc.errors()), "validation") from None
 
 
+def _bounded_int(digits: str) -> int:
+    """json's integer hook: refuse, before converting, an integer longer than any field takes (a 100,000-digit
+    seed would otherwise hit Python's int-conversion limit, a ValueError from inside the parser)."""
+    count = len(digits.lstrip("-"))
+    if count > MAX_INT_DIGITS:
+        raise _Rejected(422, f"the request has an integer with {count} digits; no field takes more than "
+                             f"{MAX_INT_DIGITS} (seed: 0 to {MAX_SEED})", "validation")
+    return int(digits)
+
+
+def _no_constant(name: str):
+    """json's hook for NaN and Infinity, which Python's parser accepts and JSON does not have."""
+    raise _Rejected(400, f"the request body is not valid JSON ({name} is not a JSON number)", "validation")
+
+
 def _validated(pipe, body: GenerateBody, limits: ServeLimits) -> GenerationRequest:
     try:
         body.check_limits(limits, pipe.spec.default_resolution)
-        return pipe.request(_options(body))
+        wanted = pipe.request(_options(body))
+        check_resolved_steps(wanted.sampler, wanted.steps, limits)
+        return wanted
     except (ValueError, ToolkitError) as exc:
         raise _Rejected(422, str(exc), "validation") from None
 
@@ -169,10 +255,18 @@ def _response(body: GenerateBody, wanted: GenerationRequest, images, batch: int,
                          **about}, headers=headers)
 
 
-def _count(metrics: ServeMetrics, exc: _Rejected) -> JSONResponse:
-    metrics.requests.labels(status=str(exc.status)).inc()
-    metrics.errors.labels(kind=exc.kind).inc()
-    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+def _error_response(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    """The API's one error shape. A message may quote the request (a field name, a sampler), which may hold a lone
+    surrogate that UTF-8 cannot encode: such characters are written as escapes, never a failed reply."""
+    printable = message.encode("utf-8", "backslashreplace").decode("utf-8")
+    return JSONResponse({"error": printable}, status_code=status, headers=headers)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> Response:
+    """Starlette's own errors (404 unknown path, 405 wrong method) in the API's error shape."""
+    if exc.status_code < 400:
+        return Response(status_code=exc.status_code, headers=exc.headers)
+    return _error_response(exc.status_code, f"{exc.detail}: {request.method} {request.scope['path']}", exc.headers)
 
 
 def _authorized(request: Request, api_key: str | None) -> bool:
@@ -186,6 +280,6 @@ def _validation_message(errors: list) -> str:
     """pydantic's error list -> one sentence naming the field and the fix."""
     first = errors[0]
     where = ".".join(str(part) for part in first.get("loc", ()))
-    if first.get("type") == "extra_forbidden":
-        return f"unknown field '{where}'; the fields are: {', '.join(GenerateBody.model_fields)}"
+    if first.get("type") == "value_error":   # our own validators' sentence, without pydantic's "Value error, "
+        return f"{where}: {first['ctx']['error']}"
     return f"{where}: {first['msg']}" if where else first["msg"]

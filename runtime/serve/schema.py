@@ -1,12 +1,18 @@
-"""The body of ``POST /v1/generate`` and the server's limits. pydantic checks types, ranges and unknown fields;
-what depends on the model (size multiple, guidance kind, prompts for an unconditional model) is checked by
-``GenerationRequest.build``, the same code ``toolkit generate`` uses."""
+"""The body of ``POST /v1/generate`` and the server's limits. pydantic checks types (strictly: ``true`` is not a
+step count, ``"2"`` or ``1.5`` is not a seed), ranges and unknown fields; what depends on the model (size multiple,
+guidance kind, prompts for an unconditional model) is checked by ``GenerationRequest.build``, the same code
+``toolkit generate`` uses."""
 from __future__ import annotations
 
+import copy
 import dataclasses
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from runtime.samplers import available_samplers
+
+MAX_SEED = 2 ** 63 - 1   # the noise (numpy's PCG64) takes any non-negative int; this keeps a seed a signed 64-bit one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,21 +24,63 @@ class ServeLimits:
     max_steps: int = 8
     max_prompt_chars: int = 2000
     max_size: Optional[int] = None   # pixels per side; None: the model's default resolution
+    # the connection, before a request reaches the handlers (runtime/serve/body.py, runtime/serve/server.py)
+    max_body_bytes: int = 1 << 20   # prompts are capped far below this; a bigger body is a mistake or an attack
+    body_timeout_s: float = 10.0    # the whole body must arrive within this of the request head: 408 after it
+    header_timeout_s: float = 10.0  # a connection must send a whole request head within this, or it is closed
+    keep_alive_s: float = 5.0       # an idle keep-alive connection is closed after this
+    max_header_bytes: int = 16 * 1024   # request line + headers; beyond: uvicorn's 400
+    limit_concurrency: Optional[int] = None     # connections + requests in progress; None: see `concurrency`
+    shutdown_timeout_s: Optional[float] = None  # SIGTERM's grace period; None: `timeout_s` + 1
+
+    @property
+    def concurrency(self) -> int:
+        """Open connections and requests in progress at most (beyond: uvicorn's 503). By default room for a full
+        queue, a running batch and 64 more (probes, scrapes, requests being validated), so the batcher's own JSON
+        503 + Retry-After is what a busy server answers."""
+        return self.limit_concurrency or self.max_queue + self.max_batch + 64
+
+    @property
+    def shutdown_grace_s(self) -> float:
+        """How long SIGTERM waits for requests in flight: by default as long as one may take, plus a second."""
+        return self.shutdown_timeout_s if self.shutdown_timeout_s is not None else self.timeout_s + 1
+
+
+def _utf8(text: str) -> str:
+    """JSON's \\ud800 escape decodes to a lone surrogate, which no tokenizer, PNG text chunk or JSON reply can
+    encode: refuse it here, naming the problem, instead of failing deep in generation."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"the text has a lone surrogate at character {exc.start} ({text[exc.start]!r}), which is "
+                         "not valid Unicode; send UTF-8 text") from None
+    return text
+
+
+def _integral(value):
+    """JSON Schema's "integer" includes 2.0 (what some clients send for 2): take it as 2. Booleans, strings and 1.5
+    stay refused by strict validation."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class GenerateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
-    prompt: Optional[str] = Field(None, description="One prompt (text-to-image models).")
-    prompts: Optional[list[str]] = Field(None, min_length=1, description="Several prompts, one image each.")
-    negative_prompt: Optional[str] = Field(None, description="CFG negative prompt (non-LCM text-to-image models).")
-    num_images: int = Field(1, ge=1, description="Images per prompt, or in all for unconditional models.")
-    steps: Optional[int] = Field(None, ge=1, description="Sampling steps (default: the model's, 4 for LCM).")
-    seed: int = Field(0, ge=0, lt=2 ** 63, description="Image i gets seed + i.")
+    prompt: Optional[Text] = Field(None, description="One prompt (text-to-image models).")
+    prompts: Optional[list[Text]] = Field(None, min_length=1, description="Several prompts, one image each.")
+    negative_prompt: Optional[Text] = Field(None, description="CFG negative prompt (non-LCM text-to-image models).")
+    num_images: Integer = Field(1, ge=1, description="Images per prompt, or in all for unconditional models.")
+    steps: Optional[Integer] = Field(None, ge=1, description="Sampling steps (default: the sampler's, 4 for LCM, 20 "
+                                                          "for the others; either way at most the server's limit).")
+    seed: Integer = Field(0, ge=0, le=MAX_SEED, description="Image i gets seed + i.")
     guidance_scale: Optional[float] = Field(None, ge=0, le=100, description="LCM's w or the CFG scale.")
-    height: Optional[int] = Field(None, ge=1, description="Pixels (default: the model's resolution).")
-    width: Optional[int] = Field(None, ge=1, description="Pixels (default: the model's resolution).")
-    sampler: Optional[str] = Field(None, description="lcm | ddim | dpmpp_2m | iddpm (default: the model's).")
+    height: Optional[Integer] = Field(None, ge=1, description="Pixels (default: the model's resolution).")
+    width: Optional[Integer] = Field(None, ge=1, description="Pixels (default: the model's resolution).")
+    sampler: Optional[Text] = Field(None, description="lcm | ddim | dpmpp_2m | iddpm (default: the model's).")
     format: Literal["png", "json"] = Field("png", description="png: one image as image/png; json: base64 PNGs.")
 
     def prompt_list(self) -> list[str] | None:
@@ -41,7 +89,8 @@ class GenerateBody(BaseModel):
         return [self.prompt] if self.prompt is not None else self.prompts
 
     def check_limits(self, limits: ServeLimits, default_size: int) -> None:
-        """Raise ValueError naming the first field outside this server's limits."""
+        """Raise ValueError naming the first field outside this server's limits (before the request is built, so
+        that a huge value costs nothing)."""
         prompts = self.prompt_list() or []
         if self.steps is not None and self.steps > limits.max_steps:
             raise ValueError(f"steps {self.steps} is more than this server allows ({limits.max_steps})")
@@ -60,3 +109,40 @@ class GenerateBody(BaseModel):
             value = getattr(self, name)
             if value is not None and value > largest:
                 raise ValueError(f"{name} {value} is larger than this server serves ({largest} px; --max-size)")
+
+
+def check_resolved_steps(sampler: str, steps: int, limits: ServeLimits) -> None:
+    """The steps a built request will run against ``--max-steps``. Steps a request names were checked by
+    ``check_limits``; this catches the sampler's default: a request naming no steps must not get 20 DDIM steps from
+    a server that allows 8."""
+    if steps > limits.max_steps:
+        raise ValueError(f"sampler '{sampler}' runs {steps} steps by default, more than this server allows "
+                         f"({limits.max_steps}): send \"steps\" of at most {limits.max_steps}")
+
+
+def request_schema(limits: ServeLimits, spec) -> dict:
+    """GenerateBody's JSON schema with this server's limits as maxima and the model's (``spec``) pixel multiple, for
+    the OpenAPI document (what clients and schema-driven fuzzers read)."""
+    schema = copy.deepcopy(GenerateBody.model_json_schema())
+    largest = limits.max_size or spec.default_resolution
+    maxima = {"steps": limits.max_steps, "num_images": limits.max_batch, "height": largest, "width": largest}
+    for name, maximum in maxima.items():
+        for branch in _typed_branches(schema["properties"][name], "integer"):
+            branch["maximum"] = maximum
+    for name in ("height", "width"):
+        for branch in _typed_branches(schema["properties"][name], "integer"):
+            branch["multipleOf"] = spec.pixel_multiple
+    for name in ("prompt", "negative_prompt"):
+        for branch in _typed_branches(schema["properties"][name], "string"):
+            branch["maxLength"] = limits.max_prompt_chars
+    for branch in _typed_branches(schema["properties"]["prompts"], "array"):
+        branch["maxItems"] = limits.max_batch
+        branch["items"]["maxLength"] = limits.max_prompt_chars
+    for branch in _typed_branches(schema["properties"]["sampler"], "string"):
+        branch["enum"] = available_samplers()
+    return schema
+
+
+def _typed_branches(prop: dict, json_type: str) -> list[dict]:
+    """The parts of a property's schema that describe ``json_type`` (Optional fields are anyOf [type, null])."""
+    return [branch for branch in prop.get("anyOf", [prop]) if branch.get("type") == json_type]
