@@ -12,8 +12,8 @@ from runtime.errors import ToolkitError
 from runtime.noise import SeededNoise
 from runtime.schedule import NoiseSchedule
 from tolerance import (TINY_PIXEL_UNET_LAYERS, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, TINY_VAE_DECODER_LAYERS,
-                       assert_close_scaled, clipped_step_growth, guidance_amplification, network_rel, sampler_ops_rel,
-                       schedule_rel)
+                       assert_close_scaled, clipped_step_growth, guidance_amplification, layer_count, network_rel,
+                       sampler_ops_rel, schedule_rel)
 
 PROMPTS = ["astronaut in a jungle", "a red cube"]
 
@@ -82,6 +82,17 @@ def test_cfg_ddim_matches_diffusers_sd_pipeline(tiny_sd_dir):
     with Pipeline.load(tiny_sd_dir, device="cpu") as pipe, \
             pytest.raises(ToolkitError, match="guidance scale 1.0 <= 1 turns it off"):  # was silently unused
         pipe(PROMPTS[:1], steps=1, guidance_scale=1.0, negative_prompt="blurry")
+
+
+def test_tolerance_layer_counts_are_the_tiny_models(lcm_pipe, uncond_pipe, tiny_sd_dir):
+    """tests/tolerance.py's network tolerances count these layers (the ONNX tests cannot load the torch models)."""
+    backend = lcm_pipe.backend
+    assert layer_count(backend.text_encoder) == TINY_TEXT_ENCODER_LAYERS
+    assert layer_count(backend.unet) == TINY_TEXT_UNET_LAYERS
+    assert layer_count(backend.vae.decoder) + layer_count(backend.vae.post_quant_conv) == TINY_VAE_DECODER_LAYERS
+    assert layer_count(uncond_pipe.backend.unet) == TINY_PIXEL_UNET_LAYERS
+    with Pipeline.load(tiny_sd_dir, backend="torch", device="cpu") as sd:
+        assert layer_count(sd.backend.unet) == TINY_TEXT_UNET_LAYERS - 1   # no guidance embedding
 
 
 def test_deterministic_and_seed_sensitive(lcm_pipe):

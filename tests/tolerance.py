@@ -47,12 +47,18 @@ def assert_close_scaled(got, ref, rel: float, scale: float | None = None, what: 
 # size, CPU vs CUDA). Each layer's output rounds once per evaluation on each side (<= EPS apart, relative),
 # and those differences add up over the layers a result passes through, step after step.
 
-# Conv2d + Linear modules of train/tiny_models.py's networks, counted as
-# sum(isinstance(m, (nn.Conv2d, nn.Linear)) for m in net.modules()): an upper bound on their depth
-TINY_TEXT_ENCODER_LAYERS = 12
+# layer_count of train/tiny_models.py's networks (checked in test_pipeline.py; the ONNX tests cannot load them)
+TINY_TEXT_ENCODER_LAYERS = 14        # 2 of them embedding tables
 TINY_TEXT_UNET_LAYERS = 84          # 83 without LCM's guidance embedding (the SD-style model)
 TINY_VAE_DECODER_LAYERS = 26
 TINY_PIXEL_UNET_LAYERS = 51
+
+
+def layer_count(module) -> int:
+    """Layers of a torch module (TorchScript too) that each round their output once per evaluation: the
+    modules owning a weight matrix or kernel (convolutions, linear layers, attention projections; embedding
+    tables count as well). An upper bound on its depth, as parallel branches count too."""
+    return sum(any(p.dim() >= 2 for p in m.parameters(recurse=False)) for m in module.modules())
 
 
 def network_rel(layers: int, amplification: float = 1.0, eps: float = EPS32) -> float:
@@ -89,3 +95,17 @@ def schedule_rel(theirs, ours, timesteps) -> float:
     t = np.asarray(as_float64(timesteps), dtype=np.int64)
     error = np.abs(as_float64(theirs) - ours)[t]
     return float((error / np.minimum(ours[t], 1.0 - ours[t])).max(initial=0.0))
+
+
+def fid_rounding_bound(mu1, sigma1, mu2, sigma2) -> float:
+    """How far a float64 FID ||mu1 - mu2||^2 + Tr(S1 + S2 - 2 (S1 S2)^1/2) can be off by rounding. A backward
+    stable sqrtm computes the root of a product perturbed by d = dim EPS64 ||S1 S2||, which moves the square
+    root of each eigenvalue lambda by up to min(sqrt(d), d / (2 sqrt(lambda))): sqrt(d) for the zero ones of a
+    singular product (fewer samples than dimensions); the traces and the sum add ~dim roundings of their size."""
+    mu1, mu2, sigma1, sigma2 = (as_float64(v) for v in (mu1, mu2, sigma1, sigma2))
+    product, dim = sigma1 @ sigma2, len(sigma1)
+    d = dim * EPS64 * np.linalg.norm(product, 2)
+    root = np.sqrt(np.clip(np.linalg.eigvals(product).real, 0.0, None))
+    moved = np.where(root > 0, d / (2 * np.maximum(root, np.finfo(np.float64).tiny)), np.sqrt(d))
+    sums = dim * EPS64 * (np.trace(sigma1) + np.trace(sigma2) + float((mu1 - mu2) @ (mu1 - mu2)))
+    return 2 * float(np.minimum(np.sqrt(d), moved).sum()) + sums
