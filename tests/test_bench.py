@@ -6,6 +6,7 @@ import json
 
 from typer.testing import CliRunner
 
+from tolerance import TINY_TEXT_UNET_LAYERS, network_rel
 from toolkit import app
 
 runner = CliRunner()
@@ -27,7 +28,8 @@ def test_bench_ort_exports_validates_and_times(tmp_path):
     assert result.exit_code == 0, result.output
     record = json.loads((tmp_path / "bench.json").read_text())
     assert record["ort_ms"] > 0 and record["torch_eager_ms"] > 0
-    assert record["ort_rel_l2_vs_torch"] < 1e-4          # what was timed computes the same thing
+    # what was timed computes the same thing: one tiny UNet evaluation whose layers may each round differently
+    assert record["ort_rel_l2_vs_torch"] <= network_rel(TINY_TEXT_UNET_LAYERS)
     assert "ort_cuda_graph_ms" not in record              # CUDA variants only run on CUDA
 
 

@@ -9,8 +9,13 @@ import numpy as np
 import pytest
 
 from runtime import Pipeline
+from tolerance import (TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, TINY_VAE_DECODER_LAYERS, assert_close_scaled,
+                       network_rel)
 
 THREADS, ROUNDS = 8, 3
+# the same kernels on the same shapes, but another thread count may split a kernel's sums differently: the text
+# encoder, 2 UNet steps and the VAE decoder may each round their layers differently
+PIPELINE_REL = network_rel(TINY_TEXT_ENCODER_LAYERS + 2 * TINY_TEXT_UNET_LAYERS + TINY_VAE_DECODER_LAYERS)
 CASES = {  # name -> (export fixture or None for the torch backend, Pipeline.load options)
     "torch": (None, dict(backend="torch")),
     "onnxruntime-plain": ("lcm_export", dict(backend="onnxruntime")),
@@ -39,7 +44,7 @@ def test_eight_threads_get_the_single_threaded_images(case, tiny_lcm_dir, reques
             for _ in range(ROUNDS):
                 got = list(pool.map(lambda seed: generate(pipe, seed), range(THREADS)))
                 for seed in range(THREADS):
-                    np.testing.assert_allclose(got[seed], expected[seed], atol=1e-5, err_msg=f"seed {seed}")
+                    assert_close_scaled(got[seed], expected[seed], PIPELINE_REL, what=f"seed {seed}")
 
 
 @pytest.mark.parametrize("arrays", ["numpy", "torch"])

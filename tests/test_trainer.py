@@ -11,6 +11,7 @@ import torch
 from runtime.errors import ToolkitError
 from train.batch_order import StepBatchSampler
 from train.trainer import StepContext, Trainer, TrainerConfig, claim_run_dir
+from tolerance import EPS32, assert_close_scaled
 
 
 @pytest.fixture(autouse=True)
@@ -161,7 +162,10 @@ def test_grad_accum_matches_one_big_batch(tmp_path):
             model, ToyDataset(), ToyObjective(noise_scale=0.0))
         return model.weight.detach()
 
-    torch.testing.assert_close(run("one", 1), run("two", 2), rtol=1e-5, atol=1e-6)
+    # per optimizer step, the two gradients (one batch mean vs two half-batch means) differ by a few float32
+    # roundings, which lr = 1e-2 shrinks far below a weight's ulp; w - update then rounds 1 ulp apart at most
+    one, two = run("one", 1), run("two", 2)
+    assert_close_scaled(two, one, 2 * 2 * EPS32)   # 2 steps x (<= EPS32 of the weights, + the update's share)
 
 
 def test_batch_order_is_a_function_of_seed_and_step():
