@@ -80,27 +80,54 @@ def run_ftcheck(out: Path, step: int, cfg: dict) -> None:
 
 
 def model_path(out: Path, model: str) -> Path:
-    """``base-S`` is a snapshot, ``ft-check-S`` the fine-tune of one."""
-    kind, step = model.rsplit("-", 1)
-    return study.snapshot_dir(out, int(step)) if kind == "base" else study.check_run(out, int(step)) / "model"
+    """``base-S`` is a snapshot, ``ft-check-S`` the fine-tune of one, anything else a phase-B run."""
+    kind, _, step = model.rpartition("-")
+    if kind == "base" and step.isdigit():
+        return study.snapshot_dir(out, int(step))
+    if kind == "ft-check" and step.isdigit():
+        return study.check_run(out, int(step)) / "model"
+    return study.run_dir(out, model) / "model"
 
 
-def run_cells(out: Path, model: str, seeds: tuple[int, ...], cfg: dict) -> None:
-    """Classifier FID of ``model`` in every curve cell at each seed; a finished cell is skipped."""
+def run_cells(out: Path, model: str, seeds: tuple[int, ...], cfg: dict,
+              cells: list[tuple[str, int]] | None = None, num: int | None = None) -> None:
+    """Classifier FID of ``model`` against the test split in each (sampler, NFE) cell (default: the curve's) at
+    each seed; a finished cell is skipped."""
     from eval.fid import load_stats
-    from scripts.study_fid import extractor, fid_rows
+    from scripts.study_fid import extractor
     if not model_path(out, model).exists():
         return  # its segment was skipped: nothing to measure
-    c = cfg["curve"]
+    cells = cells or [(sampler, cfg["curve"]["nfe"]) for sampler in study.CURVE_SAMPLERS]
+    num = num or cfg["curve"]["num"]
     ref, features = load_stats(study.ref_path(out, "test")), extractor(study.CLF)
     for seed in seeds:
-        for sampler in study.CURVE_SAMPLERS:
-            path = study.cell_path(out, model, sampler, seed, c["nfe"])
-            if path.exists():
-                continue
-            rows = fid_rows(model_path(out, model), ref, features, nfes=(c["nfe"],), num=c["num"], seed=seed,
-                            **run_plan(sampler), cache=study.cache_path(out, model, sampler, seed, c["nfe"]))
-            write_record(path, {"model": model, "sampler": sampler, "seed": seed, "num": c["num"], "rows": rows})
+        for sampler, nfe in cells:
+            path = study.cell_path(out, model, sampler, seed, nfe)
+            if not path.exists():
+                rows = cell_rows(out, model, sampler, seed, nfe, num, ref, features)
+                write_record(path, {"model": model, "sampler": sampler, "seed": seed, "num": num, "rows": rows})
+
+
+def cell_rows(out: Path, model: str, sampler: str, seed: int, nfe: int, num: int, ref, features) -> list[dict]:
+    """One cell's FID rows. ES runs on its DDIM with the model's held-out lambda (part I's ES stage); lambda 1.0 is
+    that DDIM itself, so its cell is reused."""
+    from scripts.adm_study import ES_OF, es_path
+    from scripts.study_fid import fid_rows
+    plan, base = run_plan(sampler), ES_OF.get(sampler)
+    if base is not None:
+        plan["eps_scale"] = json.loads(es_path(out, model, base).read_text())["chosen"]
+        if plan["eps_scale"] == 1.0:
+            return json.loads(study.cell_path(out, model, base, seed, nfe).read_text())["rows"]
+    return fid_rows(model_path(out, model), ref, features, nfes=(nfe,), num=num, seed=seed, **plan,
+                    cache=study.cache_path(out, model, sampler, seed, nfe))
+
+
+def grid_cells(cfg: dict, group: str) -> list[tuple[str, int]]:
+    """The decision rule's cells, or the rest of the table (ES after its DDIM, so lambda 1.0 can reuse it)."""
+    decision = [(s, n) for s in cfg["decision"]["samplers"] for n in cfg["decision"]["nfes"]]
+    if group == "decision":
+        return decision
+    return [(s, n) for s in cfg["grid"]["samplers"] for n in cfg["grid"]["nfes"] if (s, n) not in decision]
 
 
 def cell_fids(out: Path, model: str, sampler: str, seeds, nfe: int) -> list[float]:
@@ -134,32 +161,103 @@ def run_check(out: Path, step: int, cfg: dict) -> None:
     write_record(study.verdict_path(out, step), verdict)
 
 
+def choose_base(out: Path, cfg: dict) -> None:
+    """Copy the converged snapshot (the report's rule) to runs/base-chosen/model, the arms' --init."""
+    from scripts.adm_fair_report import chosen_base, verdicts
+    chosen = chosen_base(verdicts(out, cfg), cfg)
+    if chosen["step"] is None:
+        raise SystemExit("the base is not decided yet: some convergence checks are not judged")
+    copy_snapshot(study.snapshot_dir(out, chosen["step"]), study.run_dir(out, study.BASE_ARM) / "model")
+    write_record(out / "base.json", chosen)
+
+
+def run_heldout(out: Path, model: str, cfg: dict) -> None:
+    """The sweep's pick metric: classifier FID against the *train* split on seeds no table cell uses."""
+    from eval.fid import load_stats
+    from scripts.study_fid import extractor, fid_rows
+    h = cfg["sweep"]["heldout"]
+    rows = fid_rows(model_path(out, model), load_stats(study.ref_path(out, "train")), extractor(study.CLF),
+                    nfes=(h["nfe"],), num=h["num"], seed=h["seed"], **run_plan("ddim_gd"),
+                    cache=out / "cache" / "heldout" / model)
+    write_record(study.heldout_path(out, model), {"model": model, **h, "fid": rows[0]["fid"], "rows": rows})
+
+
+def heldout_fid(out: Path, name: str) -> float:
+    return json.loads(study.heldout_path(out, name).read_text())["fid"]
+
+
+def pick(out: Path, cfg: dict, final: bool) -> None:
+    """The sweep point with the lowest held-out FID, overall and per variant; with ``final``, the
+    loss-second-moment run at that point replaces it where it is lower."""
+    if not final:
+        points = study.sweep_points(cfg)
+        fids = {study.point_name(p): heldout_fid(out, study.point_name(p)) for p in points}
+        by_variant = {v: min((p for p in points if p["variant"] == v), key=lambda p: fids[study.point_name(p)])
+                      for v in cfg["sweep"]["variants"]}
+        best = min(by_variant.values(), key=lambda p: fids[study.point_name(p)])
+        write_record(study.pick_path(out), {"heldout_fid": fids, "best": best, "best_by_variant": by_variant})
+        return
+    record = json.loads(study.pick_path(out).read_text())
+    lsm_fid, best = heldout_fid(out, "sweep-lsm"), record["best"]
+    record["heldout_fid"]["sweep-lsm"] = lsm_fid
+    if lsm_fid < record["heldout_fid"][study.point_name(best)]:
+        best = dict(best, timestep_sampler="loss-second-moment")
+        record["best"], record["best_by_variant"][best["variant"]] = best, best
+    write_record(study.pick_path(out, final=True), record)
+
+
+def train_lsm(out: Path, cfg: dict) -> None:
+    from scripts.adm_fair_arms import at_args, finetune
+    best = json.loads(study.pick_path(out).read_text())["best"]
+    point = dict(best, timestep_sampler="loss-second-moment")
+    subprocess.run(finetune(out, "sweep-lsm", "adm-at", cfg["sweep"]["batches"], cfg["arms"]["train_seeds"][0], cfg,
+                            at_args(point, cfg)), check=True)
+
+
+def run_grid(out: Path, model: str, seed: int, group: str, cfg: dict) -> None:
+    run_cells(out, model, (seed,), cfg, grid_cells(cfg, group), cfg["grid"]["num"])
+    write_record(out / "cells" / "done" / f"{group}-{model}-seed{seed}.json", {"model": model, "seed": seed})
+
+
 def write_record(path: Path, record: dict) -> None:
     from runtime.staging import write_json
     write_json(path, record)
 
 
+STAGES = {
+    "_segment": lambda a, out, cfg: run_segment(out, a.step, cfg),
+    "_ftcheck": lambda a, out, cfg: run_ftcheck(out, a.step, cfg),
+    "_cells": lambda a, out, cfg: run_curve(out, a.model, a.seeds, cfg),
+    "_check": lambda a, out, cfg: run_check(out, a.step, cfg),
+    "_choose": lambda a, out, cfg: choose_base(out, cfg),
+    "_heldout": lambda a, out, cfg: run_heldout(out, a.model, cfg),
+    "_pick": lambda a, out, cfg: pick(out, cfg, a.final),
+    "_train_lsm": lambda a, out, cfg: train_lsm(out, cfg),
+    "_grid": lambda a, out, cfg: run_grid(out, a.model, int(a.seeds), a.group, cfg),
+    "_report": lambda a, out, cfg: report(out, cfg),
+}
+
+
+def report(out: Path, cfg: dict) -> None:
+    from scripts.adm_fair_report import write_report
+    write_report(out, cfg)
+
+
+def run_curve(out: Path, model: str, seeds: str, cfg: dict) -> None:
+    run_cells(out, model, tuple(int(s) for s in seeds.split(",")), cfg)
+    write_record(out / "cells" / "done" / f"{model}-seeds{seeds.replace(',', '-')}.json", {"model": model, "seeds": seeds})
+
+
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["_segment", "_ftcheck", "_cells", "_check", "_report"])
+    parser.add_argument("stage", choices=sorted(STAGES))
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--step", type=int, default=0)
     parser.add_argument("--model", default="")
     parser.add_argument("--seeds", default="0")
+    parser.add_argument("--group", choices=["decision", "rest"], default="decision")
+    parser.add_argument("--final", action="store_true")
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
-    cfg, out = study.config_for(args.quick), args.out.resolve()
-    if args.stage == "_segment":
-        run_segment(out, args.step, cfg)
-    elif args.stage == "_ftcheck":
-        run_ftcheck(out, args.step, cfg)
-    elif args.stage == "_cells":
-        run_cells(out, args.model, tuple(int(s) for s in args.seeds.split(",")), cfg)
-        write_record(out / "cells" / "done" / f"{args.model}-seeds{args.seeds.replace(',', '-')}.json",
-                     {"model": args.model, "seeds": args.seeds})
-    elif args.stage == "_check":
-        run_check(out, args.step, cfg)
-    else:
-        from scripts.adm_fair_report import write_report
-        write_report(out, cfg)
+    STAGES[args.stage](args, args.out.resolve(), study.config_for(args.quick))
     return 0

@@ -29,12 +29,25 @@ FULL = dict(
     # the arms' fine-tuning recipe (part I's, EMA continued from the base's)
     finetune=dict(batch=64, lr=1e-4, ema=0.999, seed=1),
     check=dict(first=16000, every=8000, steps=3000, seeds=(0, 1_000_000, 2_000_000)),
-    curve=dict(nfe=10, num=10000, seed=0), save_every=500, ref_num=None)
+    curve=dict(nfe=10, num=10000, seed=0), save_every=500, ref_num=None,
+    # phase B (docs/results.md part III): the AT strength sweep, then the arms
+    sweep=dict(batches=400, alphas=(0.025, 0.05, 0.1), bounds=(0.1, 0.002), variants=("full", "detach"),
+               heldout=dict(nfe=10, num=5000, seed=9_000_000)),
+    arms=dict(batches=3000, adv_steps=3, ip_gamma=0.15, train_seeds=(1, 2)),
+    grid=dict(samplers=("ddim_gd", "dpmpp_2m", "iddpm", "es_ddim_gd"), nfes=(5, 10, 20),
+              seeds=(0, 1_000_000, 2_000_000), num=10000),
+    # the decision rule's cells (measured first)
+    decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(5, 10)))
 QUICK = dict(
     base=dict(batch=16, lr=2e-4, ema=0.99, seed=0), segment=8, last=24,
     finetune=dict(batch=16, lr=1e-4, ema=0.9, seed=1),
     check=dict(first=16, every=8, steps=6, seeds=(0, 1000)),
-    curve=dict(nfe=4, num=64, seed=0), save_every=0, ref_num=200)
+    curve=dict(nfe=4, num=64, seed=0), save_every=0, ref_num=200,
+    sweep=dict(batches=2, alphas=(0.05, 0.1), bounds=(0.1,), variants=("full", "detach"),
+               heldout=dict(nfe=4, num=32, seed=9000)),
+    arms=dict(batches=6, adv_steps=3, ip_gamma=0.15, train_seeds=(1, 2)),
+    grid=dict(samplers=("ddim_gd", "dpmpp_2m", "iddpm", "es_ddim_gd"), nfes=(2, 4), seeds=(0, 1000), num=32),
+    decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(2, 4)))
 
 
 def config_for(quick: bool) -> dict:
@@ -77,3 +90,30 @@ def verdict_path(out: Path, step: int) -> Path:
 
 def ref_path(out: Path, split: str) -> Path:
     return out / "refs" / f"{CLF}-{split}.npz"
+
+
+BASE_ARM = "base-chosen"   # the converged snapshot, copied to runs/base-chosen/model (the arms' --init)
+
+
+def run_dir(out: Path, name: str) -> Path:
+    """Phase B's runs live where scripts/adm_study.py puts part I's, so its ES stage reads them unchanged."""
+    return out / "runs" / name
+
+
+def sweep_points(cfg: dict) -> list[dict]:
+    s = cfg["sweep"]
+    return [{"variant": v, "alpha": a, "bound": b, "timestep_sampler": "uniform"}
+            for v in s["variants"] for a in s["alphas"] for b in s["bounds"]]
+
+
+def point_name(point: dict) -> str:
+    lsm = "-lsm" if point["timestep_sampler"] != "uniform" else ""
+    return f"sweep-{point['variant']}-a{point['alpha']}-m{point['bound']}{lsm}"
+
+
+def heldout_path(out: Path, name: str) -> Path:
+    return out / "heldout" / f"{name}.json"
+
+
+def pick_path(out: Path, final: bool = False) -> Path:
+    return out / ("arms.json" if final else "pick.json")

@@ -13,7 +13,13 @@ Phase A, converging the base (the criterion is in scripts/adm_fair_study.py, wri
 4. at each check point, a plain fine-tune of the snapshot with the arms' recipe and both models at three sampling
    seeds; the verdict says whether the base has converged; segments after the first passing check are skipped;
 5. the report: the curve (JSON, CSV, PNG) and the verdicts.
-Phase B (the arms from the converged base, the AT strength sweep, training seeds) builds on this directory.
+
+Phase B, from the chosen base (scripts/adm_fair_arms.py; the design is docs/results.md part III):
+6. the AT strength sweep: short free-AT fine-tunes over alpha x bound x variant, each scored on held-out seeds
+   against the train split; the pick, then the loss-second-moment t sampler tried at the pick;
+7. the arms (FT, IP, AT full/detach at equal steps, AT at equal data, the alpha = 0 batch-reuse controls, second
+   training seeds), their ES factors, and their classifier-FID cells: the decision rule's cells of every model
+   first, then the rest of the table.
 """
 from __future__ import annotations
 
@@ -23,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
 from scripts import adm_fair_study as study  # noqa: E402
+from scripts.adm_fair_arms import arm_jobs, sweep_jobs  # noqa: E402
 from scripts.repro_adm import stats_command  # noqa: E402
 from scripts.study_runner import Job, study_main  # noqa: E402
 
@@ -52,6 +59,9 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
                         out / "segments" / f"ft-check-{step}.json", (f"segment-{step}",)))
         jobs.append(Job(f"check-{step}", lambda s=step: stage("_check", "--out", out, "--step", s, *q),
                         study.verdict_path(out, step), (f"ft-check-{step}", f"curve-{step}")))
+    checks = tuple(f"check-{step}" for step in study.check_points(cfg))
+    jobs.append(Job("choose-base", lambda: stage("_choose", "--out", out, *q), out / "base.json", checks))
+    jobs += sweep_jobs(out, cfg, stage, q) + arm_jobs(out, cfg, stage, q)
     jobs.append(Job("report", lambda: stage("_report", "--out", out, *q), out / "report" / "curve.json",
                     tuple(job.name for job in jobs), refresh=True))
     return jobs

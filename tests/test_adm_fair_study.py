@@ -6,7 +6,8 @@ import json
 
 from scripts import adm_fair_study as study
 from scripts.adm_fair_report import chosen_base
-from scripts.adm_fair_stages import converged_before, judge, train_base
+from scripts.adm_fair_arms import arm_names, arm_specs
+from scripts.adm_fair_stages import converged_before, grid_cells, judge, pick, train_base
 from scripts.repro_adm_fair import build_jobs
 from tolerance import EPS64
 
@@ -61,3 +62,52 @@ def test_jobs_chain_the_segments_and_check_after_both_models_exist(tmp_path):
     train = train_base(tmp_path, 8000, study.FULL)
     assert train[train.index("--max-steps") + 1] == "8000" and "--resume" in train  # one run, grown per segment
     assert jobs["report"].refresh and set(jobs["report"].deps) == set(jobs) - {"report"}
+
+
+def _heldout(out, name, fid):
+    path = study.heldout_path(out, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"fid": fid}))
+
+
+def test_the_sweep_pick_is_the_lowest_heldout_fid_overall_and_per_variant(tmp_path):
+    cfg = study.FULL
+    points = study.sweep_points(cfg)
+    assert len(points) == 12 and len({study.point_name(p) for p in points}) == 12
+    for i, point in enumerate(points):   # full: 20..25, detach: 26..31, except one detach point lowest of all
+        _heldout(tmp_path, study.point_name(point), 20.0 + i)
+    lowest = next(p for p in points if p["variant"] == "detach" and p["alpha"] == 0.1 and p["bound"] == 0.002)
+    _heldout(tmp_path, study.point_name(lowest), 10.0)
+    pick(tmp_path, cfg, final=False)
+    record = json.loads(study.pick_path(tmp_path).read_text())
+    assert record["best"] == lowest and record["best_by_variant"]["detach"] == lowest
+    assert record["best_by_variant"]["full"] == points[0]
+    _heldout(tmp_path, "sweep-lsm", 9.5)   # the loss-second-moment t sampler at the pick wins
+    pick(tmp_path, cfg, final=True)
+    final = json.loads(study.pick_path(tmp_path, final=True).read_text())
+    assert final["best"] == dict(lowest, timestep_sampler="loss-second-moment") == final["best_by_variant"]["detach"]
+
+
+def test_arms_pair_equal_steps_equal_data_and_the_alpha_zero_controls():
+    cfg = study.FULL
+    best = {"variant": "detach", "alpha": 0.05, "bound": 0.1, "timestep_sampler": "uniform"}
+    full = dict(best, variant="full", alpha=0.1)
+    specs = arm_specs(cfg, {"best": best, "best_by_variant": {"full": full, "detach": best}})
+    assert set(specs) == set(arm_names(cfg))
+    assert specs["ft-s1"][:3] == ("adm", 3000, 1) and specs["ft-s2"][:3] == ("adm", 3000, 2)
+    assert specs["at-detach-s1"][1] == 1000 and specs["at-data-s1"][1] == 3000   # x K = 3: 3000 / 9000 steps
+    option = lambda spec, name: spec[3][spec[3].index(name) + 1]  # noqa: E731
+    assert option(specs["at-full-s1"], "--adv-lr") == 0.1 and option(specs["at-full-s1"], "--adv-target-grad") == "full"
+    for control, budget in (("ctl-s1", 1000), ("ctl-s2", 1000), ("ctl-data-s1", 3000)):
+        assert specs[control][1] == budget and option(specs[control], "--adv-lr") == 0.0
+        assert option(specs[control], "--adv-steps") == 3
+    assert specs["ctl-s2"][2] == specs["at-pick-s2"][2] == 2 and option(specs["at-pick-s2"], "--adv-lr") == 0.05
+
+
+def test_decision_cells_come_first_and_the_rest_completes_the_table():
+    cfg = study.FULL
+    decision, rest = grid_cells(cfg, "decision"), grid_cells(cfg, "rest")
+    assert decision == [("ddim_gd", 5), ("ddim_gd", 10), ("dpmpp_2m", 5), ("dpmpp_2m", 10)]
+    assert sorted(decision + rest) == sorted((s, n) for s in cfg["grid"]["samplers"] for n in cfg["grid"]["nfes"])
+    es = [i for i, (s, _) in enumerate(rest) if s == "es_ddim_gd"]
+    assert es and min(es) > max(i for i, (s, _) in enumerate(rest) if s == "ddim_gd")   # ES may reuse its DDIM

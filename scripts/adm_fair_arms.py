@@ -1,0 +1,117 @@
+"""Phase B of the fair re-test (docs/results.md part III): the AT strength sweep and the arms, all fine-tuned from
+the converged base with one recipe, as training commands and jobs for scripts/repro_adm_fair.py.
+
+Every arm with training seed s sees the same batches and t/eps draws as the other arms of seed s (the trainer
+derives them from (seed, step)), so arm differences are paired. Free AT's --max-steps counts batches: at K = 3 an
+arm of B/3 batches makes B optimizer steps ("equal steps"), one of B batches 3B ("equal data").
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from scripts import adm_fair_study as study
+from scripts.study_runner import Job, toolkit
+
+
+def finetune(out: Path, name: str, kind: str, batches: int, seed: int, cfg: dict, extra: list) -> list[str]:
+    f = cfg["finetune"]
+    return toolkit("train", kind, "--data", "fashion-mnist", "--init", study.run_dir(out, study.BASE_ARM) / "model",
+                   "--out", study.run_dir(out, name), "--max-steps", batches, "--batch-size", f["batch"], "--lr",
+                   f["lr"], "--ema-decay", f["ema"], "--no-ema-warmup", "--seed", seed, "--save-every",
+                   cfg["save_every"], "--log-every", 10, "--resume", *extra)
+
+
+def at_args(point: dict, cfg: dict, alpha: float | None = None) -> list:
+    """Free AT at a sweep point; ``alpha`` = 0 makes the batch-reuse control (delta stays 0)."""
+    return ["--adv-steps", cfg["arms"]["adv_steps"], "--adv-lr", point["alpha"] if alpha is None else alpha,
+            "--adv-max-norm", point["bound"], "--adv-target-grad", point["variant"], "--timestep-sampler",
+            point["timestep_sampler"]]
+
+
+def sweep_command(out: Path, point: dict, cfg: dict) -> list[str]:
+    return finetune(out, study.point_name(point), "adm-at", cfg["sweep"]["batches"], cfg["arms"]["train_seeds"][0],
+                    cfg, at_args(point, cfg))
+
+
+def arm_specs(cfg: dict, pick: dict) -> dict[str, tuple[str, int, int, list]]:
+    """name -> (toolkit train kind, batches, training seed, extra args), from the final pick (arms.json)."""
+    a = cfg["arms"]
+    steps_batches, data_batches, (s1, s2) = a["batches"] // a["adv_steps"], a["batches"], a["train_seeds"]
+    best, by_variant = pick["best"], pick["best_by_variant"]
+    specs = {f"ft-s{s}": ("adm", a["batches"], s, []) for s in (s1, s2)}
+    specs["ip-s1"] = ("adm-ip", a["batches"], s1, ["--ip-gamma", a["ip_gamma"]])
+    for variant, point in by_variant.items():
+        specs[f"at-{variant}-s1"] = ("adm-at", steps_batches, s1, at_args(point, cfg))
+    specs["at-pick-s2"] = ("adm-at", steps_batches, s2, at_args(best, cfg))  # the picked AT arm, seed 2
+    specs["at-data-s1"] = ("adm-at", data_batches, s1, at_args(best, cfg))
+    for s in (s1, s2):
+        specs[f"ctl-s{s}"] = ("adm-at", steps_batches, s, at_args(best, cfg, alpha=0.0))
+    specs["ctl-data-s1"] = ("adm-at", data_batches, s1, at_args(best, cfg, alpha=0.0))
+    return specs
+
+
+def arm_names(cfg: dict) -> list[str]:
+    """Every arm, in the order they are trained: the decision rule's pairs first. at-pick-s2 is the picked variant
+    (arms.json says which) at the second training seed."""
+    v = cfg["sweep"]["variants"]
+    return ["ft-s1", "ctl-s1", "ft-s2", "ctl-s2", *(f"at-{x}-s1" for x in v), "at-pick-s2", "ip-s1", "at-data-s1",
+            "ctl-data-s1"]
+
+
+def arm_command(out: Path, name: str, cfg: dict) -> list[str]:
+    pick = json.loads(study.pick_path(out, final=True).read_text())
+    kind, batches, seed, extra = arm_specs(cfg, pick)[name]
+    return finetune(out, name, kind, batches, seed, cfg, extra)
+
+
+def model_done(out: Path, name: str) -> Path:
+    return study.run_dir(out, name) / "model" / "training.json"
+
+
+def sweep_jobs(out: Path, cfg: dict, stage, q: list) -> list[Job]:
+    ref = f"ref-{study.CLF}-train"
+    jobs, held = [], []
+    points = study.sweep_points(cfg)
+    for point in points:
+        name = study.point_name(point)
+        jobs.append(Job(f"train-{name}", lambda p=point: sweep_command(out, p, cfg), model_done(out, name),
+                        ("choose-base",)))
+        jobs.append(Job(f"heldout-{name}", lambda n=name: stage("_heldout", "--out", out, "--model", n, *q),
+                        study.heldout_path(out, name), (f"train-{name}", ref)))
+        held.append(f"heldout-{name}")
+    jobs.append(Job("pick", lambda: stage("_pick", "--out", out, *q), study.pick_path(out), tuple(held)))
+    # the reference's loss-second-moment t sampler, tried once at the uniform pick
+    lsm = "sweep-lsm"
+    jobs.append(Job(f"train-{lsm}", lambda: stage("_train_lsm", "--out", out, *q), model_done(out, lsm), ("pick",)))
+    jobs.append(Job(f"heldout-{lsm}", lambda: stage("_heldout", "--out", out, "--model", lsm, *q),
+                    study.heldout_path(out, lsm), (f"train-{lsm}", ref)))
+    jobs.append(Job("pick-final", lambda: stage("_pick", "--out", out, "--final", *q), study.pick_path(out, True),
+                    ("pick", f"heldout-{lsm}")))
+    return jobs
+
+
+def arm_jobs(out: Path, cfg: dict, stage, q: list) -> list[Job]:
+    """Training of every arm, its ES factor (part I's stage, on guided-diffusion's DDIM), then its cells: the
+    decision rule's cells of every model first, the rest of the table after."""
+    from scripts.adm_study import es_path
+    repro_adm = str(Path(__file__).resolve().parent / "repro_adm.py")
+    jobs, models = [], [study.BASE_ARM, *arm_names(cfg)]
+    for name in arm_names(cfg):
+        jobs.append(Job(f"train-{name}", lambda n=name: arm_command(out, n, cfg), model_done(out, name),
+                        ("pick-final",)))
+    for name in models:
+        dep = "choose-base" if name == study.BASE_ARM else f"train-{name}"
+        jobs.append(Job(f"es-{name}", lambda n=name: [sys.executable, repro_adm, "_es", "--out", str(out), "--model",
+                                                       n, "--sampler", "ddim_gd", *q],
+                        es_path(out, name, "ddim_gd"), (dep, f"ref-{study.CLF}-train")))
+    for group in ("decision", "rest"):
+        for seed in cfg["grid"]["seeds"]:
+            for name in models:
+                jobs.append(Job(f"grid-{group}-{name}-seed{seed}",
+                                lambda n=name, s=seed, g=group: stage("_grid", "--out", out, "--model", n, "--seeds", s,
+                                                                      "--group", g, *q),
+                                out / "cells" / "done" / f"{group}-{name}-seed{seed}.json",
+                                (f"es-{name}", f"ref-{study.CLF}-test")))
+    return jobs
