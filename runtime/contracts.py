@@ -9,9 +9,11 @@ builds them for a model. numpy only.
 from __future__ import annotations
 
 import dataclasses
+import re
 
 import numpy as np
 
+from runtime.config_checks import MAX_RESOLUTION, MAX_VOCABULARY, REQUIRED, Config, is_int
 from runtime.guidance import guidance_scale_embedding
 from runtime.model_spec import ModelFormatError
 
@@ -121,12 +123,90 @@ class ExportContract:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "ExportContract":
+    def from_dict(cls, data: dict | Config) -> "ExportContract":
+        """The contract manifest.json stores (``to_dict``); given as a ``Config`` (what read_manifest passes), every
+        field is typed and bounded first, the error naming the manifest and the key."""
+        if isinstance(data, Config):
+            return _checked_contract(data)
         tensors = lambda items: tuple(TensorSpec(**{**t, "shape": tuple(t["shape"])}) for t in items)  # noqa: E731
         return cls(component=data["component"], inputs=tensors(data["inputs"]), outputs=tensors(data["outputs"]),
                    dims={k: tuple(v) for k, v in data["dims"].items()},
                    tolerances={k: Tolerance(**v) for k, v in data["tolerances"].items()},
                    fp16=data["fp16"], precision=data["precision"], note=data.get("note", ""))
+
+
+# Bounds on a stored contract: profile dims (batch, latent or pixel sides) and tensor sizes at the profile's max,
+# which export validation allocates as sample inputs and a backend as buffers.
+MAX_PROFILE_DIM = MAX_RESOLUTION
+MAX_TENSOR_ELEMENTS = 2 ** 28          # 1 GiB of float32 (Stable Diffusion's largest, the VAE output: 25M at 8x1024)
+MAX_TENSORS, MAX_RANK, MAX_DIM_FACTOR = 16, 8, 64
+DTYPES = ("float32", "float16", "int64", "int32")
+FILLS = ("normal", "timestep", "guidance", "token_ids", "class_label")
+PRECISIONS = ("float32", "float16")
+_DIM_SYMBOL = re.compile(r"^([A-Za-z_][A-Za-z0-9_]{0,63})(?:\*([1-9][0-9]{0,2}))?$")
+
+
+def _checked_contract(contract: Config) -> ExportContract:
+    dims = contract.section("dims")
+    if len(dims.data) > MAX_TENSORS:
+        raise contract.error("dims", dims.data, f"at most {MAX_TENSORS} dims")
+    bounds = {name: _profile(dims, name) for name in dims.data}
+    tolerances = contract.section("tolerances")
+    built = ExportContract(
+        component=contract.text("component"), inputs=_tensors(contract, "inputs", bounds),
+        outputs=_tensors(contract, "outputs", bounds), dims=bounds,
+        tolerances={p: _tolerance(tolerances.section(p)) for p in PRECISIONS if p in tolerances.data},
+        fp16=contract.flag("fp16"), precision=contract.text("precision", choices=PRECISIONS),
+        note=contract.text("note", "", max_length=2000))
+    if built.precision not in built.tolerances:
+        raise tolerances.error(built.precision, REQUIRED, "the tolerance of the contract's precision")
+    for tensor in built.inputs + built.outputs:
+        elements = int(np.prod(resolve_shape(tensor.shape, built.dim_values("max")), dtype=object))
+        if elements > MAX_TENSOR_ELEMENTS:
+            raise ModelFormatError(f"{contract.source}: tensor '{tensor.name}' of '{contract.prefix.rstrip('.')}' has "
+                                   f"{elements} elements at the profile's max, over {MAX_TENSOR_ELEMENTS}; "
+                                   f"{contract.fix}")
+    return built
+
+
+def _profile(dims: Config, name: str) -> tuple[int, int, int]:
+    bounds = dims.integers(name, 1, MAX_PROFILE_DIM, 3)
+    if not _DIM_SYMBOL.match(name) or len(bounds) != 3 or not bounds[0] <= bounds[1] <= bounds[2]:
+        raise dims.error(name, bounds, f"[min, opt, max] with 1 <= min <= opt <= max <= {MAX_PROFILE_DIM}, "
+                                       "named by a plain identifier")
+    return tuple(bounds)
+
+
+def _tensors(contract: Config, key: str, dims: dict) -> tuple[TensorSpec, ...]:
+    items = contract.data.get(key)
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_TENSORS or not all(isinstance(t, dict) for t in items):
+        raise contract.error(key, items if key in contract.data else REQUIRED,
+                             f"a list of 1 to {MAX_TENSORS} tensor objects")
+    return tuple(_tensor(dataclasses.replace(contract, data=t, prefix=f"{contract.prefix}{key}[{i}]."), dims)
+                 for i, t in enumerate(items))
+
+
+def _tensor(tensor: Config, dims: dict) -> TensorSpec:
+    shape = tensor.data.get("shape")
+    if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(_dim_ok(d, dims) for d in shape):
+        raise tensor.error("shape", shape if "shape" in tensor.data else REQUIRED,
+                           f"a list of at most {MAX_RANK} dims, each an integer in 1..{MAX_PROFILE_DIM} or a symbol "
+                           f"of 'dims' (optionally '*k', k <= {MAX_DIM_FACTOR})")
+    return TensorSpec(name=tensor.text("name"), dtype=tensor.text("dtype", choices=DTYPES), shape=tuple(shape),
+                      fill=tensor.text("fill", "normal", choices=FILLS),
+                      high=tensor.integer("high", 1, MAX_VOCABULARY, None, nullable=True),
+                      follows_precision=tensor.flag("follows_precision", True))
+
+
+def _dim_ok(dim, dims: dict) -> bool:
+    if is_int(dim):
+        return 1 <= dim <= MAX_PROFILE_DIM
+    match = _DIM_SYMBOL.match(dim) if isinstance(dim, str) else None
+    return bool(match) and match.group(1) in dims and int(match.group(2) or 1) <= MAX_DIM_FACTOR
+
+
+def _tolerance(tolerance: Config) -> Tolerance:
+    return Tolerance(atol=tolerance.number("atol", 0.0, 1e3), rtol=tolerance.number("rtol", 0.0, 1e3))
 
 
 def _fill(tensor: TensorSpec, shape: tuple[int, ...], rng: np.random.Generator) -> np.ndarray:

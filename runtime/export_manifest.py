@@ -7,24 +7,30 @@ were changed, truncated or removed since export, instead of running a tampered o
 Paths inside an export (docs/robustness.md): the runtime reads only files the manifest lists (so they are hashed),
 each a relative path without ``..`` that resolves, symlinks followed, inside the export. Component and tensor names
 must be plain identifiers: ``toolkit export triton`` makes folders and config.pbtxt entries of them.
+
+Crafted configs (docs/robustness.md): the manifest is read as a bounded JSON object and every field the runtime uses
+is typed and bounded (``_check_types``: spec sizes, scheduler config, profiles, tensor sizes) before anything is
+built from it, so a crafted one is one ModelFormatError naming the key.
 """
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path, PurePosixPath
 
-from runtime.contracts import ExportContract
+from runtime.config_checks import Config, read_json_object, short_repr
+from runtime.contracts import MAX_PROFILE_DIM, PRECISIONS, ExportContract
 from runtime.model_source import MANIFEST
-from runtime.model_spec import ModelFormatError, ModelSpec
+from runtime.model_spec import EXPORT_FIX, ModelFormatError, ModelSpec
 from runtime.provenance import sha256_file
 
 FORMAT = "at-diffusion-toolkit/onnx-export"
 FORMAT_VERSION = 1
 # letters, digits, '_', '.', '-'; starts with a letter, digit or '_' (never '.'), at most 64 characters
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+SHA256 = re.compile(r"^[0-9a-f]{64}$")
+MAX_COMPONENTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,19 +80,17 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
     if not path.exists():
         raise ModelFormatError(f"{root} has no {MANIFEST}, so it is not an export directory; "
                                "run 'toolkit export MODEL --out DIR' first")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise ModelFormatError(f"{path} is not valid JSON ({exc}); re-run 'toolkit export'") from None
+    data = read_json_object(path, EXPORT_FIX)
     if data.get("format") != FORMAT:
-        raise ModelFormatError(f"{path} is not an ONNX export manifest (format {data.get('format')!r}); "
+        raise ModelFormatError(f"{path} is not an ONNX export manifest (format {short_repr(data.get('format'))}); "
                                "re-run 'toolkit export'")
-    if data.get("format_version", 0) > FORMAT_VERSION:
+    if Config(data, str(path), EXPORT_FIX).integer("format_version", 0, 2 ** 31, 0) > FORMAT_VERSION:
         raise ModelFormatError(f"{path} has format version {data['format_version']}, newer than this toolkit "
                                f"reads ({FORMAT_VERSION}); upgrade at-diffusion-toolkit")
     for key in ("spec", "precision", "components", "files"):
         if key not in data:
             raise ModelFormatError(f"{path} lacks '{key}'; it is damaged, re-run 'toolkit export'")
+    _check_types(Config(data, str(path), EXPORT_FIX))
     try:
         _check_paths_and_names(data)
     except (KeyError, TypeError, AttributeError) as exc:
@@ -94,6 +98,33 @@ def read_manifest(export_dir: str | Path) -> ExportManifest:
     except ModelFormatError as exc:
         raise ModelFormatError(f"{path}: {exc}; this is not a manifest 'toolkit export' writes, re-run it") from None
     return ExportManifest(root, data)
+
+
+def _check_types(manifest: Config) -> None:
+    """Every field the runtime reads, typed and bounded (runtime/config_checks.py) before anything is built from it:
+    the precision, the spec (sizes, scheduler config), the files' entries, each component and its contract, and
+    the settings export validation re-runs."""
+    manifest.text("precision", choices=PRECISIONS)
+    ModelSpec.from_dict(manifest.data["spec"], manifest.source, manifest.fix)
+    files = manifest.section("files")
+    for rel in files.data:
+        entry = files.section(rel)
+        entry.integer("bytes", 0, 2 ** 50)
+        if not SHA256.match(entry.text("sha256")):
+            raise entry.error("sha256", entry.data["sha256"], "64 lowercase hex digits")
+    components = manifest.section("components")
+    if len(components.data) > MAX_COMPONENTS:
+        raise manifest.error("components", list(components.data), f"at most {MAX_COMPONENTS} components")
+    for name in components.data:
+        component = components.section(name)
+        component.text("file", max_length=1024)
+        component.text("precision", choices=PRECISIONS)
+        component.text("note", "", max_length=2000)
+        ExportContract.from_dict(component.section("contract"))
+    settings = manifest.section("settings", {})
+    settings.integers("batch_sizes", 1, MAX_PROFILE_DIM, 64, None)
+    for side in ("height", "width"):
+        settings.integer(side, 1, MAX_PROFILE_DIM, None)
 
 
 def _check_paths_and_names(data: dict) -> None:

@@ -14,7 +14,6 @@ runtime/export_manifest.py reads only files its manifest lists and hashes, insid
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import re
 from pathlib import Path
@@ -50,12 +49,9 @@ class ModelSource:
 def open_model(model: str | os.PathLike) -> ModelSource:
     path = resolve_model_path(model)
     manifest = path / MANIFEST
-    if manifest.exists():
-        try:
-            spec = ModelSpec.from_dict(json.loads(manifest.read_text())["spec"])
-        except (KeyError, TypeError, json.JSONDecodeError) as exc:
-            raise ModelFormatError(f"{manifest} is damaged ({exc}); re-run 'toolkit export'") from None
-        return ModelSource(path, spec, is_export=True)
+    if manifest.exists():   # read whole and checked (runtime/export_manifest.py), not just its spec
+        from runtime.export_manifest import read_manifest  # imports this module
+        return ModelSource(path, read_manifest(path).spec, is_export=True)
     check_confined(path)
     spec = ModelSpec.from_diffusers_dir(path)
     if spec.is_latent:   # here, not at the first prompt: 'toolkit export' would copy a useless tokenizer

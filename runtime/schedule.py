@@ -16,6 +16,7 @@ import math
 
 import numpy as np
 
+from runtime.config_checks import MAX_TIMESTEPS, Config, is_number
 from runtime.errors import ToolkitError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
@@ -43,7 +44,9 @@ class NoiseSchedule:
     @classmethod
     def from_config(cls, config: dict) -> "NoiseSchedule":
         """Build from a diffusers scheduler config (``scheduler_config.json`` as a dict); keys this
-        runtime does not use (``_class_name``, solver settings, ...) are ignored."""
+        runtime does not use (``_class_name``, solver settings, ...) are ignored; those it uses are checked
+        (``check_scheduler_config``) before any array is made."""
+        check_scheduler_config(Config(dict(config), "scheduler config", SCHEDULER_FIX))
         prediction_type = config.get("prediction_type", "epsilon")
         if prediction_type not in PREDICTION_TYPES:
             raise ToolkitError(f"scheduler prediction_type '{prediction_type}' is not supported; "
@@ -79,6 +82,42 @@ class NoiseSchedule:
         """alpha_bar at training timestep ``t`` as a Python float; ``t < 0`` is the step past the end
         of the chain, ``final_alpha_cumprod`` (DDIM / LCM convention)."""
         return float(self.alphas_cumprod[t]) if t >= 0 else self.final_alpha_cumprod
+
+
+SCHEDULER_FIX = "fix scheduler_config.json (or re-create the model)"
+
+
+def check_scheduler_config(config: Config) -> None:
+    """The keys ``from_config`` reads, typed and bounded, and its names among the supported ones: the grid
+    (num_train_timesteps, trained_betas) is what it allocates, so a crafted 5e8 fails here instead of in
+    np.linspace. Called on every scheduler config a model or an export brings, before any network loads."""
+    steps = config.integer("num_train_timesteps", 1, MAX_TIMESTEPS, 1000)
+    for key in ("beta_start", "beta_end"):
+        config.number(key, 0.0, 1.0, None)
+    config.text("prediction_type", None, choices=PREDICTION_TYPES)
+    config.text("timestep_spacing", None, choices=TIMESTEP_SPACINGS)
+    config.text("_class_name", None)
+    if config.data.get("trained_betas") is None:   # trained betas replace the named schedule
+        config.text("beta_schedule", None, choices=BETA_SCHEDULES)
+    config.text("variance_type", None, nullable=True)
+    config.integer("steps_offset", 0, steps, 0)
+    config.integer("original_inference_steps", 1, MAX_TIMESTEPS, None, nullable=True)
+    config.number("timestep_scaling", 0.0, 1e6, None)
+    config.number("clip_sample_range", 0.0, 1e6, None)
+    config.number("lambda_min_clipped", -math.inf, math.inf, None)
+    for key in ("clip_sample", "set_alpha_to_one", "thresholding", "rescale_betas_zero_snr"):
+        config.flag(key, False)
+    betas = config.data.get("trained_betas")
+    if betas is not None and not _valid_betas(betas):
+        raise config.error("trained_betas", betas, f"null or a list of 1 to {MAX_TIMESTEPS} numbers in [0, 1]")
+
+
+def _valid_betas(betas) -> bool:
+    if isinstance(betas, np.ndarray):   # passed in code (tests build schedules from arrays)
+        return (betas.ndim == 1 and 1 <= betas.size <= MAX_TIMESTEPS and np.issubdtype(betas.dtype, np.floating)
+                and bool(np.all((betas >= 0) & (betas <= 1))))
+    return (isinstance(betas, (list, tuple)) and 1 <= len(betas) <= MAX_TIMESTEPS
+            and all(is_number(b) and 0.0 <= b <= 1.0 for b in betas))
 
 
 def default_lambda_min_clipped(beta_schedule: str) -> float:

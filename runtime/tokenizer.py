@@ -7,17 +7,20 @@ A folder with neither (or an empty vocabulary) is refused: loaded anyway, it map
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
+from runtime.config_checks import MAX_TOKENS, is_int, read_json_object
 from runtime.errors import ToolkitError
 
 
 class PromptTokenizer:
     def __init__(self, tokenizer_dir: str | Path, max_length: int):
+        if not is_int(max_length) or not 1 <= max_length <= MAX_TOKENS:   # every prompt is padded to it
+            raise ToolkitError(f"tokenizer max_length {max_length!r} is not an integer in 1..{MAX_TOKENS}; "
+                               f"fix the model's tokenizer_max_length (re-run 'toolkit export')")
         self.max_length = max_length
         tokenizer_dir = Path(tokenizer_dir)
         if vocabulary_file(tokenizer_dir).name == FAST_FILE:
@@ -26,11 +29,10 @@ class PromptTokenizer:
             self._encode = self._transformers(tokenizer_dir)
 
     def _fast(self, tokenizer_dir: Path):
-        from tokenizers import Tokenizer
-        tok = Tokenizer.from_file(str(tokenizer_dir / FAST_FILE))
+        tok = _read_fast(tokenizer_dir / FAST_FILE)
         _require_tokens(tok.get_vocab_size(), tokenizer_dir / FAST_FILE)
         pad_token = _pad_token(tokenizer_dir)
-        counter = Tokenizer.from_file(str(tokenizer_dir / FAST_FILE))
+        counter = _read_fast(tokenizer_dir / FAST_FILE)
         counter.no_truncation()
         counter.no_padding()
         self._count = lambda prompts: [len(e.ids) for e in counter.encode_batch(list(prompts))]
@@ -75,6 +77,18 @@ def vocabulary_file(tokenizer_dir: Path) -> Path:
     return tokenizer_dir / SLOW_FILES[0]
 
 
+def _read_fast(path: Path):
+    """``tokenizers.Tokenizer`` from ``path``; a file it cannot parse is a ToolkitError naming it (the library raises a
+    bare Exception with the parser's message)."""
+    from tokenizers import Tokenizer
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # noqa: BLE001 - tokenizers' only error type
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ToolkitError(f"tokenizer file {path} cannot be read ({first}); copy the model's tokenizer files "
+                           "there again") from None
+
+
 def _require_tokens(count: int, path: Path) -> None:
     if count == 0:
         raise ToolkitError(f"tokenizer file {path} has an empty vocabulary; copy the model's tokenizer files there")
@@ -84,9 +98,9 @@ def _pad_token(tokenizer_dir: Path) -> str:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = tokenizer_dir / name
         if path.exists():
-            pad = json.loads(path.read_text()).get("pad_token")
+            pad = read_json_object(path, "copy the model's tokenizer files there again").get("pad_token")
             if isinstance(pad, dict):
                 pad = pad.get("content")
-            if pad:
+            if isinstance(pad, str) and pad:
                 return pad
     return "<|endoftext|>"

@@ -3,7 +3,6 @@ torch.compile). The only place in runtime/ that imports torch or diffusers."""
 from __future__ import annotations
 
 import re
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +10,10 @@ import numpy as np
 import torch
 
 from runtime.backends.base import Backend, BackendError
+from runtime.config_checks import Config, read_json_object
+from runtime.errors import unreadable_weights
 from runtime.model_source import MANIFEST
-from runtime.model_spec import ModelSpec
+from runtime.model_spec import MODEL_FIX, ModelSpec
 
 _DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -43,6 +44,25 @@ def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+# What diffusers / transformers raise when a config.json's values cannot build the network ("down_block_types":
+# ["Bogus"], a head count that does not divide the width, shapes that do not match the weights): the sizes were
+# bounded by runtime/model_spec.py before, so these are configs that are well-formed but not a network.
+_CONFIG_ERRORS = (ValueError, TypeError, KeyError, IndexError, AttributeError, AssertionError, ZeroDivisionError)
+
+
+def _built(network_cls, folder: Path, **kwargs) -> torch.nn.Module:
+    """``network_cls.from_pretrained(folder)``, a config that does not build the network being one BackendError
+    naming the folder's config.json (unreadable weights pass through: the CLI names the weights file)."""
+    try:
+        return network_cls.from_pretrained(folder, **kwargs)
+    except _CONFIG_ERRORS as exc:
+        if unreadable_weights(exc) is not None:
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+        raise BackendError(f"{network_cls.__name__} could not be built from {folder / 'config.json'} "
+                           f"({type(exc).__name__}: {first}); {MODEL_FIX}") from None
+
+
 class TorchBackend(Backend):
     name = "torch"
 
@@ -69,7 +89,7 @@ class TorchBackend(Backend):
         self._dtype = torch_dtype(self.dtype, self._device)
         unet_cls = UNet2DConditionModel if self.spec.is_latent else UNet2DModel
         unet_dir = root / "unet" if (root / "unet").is_dir() else root
-        self.unet = self._prepare(unet_cls.from_pretrained(unet_dir, torch_dtype=self._dtype), channels_last)
+        self.unet = self._prepare(_built(unet_cls, unet_dir, torch_dtype=self._dtype), channels_last)
         if compile:
             self.unet = torch.compile(self.unet)
         self.text_encoder = self.vae = None
@@ -77,17 +97,17 @@ class TorchBackend(Backend):
             from transformers import CLIPTextModel
             from transformers.utils import logging as hf_logging
             hf_logging.disable_progress_bar()  # a per-load "Loading weights" bar; our CLI shows its own progress
-            self.text_encoder = self._prepare(CLIPTextModel.from_pretrained(root / "text_encoder", dtype=self._dtype))
-            self.vae = self._prepare(AutoencoderKL.from_pretrained(root / "vae", torch_dtype=self._vae_dtype(root)),
+            self.text_encoder = self._prepare(_built(CLIPTextModel, root / "text_encoder", dtype=self._dtype))
+            self.vae = self._prepare(_built(AutoencoderKL, root / "vae", torch_dtype=self._vae_dtype(root)),
                                      channels_last)
 
     def _vae_dtype(self, root: Path) -> torch.dtype:
         """SD-family VAEs overflow in fp16 (NaN / black images); their config says so with ``force_upcast``
         (diffusers' default), so fp16 runs keep the VAE in fp32, as the ONNX export does. It runs once per
         image, so this costs little."""
-        config = json.loads((root / "vae" / "config.json").read_text())
-        upcast = self._dtype == torch.float16 and config.get("force_upcast", True)
-        return torch.float32 if upcast else self._dtype
+        path = root / "vae" / "config.json"
+        upcast = Config(read_json_object(path, MODEL_FIX), str(path), MODEL_FIX).flag("force_upcast", True)
+        return torch.float32 if upcast and self._dtype == torch.float16 else self._dtype
 
     def _prepare(self, module: torch.nn.Module, channels_last: bool = False) -> torch.nn.Module:
         module = module.to(self._device).eval().requires_grad_(False)
