@@ -1,13 +1,43 @@
-"""The in-process stages of scripts/repro_demo.py: one model's FID over its step counts for one seed, its prompt
-adherence, and the report. Each writes one JSON when finished (the job's proof); FID runs resume from the
-per-chunk feature caches of ``toolkit eval sample-fid``."""
+"""The in-process stages of scripts/repro_demo.py: --quick's data from the bundled shard, one model's FID over its
+step counts for one seed, its prompt adherence, and the report. Each writes one file when finished (the job's
+proof); FID runs resume from the per-chunk feature caches of ``toolkit eval sample-fid``."""
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
+from runtime.errors import ToolkitError
 from scripts import demo_study as study
 from scripts.study_fid import extractor, fid_rows
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def split_bundled_shard(shard: Path, out: Path, num_train: int) -> None:
+    """The first ``num_train`` samples of ``shard`` (``000000.png`` + ``000000.txt`` ..., as train/fashion_captions.py
+    writes them) go unchanged to the study's training shard; the other samples' PNGs to the reference folder, images
+    the models never train on (the test split's stand-in). The training shard is written last: it marks the job done."""
+    import tarfile
+    with tarfile.open(shard) as source:
+        members = [m for m in source.getmembers() if m.isfile()]
+        index = {m: int(Path(m.name).stem) for m in members}
+        samples = len(set(index.values()))
+        if not 0 < num_train < samples:
+            raise ToolkitError(f"{shard} has {samples} samples; the quick study trains on {num_train} of them and "
+                               "needs the others as its reference")
+        reference = study.reference_images(out)
+        reference.mkdir(parents=True, exist_ok=True)
+        for member in members:
+            if index[member] >= num_train and member.name.endswith(".png"):
+                (reference / Path(member.name).name).write_bytes(source.extractfile(member).read())
+        target = study.train_shard(out)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_suffix(".tar.tmp")
+        with tarfile.open(partial, "w") as train:
+            for member in members:
+                if index[member] < num_train:
+                    train.addfile(member, source.extractfile(member))
+        partial.replace(target)
 
 
 def model_steps(model: str, cfg: dict) -> tuple[int, ...]:
@@ -64,7 +94,7 @@ def run_clip(out: Path, model: str, seed: int, cfg: dict) -> None:
 
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=["_fid", "_adherence", "_clip", "_report"])
+    parser.add_argument("stage", choices=["_data", "_fid", "_adherence", "_clip", "_report"])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--model")
     parser.add_argument("--features", default=study.CLF)
@@ -72,7 +102,9 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--quick", action="store_true")
     args = parser.parse_args(argv)
     cfg, out = study.config_for(args.quick), args.out.resolve()
-    if args.stage == "_fid":
+    if args.stage == "_data":
+        split_bundled_shard(ROOT / cfg["data"], out, cfg["captions"])
+    elif args.stage == "_fid":
         run_fid(out, args.model, args.features, args.seed, cfg)
     elif args.stage == "_adherence":
         run_adherence(out, args.model, args.seed, cfg)

@@ -5,7 +5,8 @@
     python scripts/repro_demo.py --out DIR --list                   # the jobs and whether each is done
 
 Stages (each a resumable job, run by scripts/study_runner.py):
-1. data: captioned Fashion-MNIST shards (32x32 RGB, train split) and the class-prompt file;
+1. data: captioned Fashion-MNIST shards (32x32 RGB, train split) and the class-prompt file (``--quick``: the
+   captioned subset the repository ships, models/demo-data, so the quick study needs no dataset installed);
 2. the pipeline: ``toolkit train vae`` (32x32 -> 8x8x4), ``toolkit train teacher`` (UNet + CLIP text encoder,
    jointly, caption dropout for CFG);
 3. distillation from that teacher with equal optimizer-step budgets and the same seed: ``toolkit train lcm`` and
@@ -23,18 +24,27 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
-from scripts.demo_study import (CLF, MODELS, STUDENTS, adherence_path, clip_path, config_for,  # noqa: E402
-                                fid_path, model_dir, ref_path, run_dir)
+from scripts.demo_study import (CLF, DATASET, MODELS, STUDENTS, adherence_path, clip_path,  # noqa: E402
+                                config_for, fid_path, model_dir, ref_path, reference_images, run_dir, train_shard)
 from scripts.study_runner import Job, study_main, toolkit  # noqa: E402
 
 
-def training_jobs(out: Path, cfg: dict) -> list[Job]:
-    data = out / "data" / "train"
-    num = ["--num", cfg["captions"]] if cfg["captions"] else []
+def data_job(out: Path, cfg: dict, quick: bool) -> Job:
+    """The captioned training shard: ``toolkit train captions`` from the dataset, or the bundled shard split into the
+    first ``captions`` training images and the reference images (demo_study_stages.split_bundled_shard)."""
+    if cfg["data"] == DATASET:
+        num = ["--num", cfg["captions"]] if cfg["captions"] else []
+        command = toolkit("train", "captions", "--out", train_shard(out).parent, "--split", "train", *num)
+    else:
+        command = this_script("_data", "--out", out, *(["--quick"] if quick else []))
+    return Job("captions", lambda: command, train_shard(out))
+
+
+def training_jobs(out: Path, cfg: dict, quick: bool) -> list[Job]:
+    data = train_shard(out).parent
     every = ["--save-every", cfg["save_every"], "--resume"]
     v, t = cfg["vae"], cfg["teacher"]
-    jobs = [Job("captions", lambda: toolkit("train", "captions", "--out", data, "--split", "train", *num),
-                data / "fmnist-train-000.tar"),
+    jobs = [data_job(out, cfg, quick),
             Job("train-vae", lambda: toolkit("train", "vae", "--data", data, "--out", run_dir(out, "vae"),
                                              "--max-steps", v["steps"], "--batch-size", v["batch"], "--lr", v["lr"],
                                              "--seed", 0, *every),
@@ -64,12 +74,14 @@ def this_script(*args) -> list[str]:
 
 
 def evaluation_jobs(out: Path, cfg: dict, quick: bool) -> list[Job]:
-    """Reference statistics (Fashion-MNIST test split); per model classifier FID and adherence for each seed, the
-    fp16 exports and the torch-vs-ONNX-Runtime comparison after the first seed; the Inception FID (first seed) last."""
+    """Reference statistics (the Fashion-MNIST test split, or the bundled images not trained on); per model classifier
+    FID and adherence for each seed, the fp16 exports and the torch-vs-ONNX-Runtime comparison after the first seed;
+    the Inception FID (first seed) last."""
     q, num = ["--quick"] if quick else [], ["--num", cfg["ref_num"]] if cfg["ref_num"] else []
-    jobs = [Job(f"ref-{feat}", lambda f=feat: toolkit("eval", "stats", "fashion-mnist:test", "--features", f,
-                                                       "--device", "cpu", "--out", ref_path(out, f), "--cache",
-                                                       out / "cache" / f"ref-{f}", *num), ref_path(out, feat))
+    ref_images, ref_deps = (f"{DATASET}:test", ()) if cfg["data"] == DATASET else (reference_images(out), ("captions",))
+    jobs = [Job(f"ref-{feat}", lambda f=feat: toolkit("eval", "stats", ref_images, "--features", f, "--device", "cpu",
+                                                       "--out", ref_path(out, f), "--cache", out / "cache" / f"ref-{f}",
+                                                       *num), ref_path(out, feat), ref_deps)
             for feat in (CLF, "inception")]
     first, *others = cfg["seeds"]
     fid = lambda feat, m, s: Job(f"fid-{feat}-{m}-seed{s}", lambda: this_script(  # noqa: E731
@@ -117,7 +129,7 @@ def deployment_jobs(out: Path, cfg: dict) -> list[Job]:
 
 def build_jobs(out: Path, quick: bool) -> list[Job]:
     cfg = config_for(quick)
-    jobs = training_jobs(out, cfg) + evaluation_jobs(out, cfg, quick)
+    jobs = training_jobs(out, cfg, quick) + evaluation_jobs(out, cfg, quick)
     return jobs + [Job("report", lambda: this_script("_report", "--out", out, *(["--quick"] if quick else [])),
                        out / "report" / "results.json", tuple(j.name for j in jobs), refresh=True)]
 
