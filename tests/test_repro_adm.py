@@ -1,15 +1,20 @@
 """The ADM study script (scripts/repro_adm.py): the job runner's ordering / resume / failure rules, and the
-whole study end to end with its --quick budgets (real Fashion-MNIST, real commands, tiny sizes)."""
+whole study end to end with its --quick budgets (real commands, tiny sizes) on the bundled Fashion-MNIST subset laid
+out as the dataset package (conftest.bundled_datasets_dir), so it runs on any machine; the real package's files are
+read by the same lookup (tests/test_adm_at.py checks them when installed)."""
 from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
+from conftest import BUNDLED_SHARD, dataset_available, requires_fid_inception
 from scripts.study_runner import Job, run_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -43,7 +48,6 @@ def test_a_failing_job_stops_its_dependents_only_and_is_reported(tmp_path):
 
 
 def test_a_refresh_job_reruns_when_a_dep_finished_after_it(tmp_path):
-    import os
     count = tmp_path / "count.txt"
     log = f"open({str(count)!r}, 'a').write('r\\n')"
     dep, report = touch_job("cell", tmp_path), touch_job("report", tmp_path, ["cell"], log)
@@ -55,16 +59,33 @@ def test_a_refresh_job_reruns_when_a_dep_finished_after_it(tmp_path):
     assert count.read_text().split() == ["r", "r"]
 
 
-def fashion_mnist_installed() -> bool:
-    return Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz").is_file()
+def test_the_bundled_subset_is_found_as_fashion_mnist_by_eval_and_by_training(bundled_datasets_dir, monkeypatch):
+    from eval.fashion_prompts import labels_of
+    from eval.sources import dataset_labels, dataset_source
+    from train.caption_data import find_records
+    from train.image_data import load_image_dataset
+    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir))
+    assert dataset_available("fashion-mnist")
+    captions = [r.caption for r in find_records(str(BUNDLED_SHARD))]
+    train, test = dataset_source("fashion-mnist", "train").images, dataset_source("fashion-mnist", "test").images
+    assert (train.shape, test.shape, train.dtype) == ((800, 32, 32), (len(captions) - 800, 32, 32), np.uint8)
+    labels = np.concatenate([dataset_labels("fashion-mnist", "train"), dataset_labels("fashion-mnist", "test")])
+    np.testing.assert_array_equal(labels, labels_of(captions))
+    assert set(labels.tolist()) == set(range(10))
+    ds = load_image_dataset("fashion-mnist", class_cond=True)   # `toolkit train adm --data fashion-mnist`
+    assert (len(ds), ds.info.channels, ds.info.resolution, ds.info.num_classes) == (800, 1, 32, 10)
+    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir / "fashion-mnist"))   # no fashion-mnist/ in it
+    assert dataset_available("fashion-mnist") == Path("/usr/share/datasets/fashion-mnist").is_dir()
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not fashion_mnist_installed(), reason="needs Fashion-MNIST (apt-get install dataset-fashion-mnist)")
-def test_quick_study_runs_every_stage_and_resumes(tmp_path):
+@requires_fid_inception   # the study's Inception FID column
+def test_quick_study_runs_every_stage_and_resumes(tmp_path, bundled_datasets_dir):
     out = tmp_path / "study"
     command = [sys.executable, str(ROOT / "scripts/repro_adm.py"), "--out", str(out), "--quick", "--jobs", "2"]
-    done = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=1200)
+    env = dict(os.environ, TOOLKIT_DATASETS_DIR=str(bundled_datasets_dir))
+    # a guard against a hung job, not a speed check: ~25 core-minutes, and a shared 2-core box can take an hour
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=5400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "report/results.json").read_text())
     from scripts import adm_study
@@ -91,12 +112,11 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path):
     assert "ADM-AT (full)" in table
     assert "| ADM-AT (detach) | ADM-FT |" in table   # three seeds: the AT rows are compared with the others
     assert "## Versions" in table and results["versions"]["torch"] and results["training"][0]["versions"]["torch"]
-    rerun = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
 
 
 def test_a_job_started_alone_gets_every_core_and_jobs_side_by_side_one(tmp_path):
-    import os
     jobs = [touch_job("solo", tmp_path, [], ""), touch_job("a", tmp_path, ["solo"]), touch_job("b", tmp_path, ["solo"])]
     result = run_jobs(jobs, tmp_path / "logs", parallel=2, threads=0, verbose=False)
     assert result["report"]["solo"]["threads"] == (os.cpu_count() or 1)
