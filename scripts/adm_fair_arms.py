@@ -30,9 +30,10 @@ def at_args(point: dict, cfg: dict, alpha: float | None = None) -> list:
             point["timestep_sampler"]]
 
 
-def sweep_command(out: Path, point: dict, cfg: dict) -> list[str]:
-    return finetune(out, study.point_name(point), "adm-at", cfg["sweep"]["batches"], cfg["arms"]["train_seeds"][0],
-                    cfg, at_args(point, cfg))
+def sweep_command(out: Path, point: dict, cfg: dict, name: str | None = None) -> list[str]:
+    """One sweep run: a short free-AT fine-tune at ``point`` (run name: the point's, unless ``name``)."""
+    return finetune(out, name or study.point_name(point), "adm-at", cfg["sweep"]["batches"],
+                    cfg["arms"]["train_seeds"][0], cfg, at_args(point, cfg))
 
 
 def arm_specs(cfg: dict, pick: dict) -> dict[str, tuple[str, int, int, list]]:

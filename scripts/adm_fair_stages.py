@@ -207,11 +207,10 @@ def pick(out: Path, cfg: dict, final: bool) -> None:
 
 
 def train_lsm(out: Path, cfg: dict) -> None:
-    from scripts.adm_fair_arms import at_args, finetune
+    from scripts.adm_fair_arms import sweep_command
     best = json.loads(study.pick_path(out).read_text())["best"]
     point = dict(best, timestep_sampler="loss-second-moment")
-    subprocess.run(finetune(out, "sweep-lsm", "adm-at", cfg["sweep"]["batches"], cfg["arms"]["train_seeds"][0], cfg,
-                            at_args(point, cfg)), check=True)
+    subprocess.run(sweep_command(out, point, cfg, name="sweep-lsm"), check=True)
 
 
 def run_grid(out: Path, model: str, seed: int, group: str, cfg: dict) -> None:
