@@ -93,26 +93,32 @@ def sweep_jobs(out: Path, cfg: dict, stage, q: list) -> list[Job]:
     return jobs
 
 
-def arm_jobs(out: Path, cfg: dict, stage, q: list) -> list[Job]:
-    """Training of every arm, its ES factor (part I's stage, on guided-diffusion's DDIM), then its cells: the
-    decision rule's cells of every model first, the rest of the table after."""
+def arm_jobs(out: Path, cfg: dict, stage, q: list, quick: bool = False) -> list[Job]:
+    """Training of every arm, the decision rule's cells of every model, then each model's ES factor (part I's
+    stage, on guided-diffusion's DDIM: part I's budgets, or its quick ones) and the rest of the table."""
+    jobs, models = [], [study.BASE_ARM, *arm_names(cfg)]
+    trained = {name: "choose-base" if name == study.BASE_ARM else f"train-{name}" for name in models}
+    for name in arm_names(cfg):
+        jobs.append(Job(trained[name], lambda n=name: arm_command(out, n, cfg), model_done(out, name),
+                        ("pick-final",)))
+    jobs += grid_jobs(out, cfg, stage, q, "decision", {n: (trained[n],) for n in models})
+    jobs += [es_job(out, name, trained[name], quick) for name in models]
+    jobs += grid_jobs(out, cfg, stage, q, "rest", {n: (f"es-{n}",) for n in models})
+    return jobs
+
+
+def es_job(out: Path, name: str, dep: str, quick: bool) -> Job:
     from scripts.adm_study import es_path
     repro_adm = str(Path(__file__).resolve().parent / "repro_adm.py")
-    jobs, models = [], [study.BASE_ARM, *arm_names(cfg)]
-    for name in arm_names(cfg):
-        jobs.append(Job(f"train-{name}", lambda n=name: arm_command(out, n, cfg), model_done(out, name),
-                        ("pick-final",)))
-    for name in models:
-        dep = "choose-base" if name == study.BASE_ARM else f"train-{name}"
-        jobs.append(Job(f"es-{name}", lambda n=name: [sys.executable, repro_adm, "_es", "--out", str(out), "--model",
-                                                       n, "--sampler", "ddim_gd", *q],
-                        es_path(out, name, "ddim_gd"), (dep, f"ref-{study.CLF}-train")))
-    for group in ("decision", "rest"):
-        for seed in cfg["grid"]["seeds"]:
-            for name in models:
-                jobs.append(Job(f"grid-{group}-{name}-seed{seed}",
-                                lambda n=name, s=seed, g=group: stage("_grid", "--out", out, "--model", n, "--seeds", s,
-                                                                      "--group", g, *q),
-                                out / "cells" / "done" / f"{group}-{name}-seed{seed}.json",
-                                (f"es-{name}", f"ref-{study.CLF}-test")))
-    return jobs
+    flags = ["--quick"] if quick else []
+    return Job(f"es-{name}", lambda: [sys.executable, repro_adm, "_es", "--out", str(out), "--model", name,
+                                      "--sampler", "ddim_gd", *flags],
+               es_path(out, name, "ddim_gd"), (dep, f"ref-{study.CLF}-train"))
+
+
+def grid_jobs(out: Path, cfg: dict, stage, q: list, group: str, deps: dict[str, tuple[str, ...]]) -> list[Job]:
+    """One job per (sampling seed, model) for a group of cells, seed by seed (one complete table first)."""
+    return [Job(f"grid-{group}-{name}-seed{seed}",
+                lambda n=name, s=seed: stage("_grid", "--out", out, "--model", n, "--seeds", s, "--group", group, *q),
+                out / "cells" / "done" / f"{group}-{name}-seed{seed}.json", (*dep, f"ref-{study.CLF}-test"))
+            for seed in cfg["grid"]["seeds"] for name, dep in deps.items()]

@@ -31,7 +31,7 @@ def converged_before(out: Path, step: int, cfg: dict) -> int | None:
 
 def train_base(out: Path, step: int, cfg: dict) -> list[str]:
     b = cfg["base"]
-    return toolkit("train", "adm", "--data", "fashion-mnist", "--preset", "fmnist", "--out", study.base_run(out),
+    return toolkit("train", "adm", "--data", "fashion-mnist", "--preset", b["preset"], "--out", study.base_run(out),
                    "--max-steps", step, "--batch-size", b["batch"], "--lr", b["lr"], "--ema-decay", b["ema"],
                    "--seed", b["seed"], "--save-every", cfg["save_every"], "--log-every", 50, "--resume")
 
@@ -257,6 +257,7 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--group", choices=["decision", "rest"], default="decision")
     parser.add_argument("--final", action="store_true")
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--scale", choices=sorted(study.SCALES), default="full")
     args = parser.parse_args(argv)
-    STAGES[args.stage](args, args.out.resolve(), study.config_for(args.quick))
+    STAGES[args.stage](args, args.out.resolve(), study.config_for("quick" if args.quick else args.scale))
     return 0

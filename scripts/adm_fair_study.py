@@ -25,7 +25,7 @@ CURVE_SAMPLERS = ("ddim_gd", "dpmpp_2m")
 
 FULL = dict(
     # the base recipe of part I (scripts/adm_study.py FULL.base), run longer
-    base=dict(batch=64, lr=2e-4, ema=0.9995, seed=0), segment=4000, last=48000,
+    base=dict(preset="fmnist", batch=64, lr=2e-4, ema=0.9995, seed=0), segment=4000, last=48000,
     # the arms' fine-tuning recipe (part I's, EMA continued from the base's)
     finetune=dict(batch=64, lr=1e-4, ema=0.999, seed=1),
     check=dict(first=16000, every=8000, steps=3000, seeds=(0, 1_000_000, 2_000_000)),
@@ -38,8 +38,22 @@ FULL = dict(
               seeds=(0, 1_000_000, 2_000_000), num=10000),
     # the decision rule's cells (measured first)
     decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(5, 10)))
+# One session of the 2-core box (docs/results.md part III, "session scale"): the same design, every stage, shrunk
+# to fit ~90 minutes, since a machine's files do not outlive a session here: a 4x cheaper UNet (`fmnist-small`),
+# 6000 base steps at most, fine-tunes of 450 batches, 2000 samples a cell. Written before any of its numbers.
+SESSION = dict(
+    base=dict(preset="fmnist-small", batch=64, lr=2e-4, ema=0.9995, seed=0), segment=1500, last=6000,
+    finetune=dict(batch=64, lr=1e-4, ema=0.999, seed=1),
+    check=dict(first=3000, every=1500, steps=450, seeds=(0, 1_000_000, 2_000_000)),
+    curve=dict(nfe=10, num=2000, seed=0), save_every=150, ref_num=None,
+    sweep=dict(batches=75, alphas=(0.025, 0.05, 0.1), bounds=(0.1, 0.002), variants=("full", "detach"),
+               heldout=dict(nfe=10, num=2000, seed=9_000_000)),
+    arms=dict(batches=450, adv_steps=3, ip_gamma=0.15, train_seeds=(1, 2)),
+    grid=dict(samplers=("ddim_gd", "dpmpp_2m", "iddpm", "es_ddim_gd"), nfes=(5, 10, 20),
+              seeds=(0, 1_000_000, 2_000_000), num=2000),
+    decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(5, 10)))
 QUICK = dict(
-    base=dict(batch=16, lr=2e-4, ema=0.99, seed=0), segment=8, last=24,
+    base=dict(preset="fmnist", batch=16, lr=2e-4, ema=0.99, seed=0), segment=8, last=24,
     finetune=dict(batch=16, lr=1e-4, ema=0.9, seed=1),
     check=dict(first=16, every=8, steps=6, seeds=(0, 1000)),
     curve=dict(nfe=4, num=64, seed=0), save_every=0, ref_num=200,
@@ -50,8 +64,16 @@ QUICK = dict(
     decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(2, 4)))
 
 
-def config_for(quick: bool) -> dict:
-    return QUICK if quick else FULL
+SCALES = {"full": FULL, "session": SESSION, "quick": QUICK}
+
+
+def scale_name(scale: str | bool) -> str:
+    """``--quick`` (True) is the quick scale, False the full one; a name passes through."""
+    return {True: "quick", False: "full"}.get(scale, scale) if isinstance(scale, bool) else scale
+
+
+def config_for(scale: str | bool) -> dict:
+    return SCALES[scale_name(scale)]
 
 
 def segments(cfg: dict) -> list[int]:

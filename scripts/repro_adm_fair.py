@@ -1,6 +1,7 @@
 """The fair re-test of adversarial training on Fashion-MNIST (issue 29, docs/results.md part III), resumably.
 
     python scripts/repro_adm_fair.py --out /work/study/adm-fair            # real budgets: many CPU hours
+    python scripts/repro_adm_fair.py --out DIR --scale session             # the same stages in one session (~90 min)
     python scripts/repro_adm_fair.py --out /tmp/fair-quick --quick         # every stage, tiny budgets (minutes)
     python scripts/repro_adm_fair.py --out DIR --list                      # the jobs and whether each is done
 
@@ -38,10 +39,11 @@ def stage(*args) -> list[str]:
     return [sys.executable, str(Path(__file__).resolve()), *map(str, args)]
 
 
-def build_jobs(out: Path, quick: bool) -> list[Job]:
+def build_jobs(out: Path, scale: bool | str) -> list[Job]:
     """The segment chain first (one job at a time, the longest path), then what measures it; the runner's second
     slot takes the curve cells and checks as their snapshots appear."""
-    cfg, q = study.config_for(quick), ["--quick"] if quick else []
+    name = study.scale_name(scale)
+    cfg, q = study.config_for(name), {"quick": ["--quick"], "full": []}.get(name, ["--scale", name])
     ref = "ref-fmnist-classifier-test"
     jobs = [Job(f"ref-{study.CLF}-{split}", lambda s=split: stats_command(out, cfg, s, study.CLF), study.ref_path(out, split))
             for split in ("test", "train")]
@@ -61,7 +63,7 @@ def build_jobs(out: Path, quick: bool) -> list[Job]:
                         study.verdict_path(out, step), (f"ft-check-{step}", f"curve-{step}")))
     checks = tuple(f"check-{step}" for step in study.check_points(cfg))
     jobs.append(Job("choose-base", lambda: stage("_choose", "--out", out, *q), out / "base.json", checks))
-    jobs += sweep_jobs(out, cfg, stage, q) + arm_jobs(out, cfg, stage, q)
+    jobs += sweep_jobs(out, cfg, stage, q) + arm_jobs(out, cfg, stage, q, name == "quick")
     jobs.append(Job("report", lambda: stage("_report", "--out", out, *q), out / "report" / "curve.json",
                     tuple(job.name for job in jobs), refresh=True))
     return jobs
@@ -71,7 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
         from scripts import adm_fair_stages
         return adm_fair_stages.main(sys.argv[1:])
-    return study_main(argv, __doc__.splitlines()[0], build_jobs, study.config_for)
+    return study_main(argv, __doc__.splitlines()[0], build_jobs, study.config_for, tuple(study.SCALES))
 
 
 if __name__ == "__main__":

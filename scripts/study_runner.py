@@ -95,25 +95,29 @@ def toolkit(*args) -> list[str]:
     return [sys.executable, "-m", "toolkit", *map(str, args)]
 
 
-def study_main(argv: list[str] | None, description: str, build_jobs: Callable[[Path, bool], list[Job]],
-               config_for: Callable[[bool], dict]) -> int:
-    """The command line every study script shares: --out, --quick, --jobs, --threads, --list."""
+def study_main(argv: list[str] | None, description: str, build_jobs: Callable[[Path, bool | str], list[Job]],
+               config_for: Callable[[bool | str], dict], scales: tuple[str, ...] = ()) -> int:
+    """The command line every study script shares: --out, --quick, --jobs, --threads, --list; with ``scales``
+    also --scale NAME (the first the default; --quick stays the quick one), passed on instead of the flag."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--out", type=Path, required=True, help="Study directory (runs, caches, report).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: every stage, in minutes.")
+    if scales:
+        parser.add_argument("--scale", choices=scales, default=scales[0], help="The study's budgets by name.")
     parser.add_argument("--jobs", type=int, default=2, help="Commands run at once.")
     parser.add_argument("--threads", type=int, default=0,
                         help="Torch threads per command (0: all cores for a job that runs alone, else one).")
     parser.add_argument("--list", action="store_true", help="List the jobs and whether each is done.")
     args = parser.parse_args(argv)
-    jobs = build_jobs(args.out.resolve(), args.quick)
+    scale = "quick" if scales and args.quick else getattr(args, "scale", args.quick)
+    jobs = build_jobs(args.out.resolve(), scale)
     if args.list:
         by_name = {job.name: job for job in jobs}
         for job in jobs:
             print(f"{'done' if is_done(job, by_name) else '    '}  {job.name}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "study.json").write_text(json.dumps({"quick": args.quick, "config": config_for(args.quick)},
+    (args.out / "study.json").write_text(json.dumps({"quick": args.quick, "scale": scale, "config": config_for(scale)},
                                                     indent=2))
     result = run_jobs(jobs, args.out / "logs", parallel=args.jobs, threads=args.threads)
     return 1 if result["failed"] else 0

@@ -55,7 +55,7 @@ def test_no_passing_check_takes_the_last_snapshot_only_once_every_check_is_judge
 
 
 def test_jobs_chain_the_segments_and_check_after_both_models_exist(tmp_path):
-    jobs = {job.name: job for job in build_jobs(tmp_path, quick=False)}
+    jobs = {job.name: job for job in build_jobs(tmp_path, "full")}
     assert jobs["segment-8000"].deps == ("segment-4000",) and jobs["segment-4000"].deps == ()
     assert set(jobs["check-16000"].deps) == {"ft-check-16000", "curve-16000"}
     assert jobs["segment-4000"].command()[-4:] == ["_segment", "--out", str(tmp_path), "--step", "4000"][-4:]
@@ -111,3 +111,15 @@ def test_decision_cells_come_first_and_the_rest_completes_the_table():
     assert sorted(decision + rest) == sorted((s, n) for s in cfg["grid"]["samplers"] for n in cfg["grid"]["nfes"])
     es = [i for i, (s, _) in enumerate(rest) if s == "es_ddim_gd"]
     assert es and min(es) > max(i for i, (s, _) in enumerate(rest) if s == "ddim_gd")   # ES may reuse its DDIM
+
+
+def test_the_session_scale_trains_the_small_preset_and_passes_its_name_to_every_stage(tmp_path):
+    jobs = {job.name: job for job in build_jobs(tmp_path, "session")}
+    cfg = study.config_for("session")
+    assert study.check_points(cfg) == [3000, 4500, 6000]
+    assert jobs["segment-1500"].command()[-2:] == ["--scale", "session"]
+    assert jobs["grid-decision-ctl-s1-seed0"].deps == ("train-ctl-s1", f"ref-{study.CLF}-test")
+    assert "es-ctl-s1" in jobs["grid-rest-ctl-s1-seed0"].deps
+    assert "--quick" not in jobs["es-ctl-s1"].command() and "--scale" not in jobs["es-ctl-s1"].command()
+    train = train_base(tmp_path, 1500, cfg)
+    assert train[train.index("--preset") + 1] == "fmnist-small"

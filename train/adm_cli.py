@@ -28,7 +28,8 @@ COMMON = [
             "or a CIFAR-10 python batches folder/archive."),
     _option("out", Path, ..., "Run directory (checkpoints/, metrics.jsonl, model/ = the trained DDPMPipeline)."),
     _option("preset", Optional[str], None,
-            "Architecture: cifar10 | imagenet64 | mnist | fmnist | tiny (default: the --init checkpoint's config)."),
+            "Architecture: cifar10 | imagenet64 | mnist | fmnist | fmnist-small | tiny (default: the --init "
+            "checkpoint's config)."),
     _option("init", Optional[Path], None, "Fine-tune from this diffusers UNet2DModel / DDPMPipeline directory."),
     _option("resolution", Optional[int], None, "Center-crop and resize images to NxN (default: the images' own size)."),
     _option("batch_size", int, 128, "Images per step, over all GPUs and --grad-accum micro-batches."),

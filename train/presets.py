@@ -53,6 +53,14 @@ PRESETS: dict[str, dict[str, Any]] = {
                              up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
                              **dict(_ADM_COMMON, norm_num_groups=8)),
                    scheduler=LINEAR_1000),
+    # The fmnist layout at half the width (0.18M parameters), for studies that must fit one session of a 2-core
+    # CPU: a training step at batch 64 takes ~0.33 s on one thread (fmnist: ~0.74 s on the same machine) and
+    # sampling runs at ~740 images per second per UNet call (fmnist: ~220).
+    "fmnist-small": dict(unet=dict(block_out_channels=(8, 16, 32), layers_per_block=1, attention_head_dim=16,
+                                   down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+                                   up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+                                   **dict(_ADM_COMMON, norm_num_groups=4)),
+                         scheduler=LINEAR_1000),
     # For tests: the tiny ADM-style UNet the other tests use (a few hundred K parameters).
     "tiny": dict(unet={k: v for k, v in TINY_UNCONDITIONAL_UNET.items()
                        if k not in ("sample_size", "in_channels", "out_channels")},
