@@ -102,9 +102,19 @@ def arm_jobs(out: Path, cfg: dict, stage, q: list, quick: bool = False) -> list[
         jobs.append(Job(trained[name], lambda n=name: arm_command(out, n, cfg), model_done(out, name),
                         ("pick-final",)))
     jobs += grid_jobs(out, cfg, stage, q, "decision", {n: (trained[n],) for n in models})
+    jobs += [exposure_job(out, name, trained[name]) for name in models]
     jobs += [es_job(out, name, trained[name], quick) for name in models]
     jobs += grid_jobs(out, cfg, stage, q, "rest", {n: (f"es-{n}",) for n in models})
     return jobs
+
+
+def exposure_job(out: Path, name: str, dep: str) -> Job:
+    e = study.EXPOSURE
+    return Job(f"exposure-{name}", lambda: toolkit("eval", "exposure-bias", study.run_dir(out, name) / "model",
+                                                   "--sampler", e["sampler"], "--nfe", e["nfe"], "--num", e["num"],
+                                                   "--data", e["data"], "--seed", e["seed"], "--device", "cpu",
+                                                   "--out", study.exposure_path(out, name)),
+               study.exposure_path(out, name) / "exposure_bias.json", (dep,))
 
 
 def es_job(out: Path, name: str, dep: str, quick: bool) -> Job:

@@ -1,5 +1,6 @@
-"""The report of scripts/repro_adm_fair.py's phase A: the base's FID against training steps (curve.json,
-curve.csv, curve.png) and the convergence verdicts, from whatever has been measured so far."""
+"""The report of scripts/repro_adm_fair.py: phase A's curve of the base's FID against training steps (curve.json,
+curve.csv, curve.png) and the convergence verdicts, and phase B's arms and decision rule (arms.json, from
+scripts/adm_fair_verdict.py), from whatever has been measured so far."""
 from __future__ import annotations
 
 import csv
@@ -65,6 +66,8 @@ def write_report(out: Path, cfg: dict) -> dict:
         writer.writeheader()
         writer.writerows(rows)
     plot(rows, report / "curve.png")
+    from scripts.adm_fair_verdict import phase_b
     result = {"curve": rows, "checks": found, "base": chosen_base(found, cfg)}
     write_json(report / "curve.json", result)
+    write_json(report / "arms.json", phase_b(out, cfg))
     return result

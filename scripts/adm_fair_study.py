@@ -137,5 +137,14 @@ def heldout_path(out: Path, name: str) -> Path:
     return out / "heldout" / f"{name}.json"
 
 
+# the exposure-bias meter's run on every model (toolkit eval exposure-bias): DPM-Solver++(2M), which clips nothing,
+# so the sampler's x_t is the network's own doing; q's side on the test split
+EXPOSURE = dict(sampler="dpmpp_2m", nfe=10, num=1000, data="fashion-mnist:test", seed=0)
+
+
+def exposure_path(out: Path, model: str) -> Path:
+    return out / "exposure-bias" / model
+
+
 def pick_path(out: Path, final: bool = False) -> Path:
     return out / ("arms.json" if final else "pick.json")

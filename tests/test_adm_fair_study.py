@@ -3,6 +3,7 @@ segments are skipped after it passes, and which snapshot becomes the arms' base.
 from __future__ import annotations
 
 import json
+import statistics
 
 from scripts import adm_fair_study as study
 from scripts.adm_fair_report import chosen_base
@@ -123,3 +124,37 @@ def test_the_session_scale_trains_the_small_preset_and_passes_its_name_to_every_
     assert "--quick" not in jobs["es-ctl-s1"].command() and "--scale" not in jobs["es-ctl-s1"].command()
     train = train_base(tmp_path, 1500, cfg)
     assert train[train.index("--preset") + 1] == "fmnist-small"
+
+
+def _cells(out, model, fids_by_cell):
+    for (sampler, nfe), fids in fids_by_cell.items():
+        for seed, fid in zip(study.QUICK["grid"]["seeds"], fids):
+            path = study.cell_path(out, model, sampler, seed, nfe)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps({"rows": [{"fid": fid}]}))
+
+
+def test_the_decision_rule_needs_every_training_seed_to_beat_its_control_by_the_larger_spread(tmp_path):
+    from scripts.adm_fair_verdict import decision
+    cfg = study.QUICK                      # decision cells: ddim_gd and dpmpp_2m at NFE 2 and 4, two sampling seeds
+    cells = [(s, n) for s in cfg["decision"]["samplers"] for n in cfg["decision"]["nfes"]]
+    control = {c: [10.0, 10.2] for c in cells}                       # sampling std 0.141
+    _cells(tmp_path, "ctl-s1", control)
+    _cells(tmp_path, "ctl-s2", {c: [10.1, 10.3] for c in cells})     # training spread 0.1
+    at = {c: [9.0, 9.2] for c in cells}                              # 1.0 better: > 2 x 0.141
+    at[cells[0]] = [10.0, 10.2]                                      # one cell no better: 3 of 4 still beat
+    _cells(tmp_path, "at-full-s1", at)
+    _cells(tmp_path, "at-pick-s2", {c: [9.1, 9.3] for c in cells})
+    verdict = decision(tmp_path, cfg, "full")
+    assert verdict["complete"] and verdict["at_beats_control"]
+    # in the first cell AT's two seeds differ by 0.9: that training spread (margin 1.8) also stops seed 2's 1.0 gain
+    assert [s["cells_beaten"] for s in verdict["training_seeds"]] == [3, 3]
+    first = verdict["training_seeds"][0]["cells"][1]
+    assert first["spread_used"] == "sampling" and abs(first["margin"] - 2 * statistics.stdev([10.0, 10.2])) < 1e-12
+    # a second AT seed far from the first: the training spread (1.4) now sets the margin and nothing is beaten
+    _cells(tmp_path, "at-pick-s2", {c: [10.5, 10.7] for c in cells})
+    verdict = decision(tmp_path, cfg, "full")
+    assert not verdict["at_beats_control"] and verdict["training_seeds"][0]["cells"][1]["spread_used"] == "training"
+    # an unmeasured cell: the rule is incomplete and does not pass
+    (study.cell_path(tmp_path, "ctl-s2", cells[0][0], cfg["grid"]["seeds"][0], cells[0][1])).unlink()
+    assert not decision(tmp_path, cfg, "full")["complete"]
