@@ -1,6 +1,7 @@
 """The report of scripts/repro_adm_fair.py: phase A's curve of the base's FID against training steps (curve.json,
-curve.csv, curve.png) and the convergence verdicts, and phase B's arms and decision rule (arms.json, from
-scripts/adm_fair_verdict.py), from whatever has been measured so far."""
+curve.csv, curve.png) and the convergence verdicts, phase B's arms and decision rule (arms.json, from
+scripts/adm_fair_verdict.py), and both as markdown tables (tables.md, scripts/adm_fair_tables.py), from whatever
+has been measured so far."""
 from __future__ import annotations
 
 import csv
@@ -69,5 +70,8 @@ def write_report(out: Path, cfg: dict) -> dict:
     from scripts.adm_fair_verdict import phase_b
     result = {"curve": rows, "checks": found, "base": chosen_base(found, cfg)}
     write_json(report / "curve.json", result)
-    write_json(report / "arms.json", phase_b(out, cfg))
+    arms = phase_b(out, cfg)
+    write_json(report / "arms.json", arms)
+    from scripts.adm_fair_tables import tables_markdown
+    (report / "tables.md").write_text(tables_markdown(result, arms))
     return result

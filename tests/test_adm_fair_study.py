@@ -158,3 +158,23 @@ def test_the_decision_rule_needs_every_training_seed_to_beat_its_control_by_the_
     # an unmeasured cell: the rule is incomplete and does not pass
     (study.cell_path(tmp_path, "ctl-s2", cells[0][0], cfg["grid"]["seeds"][0], cells[0][1])).unlink()
     assert not decision(tmp_path, cfg, "full")["complete"]
+
+
+def test_the_tables_show_the_decision_cells_and_verdict_as_measured(tmp_path):
+    from scripts.adm_fair_tables import decision_table, tables_markdown
+    from scripts.adm_fair_verdict import decision
+    cfg = study.QUICK
+    cells = [(s, n) for s in cfg["decision"]["samplers"] for n in cfg["decision"]["nfes"]]
+    for name, fids in (("ctl-s1", [10.0, 10.2]), ("ctl-s2", [10.1, 10.3]), ("at-full-s1", [9.0, 9.2]),
+                       ("at-pick-s2", [9.1, 9.3])):
+        _cells(tmp_path, name, {c: fids for c in cells})
+    table = decision_table(decision(tmp_path, cfg, "full"))
+    assert "| at-full-s1 vs ctl-s1 | DDIM 2 | 9.10 | 10.10 | -1.00 | 0.28 | sampling | yes |" in table
+    assert table[-1] == "Decision rule: AT beats the α = 0 control (cells beaten: at-full-s1: 4 of 4, at-pick-s2: 4 of 4)."
+    (study.cell_path(tmp_path, "ctl-s2", cells[0][0], cfg["grid"]["seeds"][0], cells[0][1])).unlink()
+    table = decision_table(decision(tmp_path, cfg, "full"))
+    assert table[-1].startswith("Decision rule: incomplete") and "| not measured |" in "\n".join(table)
+    curve = {"curve": [{"step": 8, "sampler": "ddim_gd", "nfe": 4, "num": 64, "seed": 0, "fid": 30.125}],
+             "checks": [], "base": {"step": None, "converged": False}}
+    text = tables_markdown(curve, {"pick": None})
+    assert "| 8 | 30.12 |" in text and "Base: not decided yet." in text and "Decision rule" not in text
