@@ -54,11 +54,14 @@ def arm_specs(cfg: dict, pick: dict) -> dict[str, tuple[str, int, int, list]]:
 
 
 def arm_names(cfg: dict) -> list[str]:
-    """Every arm, in the order they are trained: the decision rule's pairs first. at-pick-s2 is the picked variant
-    (arms.json says which) at the second training seed."""
-    v = cfg["sweep"]["variants"]
-    return ["ft-s1", "ctl-s1", "ft-s2", "ctl-s2", *(f"at-{x}-s1" for x in v), "at-pick-s2", "ip-s1", "at-data-s1",
-            "ctl-data-s1"]
+    """Every arm, in the order they are trained: the decision rule's models first (the alpha = 0 controls and the AT
+    arms of both training seeds; the pick is not known when the jobs are built, so both variants' seed-1 arms),
+    then the rest of the table. at-pick-s2 is the picked variant (arms.json says which) at the second seed."""
+    return [*rule_arms(cfg), "ft-s1", "ft-s2", "ip-s1", "at-data-s1", "ctl-data-s1"]
+
+
+def rule_arms(cfg: dict) -> list[str]:
+    return ["ctl-s1", "ctl-s2", "at-pick-s2", *(f"at-{x}-s1" for x in cfg["sweep"]["variants"])]
 
 
 def arm_command(out: Path, name: str, cfg: dict) -> list[str]:
@@ -94,14 +97,19 @@ def sweep_jobs(out: Path, cfg: dict, stage, q: list) -> list[Job]:
 
 
 def arm_jobs(out: Path, cfg: dict, stage, q: list, quick: bool = False) -> list[Job]:
-    """Training of every arm, the decision rule's cells of every model, then each model's ES factor (part I's
-    stage, on guided-diffusion's DDIM: part I's budgets, or its quick ones) and the rest of the table."""
-    jobs, models = [], [study.BASE_ARM, *arm_names(cfg)]
-    trained = {name: "choose-base" if name == study.BASE_ARM else f"train-{name}" for name in models}
-    for name in arm_names(cfg):
-        jobs.append(Job(trained[name], lambda n=name: arm_command(out, n, cfg), model_done(out, name),
-                        ("pick-final",)))
-    jobs += grid_jobs(out, cfg, stage, q, "decision", {n: (trained[n],) for n in models})
+    """Training and the decision rule's cells of the rule's models (rule_arms), then the same for the other models,
+    then each model's exposure bias and ES factor (part I's stage, on guided-diffusion's DDIM: part I's budgets, or
+    its quick ones) and the rest of the table. The runner starts ready jobs in list order, so on a short budget the
+    rule is decided first."""
+    rule = rule_arms(cfg)
+    later = [n for n in [study.BASE_ARM, *arm_names(cfg)] if n not in rule]
+    trained = {name: "choose-base" if name == study.BASE_ARM else f"train-{name}" for name in [*rule, *later]}
+    jobs = []
+    for names in (rule, later):
+        jobs += [Job(trained[n], lambda n=n: arm_command(out, n, cfg), model_done(out, n), ("pick-final",))
+                 for n in names if n != study.BASE_ARM]
+        jobs += grid_jobs(out, cfg, stage, q, "decision", {n: (trained[n],) for n in names})
+    models = [*rule, *later]
     jobs += [exposure_job(out, name, trained[name]) for name in models]
     jobs += [es_job(out, name, trained[name], quick) for name in models]
     jobs += grid_jobs(out, cfg, stage, q, "rest", {n: (f"es-{n}",) for n in models})

@@ -178,3 +178,12 @@ def test_the_tables_show_the_decision_cells_and_verdict_as_measured(tmp_path):
              "checks": [], "base": {"step": None, "converged": False}}
     text = tables_markdown(curve, {"pick": None})
     assert "| 8 | 30.12 |" in text and "Base: not decided yet." in text and "Decision rule" not in text
+
+
+def test_the_decision_rules_models_are_trained_and_measured_before_the_other_arms(tmp_path):
+    order = [job.name for job in build_jobs(tmp_path, "session")]
+    rule = ["ctl-s1", "ctl-s2", "at-pick-s2", "at-full-s1", "at-detach-s1"]
+    last_rule_cell = max(order.index(f"grid-decision-{n}-seed{s}") for n in rule for s in study.SESSION["grid"]["seeds"])
+    assert last_rule_cell < min(order.index(f"train-{n}") for n in ("ft-s1", "ft-s2", "ip-s1", "at-data-s1"))
+    assert last_rule_cell < order.index("grid-decision-base-chosen-seed0") < order.index("exposure-ctl-s1")
+    assert order.index("grid-decision-ft-s1-seed0") < order.index("grid-rest-ctl-s1-seed0")
