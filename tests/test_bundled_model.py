@@ -3,12 +3,15 @@ commands work exactly as typed from any directory, offline (train lcm-at with a 
 import hashlib
 import json
 import os
+import platform
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 from PIL import Image
+
+from runtime.provenance import tree_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"
@@ -42,8 +45,12 @@ def test_generate_as_typed_uses_the_bundled_model(tmp_path):
     assert result.stdout.strip() == str(Path("outputs") / png.name) or result.stdout.strip().endswith(png.name)
     assert Image.open(png).size == (32, 32)
     assert "models/default" in result.stderr and "SimianLuo/LCM_Dreamshaper_v7" in result.stderr
-    record = json.loads(Image.open(png).text["generation"]) if "generation" in Image.open(png).text else {}
-    assert not record or record.get("steps", 4) == 4
+    record = json.loads(Image.open(png).text["at-diffusion-toolkit"])   # runtime/images.py's chunk
+    assert (record["prompt"], record["seed"], record["steps"], len(record["timesteps"])) == \
+        ("astronaut in a jungle", 0, 4, 4)
+    assert record["model"] == str(MODELS / "default") and (record["height"], record["width"]) == (32, 32)
+    assert record["model_sha256"] == tree_fingerprint(MODELS / "default")["sha256"]
+    assert record["backend"].startswith("torch ") and record["versions"]["python"] == platform.python_version()
 
 
 def test_export_fp16_as_typed_exports_and_validates_the_bundled_model(tmp_path):

@@ -85,22 +85,36 @@ def test_teacher_with_a_missing_vae_is_one_clear_error(chain, tmp_path):
     assert result.exit_code == 2 and "is not an AutoencoderKL directory" in result.output
 
 
-@requires_fashion_mnist
-def test_adherence_counts_the_classifier_agreeing_with_each_class_prompt(chain, tmp_path):
-    from eval.adherence import AdherenceConfig, run_adherence
+class Oracle:  # stands in for the classifier: 'sees' class 3 in every image
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def predict(self, images):
+        assert images.dtype == np.uint8 and images.shape[1:] == (32, 32, 3)
+        return np.full(len(images), 3)
+
+    def describe(self):
+        return {"network": "oracle-sees-class-3"}
+
+
+def assert_oracle_rows(rows) -> None:
+    """The known answer with Oracle: right for the dress prompt (class 3) only, 2 of 20 images."""
     from eval.fashion_prompts import class_prompts
+    assert [(r["steps"], r["num"], r["accuracy"]) for r in rows] == [(1, 20, 0.1)]
+    assert rows[0]["per_class"] == {p: float(label == 3) for label, p in enumerate(class_prompts())}
 
-    class Oracle:  # stands in for the classifier: 'sees' class 3 in every image
-        def predict(self, images):
-            return np.full(len(images), 3)
 
+@requires_fashion_mnist
+def test_adherence_counts_the_classifier_agreeing_with_each_class_prompt(chain, tmp_path, monkeypatch):
+    from eval.adherence import AdherenceConfig, run_adherence
     root, _ = chain
-    rows = run_adherence(AdherenceConfig(model=str(root / "teacher/model"), steps=(1,), per_class=2, device="cpu"),
-                         Oracle())
-    assert rows[0]["accuracy"] == 0.1 and rows[0]["num"] == 20   # right for the dress prompt only
-    assert rows[0]["per_class"][class_prompts()[3]] == 1.0
+    assert_oracle_rows(run_adherence(AdherenceConfig(model=str(root / "teacher/model"), steps=(1,), per_class=2,
+                                                     device="cpu"), Oracle()))
     from toolkit import app
+    monkeypatch.setattr("eval.classifier.FashionClassifierFeatures", Oracle)   # what the CLI loads
     result = CliRunner().invoke(app, ["eval", "adherence", str(root / "teacher/model"), "--steps", "1",
                                       "--per-class", "2", "--device", "cpu", "--out", str(tmp_path / "a.json")])
     assert result.exit_code == 0, result.output
-    assert 0 <= json.loads((tmp_path / "a.json").read_text())["results"][0]["accuracy"] <= 1
+    written = json.loads((tmp_path / "a.json").read_text())
+    assert_oracle_rows(written["results"])
+    assert written["classifier"] == Oracle().describe() and written["config"]["per_class"] == 2

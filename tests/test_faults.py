@@ -114,7 +114,7 @@ def test_killed_export_keeps_the_previous_export_and_the_rerun_cleans_up(tiny_un
 BAD_INPUTS = [
     # paths and files
     ("generate x --model {missing}", "does not exist"),
-    ("generate x --model {tmp}/not-a-model", "not"),
+    ("generate x --model {tmp}/not-a-model", "not-a-model has no model_index.json: pass a diffusers pipeline"),
     ("generate x --model {lcm} --out {file}", "is a file"),
     ("generate x --model {lcm} --out /proc/toolkit-test", "cannot write"),
     ("export {missing}", "does not exist"),
@@ -156,6 +156,7 @@ BAD_INPUTS = [
 def paths(tiny_lcm_dir, tiny_uncond_dir, toy_npz, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("bad")
     (tmp / "afile.txt").write_text("not a directory")
+    (tmp / "not-a-model").mkdir()   # a directory, but no model in it
     return dict(tmp=tmp, missing=tmp / "no-such-thing", file=tmp / "afile.txt", lcm=tiny_lcm_dir,
                 uncond=tiny_uncond_dir, npz=toy_npz)
 

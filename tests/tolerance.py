@@ -109,3 +109,20 @@ def fid_rounding_bound(mu1, sigma1, mu2, sigma2) -> float:
     moved = np.where(root > 0, d / (2 * np.maximum(root, np.finfo(np.float64).tiny)), np.sqrt(d))
     sums = dim * EPS64 * (np.trace(sigma1) + np.trace(sigma2) + float((mu1 - mu2) @ (mu1 - mu2)))
     return 2 * float(np.minimum(np.sqrt(d), moved).sum()) + sums
+
+
+# ---- images: the runtime's promise for batching (runtime/noise.py BATCHED_PIXEL_TOLERANCE) ----------------------
+
+def assert_same_seed_images(got, alone, what: str = "") -> None:
+    """uint8 images [N, H, W, 3] made in a batch (or served, or by another front end) vs the same seeds made
+    alone: at most BATCHED_PIXEL_TOLERANCE levels apart per channel. And the references of different seeds are
+    further apart than that, so the comparison could fail (a blank or seed-blind generator would pass it)."""
+    from runtime.noise import BATCHED_PIXEL_TOLERANCE as levels
+    got, alone = np.asarray(got), np.asarray(alone)
+    assert got.dtype == alone.dtype == np.uint8 and got.shape == alone.shape, (got.dtype, got.shape, alone.shape)
+    label = f"{what}: " if what else ""
+    off = np.abs(got.astype(np.int16) - alone.astype(np.int16)).reshape(len(got), -1).max(axis=1)
+    assert (off <= levels).all(), f"{label}images off by {off.tolist()} levels, over the {levels} promised"
+    apart = [int(np.abs(alone[i].astype(np.int16) - alone[j]).max()) for i in range(len(alone))
+             for j in range(i + 1, len(alone))]
+    assert min(apart, default=levels + 1) > levels, f"{label}different seeds' images are only {apart} levels apart"

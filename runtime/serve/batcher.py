@@ -4,7 +4,7 @@ Requests are compatible when their ``GenerationRequest``s differ only in what is
 prompts, seeds, class labels): same sampler, timesteps, size and guidance. The first waiting request opens a
 batch; it runs when ``max_batch`` images are collected or ``max_wait_ms`` after that request arrived, whichever is
 first. Noise is drawn per seed and every network here is per-sample, so an image does not depend on what it was
-batched with (tests/test_serve.py checks it byte for byte).
+batched with, up to float rounding: within runtime/noise.py's BATCHED_PIXEL_TOLERANCE (tests/test_serve.py).
 
 Written here rather than taken from a serving library because what makes two requests batchable is the
 pipeline's own request type; the whole scheduler is one asyncio task in front of one worker thread (networks run
