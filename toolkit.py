@@ -8,6 +8,7 @@ from typing import Optional
 
 import typer
 
+from runtime.devices import DEVICE_HELP
 from runtime.errors import handles_errors
 
 app = typer.Typer(help="Train, export, serve and evaluate few-step diffusion models.",
@@ -52,7 +53,7 @@ def generate(
     backend_option: Optional[list[str]] = typer.Option(
         None, help="KEY=VALUE passed to the backend, e.g. channels_last=true, compile=true (torch), "
                    "cuda_graph=true, intra_op_threads=4 (onnxruntime). Repeatable."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16"),
     out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs (NAME-seedN.png); an existing file is "
                                                    "never overwritten: the new image gets NAME-seedN-1.png, -2, ..."),

@@ -87,13 +87,13 @@ class FashionClassifierFeatures:
         import torch
         from safetensors.torch import load_file
 
-        from eval.inception import resolve_device
+        from runtime.backends.torch_backend import TorchBackend
         self.path = Path(weights) if weights else DEFAULT_WEIGHTS
         if not self.path.is_file():
             raise ToolkitError(f"classifier weights '{self.path}' do not exist; train them with "
                                "'toolkit train classifier' or reinstall the toolkit (they ship in eval/assets/)")
         self.sha256 = file_sha256(self.path)
-        self.device = resolve_device(device)
+        self.device = TorchBackend.resolve_device(device)   # auto | cpu | cuda | cuda:N (runtime/devices.py)
         self.batch_size = int(batch_size)
         self.model = build_network()
         try:

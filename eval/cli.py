@@ -6,6 +6,7 @@ from typing import Optional
 
 import typer
 
+from runtime.devices import DEVICE_HELP
 from runtime.errors import handles_errors
 
 app = typer.Typer(help="FID / KID / CLIP score, sample-FID sweeps and the deployment comparison report.",
@@ -18,7 +19,7 @@ ENGINE = typer.Option("auto", help="FID Inception engine: auto (onnxruntime on a
                       "1e-5) | torch (the TorchScript file) | onnxruntime.")
 FEATURES = typer.Option("inception", help="FID feature network: inception (the standard FID) | fmnist-classifier "
                         "(the shipped Fashion-MNIST CNN: in-domain 'classifier FID', fast on a CPU).")
-DEVICE = typer.Option("auto", help="auto | cpu | cuda | cuda:N (for the metric networks and the generator).")
+DEVICE = typer.Option("auto", help=f"{DEVICE_HELP} (for the metric networks and the generator).")
 CACHE = typer.Option(None, help="Directory for per-chunk feature caches; rerun with it to resume.")
 CHUNK = typer.Option(500, help="Samples per cached chunk.")
 SEED = typer.Option(0, min=0, help="Seed (sample i gets seed+i; KID subsets use it too).")

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.inception import resolve_device
 from runtime.errors import ToolkitError
 
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-L-14", "openai"
@@ -27,9 +26,11 @@ class ClipScorer:
                  device: str = "auto", batch_size: int = 32, seed: int = 0):
         import open_clip
         import torch
+
+        from runtime.backends.torch_backend import TorchBackend
         model, pretrained = _trained_clip(model, pretrained)
         name = _register_config(model)
-        self.device = resolve_device(device)
+        self.device = TorchBackend.resolve_device(device)   # auto | cpu | cuda | cuda:N (runtime/devices.py)
         self.batch_size = int(batch_size)
         self.record = {"clip_model": name, "clip_pretrained": pretrained}
         try:

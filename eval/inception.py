@@ -58,29 +58,24 @@ def file_sha1(path: Path) -> str:
     return digest.hexdigest()
 
 
-def resolve_device(device: str) -> str:
-    """'auto' is CUDA when torch sees a GPU, else CPU; anything else is checked as the torch backend checks it
-    (a malformed name or a missing GPU is an error naming the fix, never a silent CPU run)."""
-    from runtime.backends.torch_backend import TorchBackend, torch_device
-    return str(torch_device(TorchBackend.default_device() if device == "auto" else device))
-
-
 class InceptionFeatures:
     """uint8 images [N, H, W, C] (C = 1 or 3, any size) -> float32 pool3 features [N, 2048]."""
 
     def __init__(self, weights: str | os.PathLike | None = None, *, device: str = "auto",
                  resize: str = "clean", batch_size: int = 50, engine: str = "auto"):
-        """``engine``: torch (the TorchScript file) | onnxruntime (the same weights exported to ONNX, 1.5x faster
-        on a CPU, eval/inception_onnx.py) | auto (onnxruntime on the CPU for the standard weights when it is
-        installed, else torch)."""
+        """``device``: auto (CUDA when torch sees a GPU) | cpu | cuda | cuda:N. ``engine``: torch (the TorchScript
+        file) | onnxruntime (the same weights exported to ONNX, 1.5x faster on a CPU, eval/inception_onnx.py) |
+        auto (onnxruntime on the CPU for the standard weights when it is installed, else torch)."""
         import torch
+
+        from runtime.backends.torch_backend import TorchBackend
         if resize not in RESIZE_MODES:
             raise ToolkitError(f"unknown resize mode '{resize}'; choose one of {', '.join(RESIZE_MODES)}")
         if engine not in ENGINES:
             raise ToolkitError(f"unknown Inception engine '{engine}'; choose one of {', '.join(ENGINES)}")
         self.path = inception_weights_path(weights)
         self.sha1 = file_sha1(self.path)
-        self.device = resolve_device(device)
+        self.device = TorchBackend.resolve_device(device)   # auto | cpu | cuda | cuda:N (runtime/devices.py)
         self.resize = resize
         self.batch_size = int(batch_size)
         try:

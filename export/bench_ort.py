@@ -1,6 +1,6 @@
 """Time an exported UNet under ONNX Runtime (CUDA EP with and without CUDA graphs) against torch eager.
 
-    toolkit bench ort --out bench/ort-sd --size sd --device cuda      # SD-1.5-size LCM UNet, fp16
+    toolkit bench ort --out bench/ort-sd --size sd --device cuda      # SD-1.5-size LCM UNet, fp16 (default: auto)
     toolkit bench ort --out /tmp/bench --size tiny --device cpu --no-fp16   # the same plumbing on a CPU
 
 Builds a random-weight model (timing does not depend on weight values), exports its UNet with
@@ -53,11 +53,11 @@ def time_ort(export_dir: Path, device: str, cuda_graph: bool, iters: int, arrays
              seed: int = 0) -> dict:
     """One UNet call as the pipeline makes it: numpy arrays go host -> device -> host every call; torch
     arrays stay on the device (only the timestep is copied in)."""
-    from runtime.backends.ort_backend import OrtRunner, parse_device
+    from runtime.backends.ort_backend import OrtRunner, ort_device
     from runtime.backends.ort_binding import make_arrays
     from runtime.export_manifest import read_manifest
     manifest = read_manifest(export_dir)
-    kind, device_id = parse_device(device)
+    kind, device_id = ort_device(device)
     adapter = make_arrays(arrays, kind, device_id)
     bound = adapter if (device_id is not None or arrays == "torch") else None
     with OrtRunner.for_component(manifest, "unet", device, arrays=bound, cuda_graph=cuda_graph) as runner:
@@ -88,11 +88,14 @@ def time_torch(model: Path, device: str, feed: dict, iters: int) -> dict:
     return {"ms": median_ms(call, iters), "output": reference}
 
 
-def run(out: Path, size: str = "sd", device: str = "cuda", iters: int = 30, fp16: bool = True, seed: int = 0) -> dict:
-    """Export, validate and time; writes ``out/bench.json`` and returns the results."""
-    from export.exporter import ExportSettings, run_export
+def run(out: Path, size: str = "sd", device: str = "auto", iters: int = 30, fp16: bool = True, seed: int = 0) -> dict:
+    """Export, validate and time; writes ``out/bench.json`` and returns the results. ``device``: auto (CUDA
+    when torch and ONNX Runtime can both use a GPU) | cpu | cuda | cuda:N; the device used is printed."""
+    from export.exporter import ExportSettings, export_device, run_export
     if size not in SIZES:
         raise ToolkitError(f"unknown --size '{size}'; choose one of {', '.join(SIZES)}")
+    device = export_device(device)
+    print(f"benchmarking on {device} (--device)")
     out.mkdir(parents=True, exist_ok=True)
     model = build_model(out, size, seed)
     latent = SD_UNET["sample_size"] if size == "sd" else 16
@@ -120,7 +123,8 @@ def run(out: Path, size: str = "sd", device: str = "cuda", iters: int = 30, fp16
 
 def command(out: Path = typer.Option(..., help="Directory for the model, its export and bench.json."),
             size: str = typer.Option("sd", help="sd (SD-1.5-size LCM UNet) | tiny (the plumbing, in seconds)."),
-            device: str = typer.Option("cuda", help="cuda | cuda:N | cpu."),
+            device: str = typer.Option("auto", help="auto (CUDA when torch and ONNX Runtime can both use a GPU, "
+                                       "else CPU; printed) | cpu | cuda | cuda:N."),
             iters: int = typer.Option(30, min=1, help="Timed calls per variant (median reported)."),
             fp16: bool = typer.Option(True, help="Export the UNet in fp16 (needs a GPU for torch eager)."),
             seed: int = typer.Option(0, min=0, help="Seed of the random weights and sample inputs.")) -> None:

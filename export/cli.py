@@ -66,7 +66,8 @@ def run(
     width: Optional[int] = typer.Option(None, help="Image width in pixels (default: the model's)."),
     validate: bool = typer.Option(True, "--validate/--no-validate", help="Check ORT against PyTorch before writing."),
     seed: int = typer.Option(0, min=0, help="Seed of the sample inputs and the end-to-end images."),
-    device: str = typer.Option("cpu", help="Device for tracing and validation: cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", help="Device for tracing and validation: auto (CUDA when torch and "
+                               "ONNX Runtime can both use a GPU, else CPU; printed) | cpu | cuda | cuda:N."),
 ) -> None:
     """Export MODEL's networks to ONNX, validate them, and write DIR atomically with a manifest."""
     from export.exporter import ExportSettings, default_out, run_export
@@ -100,10 +101,14 @@ def validate_command(
     export_dir: Path = typer.Argument(..., help="An export directory (has manifest.json)."),
     source: Optional[Path] = typer.Option(None, help="The diffusers directory it came from (default: the manifest's)."),
     seed: int = typer.Option(0, min=0, help="Seed of the sample inputs and the end-to-end images."),
-    device: str = typer.Option("cpu", help="ONNX Runtime device: cpu | cuda | cuda:N."),
+    device: str = typer.Option("auto", help="ONNX Runtime device: auto (CUDA when its CUDA provider is installed, "
+                               "else CPU; printed) | cpu | cuda | cuda:N."),
 ) -> None:
     """Verify the files' hashes, then compare ONNX Runtime with PyTorch per network and end to end."""
     from export.validate import validate_export
+    from runtime.backends.ort_backend import OrtBackend
+    device = OrtBackend.resolve_device(device)
+    console.print(f"validating on {device} (--device)")
     report = validate_export(export_dir, source=source, seed=seed, device=device)
     print_report(report)
     if not report.passed:

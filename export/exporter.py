@@ -17,7 +17,8 @@ from export.contracts import ExportShapes, contracts_for, select_components
 from export.manifest import build_manifest, write_manifest
 from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
 from export.validate import ExportValidationError, ValidationReport, validate_export
-from runtime.backends.ort_backend import parse_device
+from runtime.backends import ort_backend
+from runtime.devices import resolve_device
 from runtime.errors import ToolkitError
 from runtime.export_manifest import FORMAT, read_manifest
 from runtime.provenance import tree_fingerprint
@@ -38,7 +39,7 @@ class ExportSettings:
     width: int | None = None
     validate: bool = True
     seed: int = 0
-    device: str = "cpu"
+    device: str = "auto"   # auto | cpu | cuda | cuda:N (export_device)
 
 
 @dataclasses.dataclass
@@ -61,8 +62,9 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
     contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
     check_target(settings.out, MANIFEST, "export", FORMAT)  # before the slow part: a bad --out fails at once
     check_writable(settings.out, parent=True)
-    if settings.validate:
-        parse_device(settings.device)  # and so does a --device ONNX Runtime cannot validate on
+    # and so does a --device torch cannot trace on or ONNX Runtime cannot validate on; 'auto' is recorded resolved
+    settings = dataclasses.replace(settings, device=export_device(settings.device, settings.validate))
+    log(f"tracing{' and validating' if settings.validate else ''} on {settings.device} (--device)")
 
     from export.torch_modules import load_networks  # torch: only once the arguments are known good
     networks = load_networks(source.path, spec, settings.device)
@@ -90,6 +92,17 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
             manifest["validation"] = report.to_dict()
             write_manifest(staging, manifest)
     return ExportResult(settings.out, read_manifest(settings.out).data, report)
+
+
+def export_device(device: str, validate: bool = True) -> str:
+    """``--device`` of an export (runtime/devices.py): torch traces on it and ONNX Runtime validates on it, so
+    'auto' is CUDA only when both can use a GPU (torch alone with --no-validate), and an explicit cuda that
+    either cannot reach is an error naming the fix."""
+    def support():
+        from runtime.backends import torch_backend  # torch: only when the answer depends on it
+        found = torch_backend.device_support()
+        return found.both(ort_backend.device_support()) if validate else found
+    return resolve_device(device, support)
 
 
 def _validate_staged(staging: Path, source: Path, networks: dict, settings: ExportSettings) -> ValidationReport:

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from runtime.contracts import ExportContract, Tolerance
-from runtime.backends.ort_backend import OrtRunner, parse_device, session_options
+from runtime.backends.ort_backend import OrtBackend, OrtRunner, ort_device, session_options
 from runtime.backends.ort_binding import make_arrays
 from runtime.errors import ToolkitError
 from runtime.export_manifest import ExportManifest, read_manifest, verify_files
@@ -85,7 +85,7 @@ def psnr(reference: np.ndarray, actual: np.ndarray) -> float:
 
 def check_components(manifest: ExportManifest, networks: dict, seed: int = 0, device: str = "cpu") -> list[Check]:
     """Per-component parity at every distinct profile point of each contract."""
-    kind, device_id = parse_device(device)
+    kind, device_id = ort_device(device)
     options = session_options()
     # torch and ORT alternate here: ORT's spinning idle threads would steal the cores torch needs
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -151,9 +151,11 @@ def check_end_to_end(manifest: ExportManifest, source: Path, seed: int = 0, devi
 
 
 def validate_export(export_dir: str | Path, *, source: str | Path | None = None, networks: dict | None = None,
-                    seed: int = 0, device: str = "cpu") -> ValidationReport:
-    """All checks for an export directory. ``source`` defaults to the path recorded in the manifest and
+                    seed: int = 0, device: str = "auto") -> ValidationReport:
+    """All checks for an export directory, ONNX Runtime running on ``device`` (auto | cpu | cuda | cuda:N; auto:
+    CUDA when ORT has its CUDA provider). ``source`` defaults to the path recorded in the manifest and
     must still hash to the recorded fingerprint; ``networks`` (float32 torch modules) skips reloading."""
+    device = OrtBackend.resolve_device(device)
     manifest = read_manifest(export_dir)
     verify_files(manifest)
     source_dir = resolve_source(manifest, source)

@@ -48,11 +48,12 @@ class Pipeline:
     @classmethod
     def load(cls, model: str | os.PathLike, backend: str = "torch", device: str = "auto",
              dtype: str = "auto", **backend_options: Any) -> "Pipeline":
-        """``model``: a diffusers directory, an export directory or a hub id. ``device="auto"`` is the
-        backend's best device (CUDA when it has one); ``dtype="auto"`` is float16 on GPU, float32 on CPU."""
-        source = open_model(model)
+        """``model``: a diffusers directory, an export directory or a hub id. ``device``: auto | cpu | cuda |
+        cuda:N, ``"auto"`` being the backend's best device (CUDA when it can use one; ``backend.describe()``
+        names the one chosen); ``dtype="auto"`` is float16 on GPU, float32 on CPU."""
         backend_cls = get_backend_class(backend)
-        device = backend_cls.default_device() if device == "auto" else device
+        device = backend_cls.resolve_device(device)
+        source = open_model(model)
         dtype = backend_cls.auto_dtype(source.path, device) if dtype == "auto" else dtype
         return cls(source, backend_cls.load(source.path, source.spec, device=device, dtype=dtype,
                                             **backend_options))

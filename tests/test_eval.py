@@ -313,9 +313,9 @@ def test_unknown_clip_model_fails_with_a_fix():
 @pytest.mark.parametrize("device", ["gpu", "cuda:x"])
 def test_malformed_metric_device_is_an_error(device):
     # was accepted as given and failed later inside torch with a RuntimeError traceback
-    from eval.inception import resolve_device
-    with pytest.raises(ToolkitError, match=f"unknown device '{device}'"):
-        resolve_device(device)
+    from eval.classifier import FashionClassifierFeatures
+    with pytest.raises(ToolkitError, match=f"unknown device '{device}'; use auto, cpu, cuda or cuda:N"):
+        FashionClassifierFeatures(device=device)
 
 
 # ---- sources -----------------------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from export.validate import Check, ExportValidationError, ValidationReport, vali
 from runtime import Pipeline
 from runtime.backends import BackendError
 from runtime.backends.ort_backend import OrtBackend
+from runtime.devices import DeviceError
 from runtime.export_manifest import read_manifest
 from runtime.provenance import sha256_file
 from runtime.model_spec import ModelFormatError, ModelSpec
@@ -25,7 +26,9 @@ from tolerance import (TINY_PIXEL_UNET_LAYERS, TINY_TEXT_ENCODER_LAYERS, TINY_TE
 
 
 def _export(model, out, **options):
-    return run_export(ExportSettings(model=str(model), out=out, **options), log=lambda message: None)
+    # on the CPU unless a test says otherwise (the default, auto, would pick a GPU where there is one)
+    return run_export(ExportSettings(model=str(model), out=out, **{"device": "cpu", **options}),
+                      log=lambda message: None)
 
 
 @pytest.fixture(scope="module")
@@ -183,7 +186,7 @@ def test_atomic_file_keeps_the_previous_content_when_writing_fails(tmp_path):
                     reason="checks the error raised when onnxruntime has no CUDA provider")
 def test_validation_device_is_checked_before_exporting(tiny_uncond_dir, tmp_path):
     # used to export everything, then fail in validation (or on torch's missing GPU first)
-    with pytest.raises(BackendError, match="gpu extra"):
+    with pytest.raises(DeviceError, match="gpu extra"):
         _export(tiny_uncond_dir, tmp_path / "out", device="cuda")
     assert not list(tmp_path.iterdir())
 

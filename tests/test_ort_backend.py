@@ -18,6 +18,7 @@ from export.exporter import ExportSettings, run_export
 from runtime import Pipeline
 from runtime.backends import BackendError, get_backend_class
 from runtime.backends.ort_backend import CUDA_EP, OrtBackend
+from runtime.devices import DeviceError
 from runtime.export_manifest import read_manifest
 from runtime.model_spec import ModelFormatError
 from tolerance import (EPS16, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, assert_close_scaled,
@@ -108,7 +109,7 @@ def test_missing_component_names_the_fix(lcm_export, tmp_path):
 
 @pytest.mark.skipif(HAS_CUDA_EP, reason="this machine has the CUDA provider; the error case cannot happen")
 def test_cuda_without_cuda_provider_says_install_gpu_extra(uncond_export):
-    with pytest.raises(BackendError, match=r"pip install -e '\.\[gpu\]' \(in the toolkit's checkout\)"):
+    with pytest.raises(DeviceError, match=r"pip install -e '\.\[gpu\]' \(in the toolkit's checkout\)"):
         Pipeline.load(uncond_export, backend="onnxruntime", device="cuda")
 
 

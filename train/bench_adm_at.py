@@ -29,11 +29,12 @@ class _Timed:
     machine the CPU time is the stable measure; on a GPU the wall time is what counts)."""
 
     def __init__(self, objective):
-        self.objective, self.times, self.cpu_times = objective, [], []
+        self.objective, self.times, self.cpu_times, self.device = objective, [], [], None
         self.optimizer_steps_per_batch = objective.optimizer_steps_per_batch
 
     def __call__(self, ctx, micro_batches):
         import torch
+        self.device = str(ctx.device)   # what --device auto became
         if ctx.device.type == "cuda":
             torch.cuda.synchronize(ctx.device)
         start, cpu_start = time.perf_counter(), time.process_time()
@@ -44,7 +45,7 @@ class _Timed:
 
 
 def _run(kind: str, steps: int, preset: str, batch_size: int, device: str, adv_steps: int,
-         run_dir: Path, seed: int) -> list[tuple[float, float]]:
+         run_dir: Path, seed: int) -> tuple[list[tuple[float, float]], str]:
     import torch
     from accelerate.state import AcceleratorState, GradientState
     from train.adm_losses import ADMObjective, FreeATObjective, NoiseLevels
@@ -68,10 +69,10 @@ def _run(kind: str, steps: int, preset: str, batch_size: int, device: str, adv_s
                            seed=seed,
                            save_every=0, max_grad_norm=None)
     Trainer(config).fit(model, data, timed)
-    return list(zip(timed.times, timed.cpu_times))[1:]  # the first step pays one-off allocation costs
+    return list(zip(timed.times, timed.cpu_times))[1:], timed.device  # step 1 pays one-off allocation costs
 
 
-def run(preset: str = "mnist", batch_size: int = 32, device: str = "cpu", adv_steps: int = 3,
+def run(preset: str = "mnist", batch_size: int = 32, device: str = "auto", adv_steps: int = 3,
         outer_steps: int = 4, rounds: int = 2, threads: int = 1, seed: int = 0) -> dict:
     """Median seconds per plain step and per AT outer step (wall and CPU) and their ratios."""
     import torch  # here, not at module level: `toolkit --help` should not pay for importing torch
@@ -80,10 +81,12 @@ def run(preset: str = "mnist", batch_size: int = 32, device: str = "cpu", adv_st
     plain, at = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(rounds):
-            plain += _run("plain", adv_steps * outer_steps + 1, preset, batch_size, device, adv_steps,
-                          Path(tmp) / f"plain{r}", seed)
-            at += _run("at", outer_steps + 1, preset, batch_size, device, adv_steps, Path(tmp) / f"at{r}", seed)
-    result = {"preset": preset, "batch_size": batch_size, "device": device, "K": adv_steps, "seed": seed,
+            times, used = _run("plain", adv_steps * outer_steps + 1, preset, batch_size, device, adv_steps,
+                               Path(tmp) / f"plain{r}", seed)
+            plain += times
+            times, used = _run("at", outer_steps + 1, preset, batch_size, device, adv_steps, Path(tmp) / f"at{r}", seed)
+            at += times
+    result = {"preset": preset, "batch_size": batch_size, "device": used, "K": adv_steps, "seed": seed,
               "torch_threads": torch.get_num_threads(), "plain_steps": len(plain), "at_outer_steps": len(at)}
     for i, clock in enumerate(("wall", "cpu")):
         plain_s, at_s = statistics.median(p[i] for p in plain), statistics.median(a[i] for a in at)
@@ -94,7 +97,8 @@ def run(preset: str = "mnist", batch_size: int = 32, device: str = "cpu", adv_st
 
 def command(preset: str = typer.Option("mnist", help="Model preset: tiny | fmnist | mnist | cifar10 | imagenet64."),
             batch_size: int = typer.Option(32, help="Images per step."),
-            device: str = typer.Option("cpu", help="cpu | cuda."),
+            device: str = typer.Option("auto", help="auto (CUDA when torch sees a GPU, else CPU; the device used is "
+                                       "in the result) | cpu | cuda (the trainer's --device)."),
             adv_steps: int = typer.Option(3, help="K."),
             outer_steps: int = typer.Option(4, help="AT outer steps per round (plain runs K times as many)."),
             rounds: int = typer.Option(2, help="Alternating plain / AT rounds."),

@@ -13,6 +13,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from runtime.devices import DeviceSupport, resolve_device
 from runtime.errors import ToolkitError
 from runtime.model_spec import ModelSpec
 
@@ -42,9 +43,16 @@ class Backend(abc.ABC):
         """Load the networks named by ``spec`` from ``source_dir`` onto ``device``."""
 
     @classmethod
-    def default_device(cls) -> str:
-        """What ``device="auto"`` means for this backend (the pipeline reports what it chose)."""
-        return "cpu"
+    def device_support(cls) -> DeviceSupport:
+        """What this backend can run on (runtime/devices.py decides what ``device="auto"`` means from it)."""
+        return DeviceSupport(cls.name, cuda=False, missing=f"the {cls.name} backend runs on the CPU only",
+                             fix="pick another --backend")
+
+    @classmethod
+    def resolve_device(cls, device: str) -> str:
+        """``device`` ('auto', 'cpu', 'cuda', 'cuda:N') checked for this backend: 'auto' becomes 'cuda' or 'cpu'
+        (describe() then says which ran); a CUDA the backend cannot reach is an error naming the fix."""
+        return resolve_device(device, cls.device_support)
 
     @classmethod
     def auto_dtype(cls, source_dir, device: str) -> str:

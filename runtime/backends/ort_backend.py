@@ -33,6 +33,7 @@ import onnxruntime as ort
 from runtime.backends.base import Backend, BackendError
 from runtime.backends.ort_binding import BoundBuffers, make_arrays, run_bound
 from runtime.contracts import ExportContract
+from runtime.devices import DeviceSupport, gpu_index, resolve_device
 from runtime.export_manifest import ExportManifest, read_manifest, verify_files
 from runtime.model_spec import ModelSpec
 
@@ -49,22 +50,20 @@ _OPT_LEVELS = {"disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
                "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL}
 
 
-def parse_device(device: str) -> tuple[str, int | None]:
-    """'cpu' -> ('cpu', None); 'cuda' / 'cuda:N' -> ('cuda', N). CUDA without ORT's CUDA provider is an
-    error naming the extra to install, never a silent CPU run."""
-    if device == "cpu":
-        return "cpu", None
-    if device == "cuda" or device.startswith("cuda:"):
-        available = ort.get_available_providers()
-        if CUDA_EP not in available:
-            raise BackendError(f"device '{device}' asked for, but onnxruntime {ort.__version__} has no "
-                               f"{CUDA_EP} (it has {', '.join(available)}); install the gpu extra: "
-                               f"{GPU_EXTRA_HINT}, or pass --device cpu")
-        index = device.partition(":")[2] or "0"
-        if not index.isdigit():
-            raise BackendError(f"bad device '{device}'; use cuda or cuda:N")
-        return "cuda", int(index)
-    raise BackendError(f"unknown device '{device}' for the onnxruntime backend; use cpu, cuda or cuda:N")
+def device_support() -> DeviceSupport:
+    """Whether ONNX Runtime can use CUDA here: its CUDA provider is installed (onnxruntime-gpu)."""
+    available = ort.get_available_providers()
+    return DeviceSupport("onnxruntime", CUDA_EP in available,
+                         missing=f"onnxruntime {ort.__version__} has no {CUDA_EP} (it has {', '.join(available)})",
+                         fix=f"install the gpu extra: {GPU_EXTRA_HINT}")
+
+
+def ort_device(device: str) -> tuple[str, int | None]:
+    """``device`` (auto | cpu | cuda | cuda:N, runtime/devices.py) resolved for ONNX Runtime as (kind, GPU id):
+    ('cpu', None) or ('cuda', N). CUDA without ORT's CUDA provider is an error naming the extra to install,
+    never a silent CPU run."""
+    resolved = resolve_device(device, device_support)
+    return ("cpu", None) if resolved == "cpu" else ("cuda", gpu_index(resolved))
 
 
 def session_options(intra_op_threads: int | None = None, inter_op_threads: int | None = None,
@@ -122,7 +121,7 @@ class OrtRunner:
                       cuda_options: dict | None = None) -> "OrtRunner":
         """The runner of one exported network on ``device`` ('cpu', 'cuda', 'cuda:N'): what the backend, export
         validation and ``toolkit bench ort`` each open (use it as a context manager, or ``close()`` it)."""
-        kind, device_id = parse_device(device)
+        kind, device_id = ort_device(device)
         return cls(manifest.component_path(name), manifest.contract(name), options or session_options(),
                    providers_for(kind, device_id, cuda_graph, cuda_options), arrays, cuda_graph)
 
@@ -181,8 +180,8 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     @classmethod
-    def default_device(cls) -> str:
-        return "cuda" if CUDA_EP in ort.get_available_providers() else "cpu"
+    def device_support(cls) -> DeviceSupport:
+        return device_support()
 
     @classmethod
     def auto_dtype(cls, source_dir, device: str) -> str:
@@ -198,7 +197,8 @@ class OrtBackend(Backend):
             raise BackendError(f"the onnxruntime backend has no option(s) {sorted(options)}; it takes "
                                "intra_op_threads, inter_op_threads, graph_optimization, cuda_graph, "
                                "cuda_options, verify, arrays")
-        kind, device_id = parse_device(device)
+        device = cls.resolve_device(device)   # 'auto' -> what describe() names
+        kind, device_id = ort_device(device)
         manifest = read_manifest(source_dir)
         if dtype not in ("auto", manifest.precision):
             raise BackendError(f"export {source_dir} runs {manifest.precision} (fixed at export); pass dtype "

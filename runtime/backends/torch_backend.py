@@ -2,7 +2,6 @@
 torch.compile). The only place in runtime/ that imports torch or diffusers."""
 from __future__ import annotations
 
-import re
 from pathlib import Path
 from typing import Any
 
@@ -11,29 +10,25 @@ import torch
 
 from runtime.backends.base import Backend, BackendError
 from runtime.config_checks import Config, read_json_object
+from runtime.devices import DeviceSupport, resolve_device
 from runtime.errors import unreadable_weights
 from runtime.model_source import MANIFEST
 from runtime.model_spec import MODEL_FIX, ModelSpec
 
-_DEVICE = re.compile(r"cpu|cuda(?::(\d+))?")
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def device_support() -> DeviceSupport:
+    """Whether torch can use CUDA here (what --device auto and cuda are checked against)."""
+    cuda = torch.cuda.is_available()
+    return DeviceSupport("torch", cuda, torch.cuda.device_count() if cuda else 0,
+                         missing=f"torch {torch.__version__} sees no CUDA GPU", fix="install a CUDA build of torch")
+
+
 def torch_device(device: str) -> torch.device:
-    """Validate a device string; asking for CUDA without one is an error, never a silent CPU run."""
-    match = _DEVICE.fullmatch(device)
-    if match is None:
-        raise BackendError(f"unknown device '{device}' for torch; use cpu, cuda or cuda:N")
-    if device == "cpu":
-        return torch.device("cpu")
-    if not torch.cuda.is_available():
-        raise BackendError(f"device '{device}' asked for, but torch sees no CUDA GPU "
-                           f"(torch {torch.__version__}); pass --device cpu or install a CUDA build of torch")
-    count = torch.cuda.device_count()
-    if match.group(1) is not None and int(match.group(1)) >= count:
-        raise BackendError(f"device '{device}' asked for, but torch sees {count} GPU(s); use cuda:0 to "
-                           f"cuda:{count - 1}")
-    return torch.device(device)
+    """``device`` (auto | cpu | cuda | cuda:N) as torch's; asking for CUDA without one is an error, never a silent
+    CPU run (runtime/devices.py)."""
+    return torch.device(resolve_device(device, device_support))
 
 
 def torch_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -67,8 +62,8 @@ class TorchBackend(Backend):
     name = "torch"
 
     @classmethod
-    def default_device(cls) -> str:
-        return "cuda" if torch.cuda.is_available() else "cpu"
+    def device_support(cls) -> DeviceSupport:
+        return device_support()
 
     @classmethod
     def load(cls, source_dir, spec: ModelSpec, *, device: str, dtype: str, channels_last: bool = False,
@@ -79,7 +74,7 @@ class TorchBackend(Backend):
         if (Path(source_dir) / MANIFEST).is_file():  # diffusers would fail on it with a bare OSError
             raise BackendError(f"{source_dir} is an ONNX export; the torch backend runs the diffusers directory "
                                "it was exported from (manifest.json's source.path), or pass --backend onnxruntime")
-        backend = cls(spec, device, dtype)
+        backend = cls(spec, cls.resolve_device(device), dtype)   # 'auto' -> what describe() names
         backend._load(Path(source_dir), channels_last, compile)
         return backend
 

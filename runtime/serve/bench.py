@@ -14,6 +14,7 @@ from typing import Optional
 
 import typer
 
+from runtime.devices import DEVICE_HELP
 from runtime.errors import ToolkitError
 from runtime.serve.loadtest import TABLE_HEADER
 
@@ -21,7 +22,7 @@ from runtime.serve.loadtest import TABLE_HEADER
 def command(
     model: str = typer.Argument(..., help="Export directory (or diffusers dir with --backend torch)."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch"),
-    device: str = typer.Option("cpu", help="cpu | cuda | cuda:N"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     clients: int = typer.Option(64, help="Concurrent clients."),
     requests: int = typer.Option(512, help="Requests in all, per configuration."),
     max_batch: int = typer.Option(8, help="The batched configuration's --max-batch (the other has 1)."),
@@ -37,6 +38,7 @@ def command(
     from runtime.staging import write_json
     from runtime.provenance import versions
     with Pipeline.load(model, backend=backend, device=device) as pipe:
+        typer.echo(f"load-testing {pipe.spec.name} on {pipe.backend.describe()}", err=True)
         results = [measure(pipe, clients=clients, requests=requests, max_batch=b, max_wait_ms=max_wait_ms,
                            steps=steps, seed=seed) for b in dict.fromkeys((max_batch, 1))]
         about = {"model": str(model), "backend": pipe.backend.describe(), "cpu_count": os.cpu_count(),

@@ -9,6 +9,7 @@ from typing import Optional
 
 import typer
 
+from runtime.devices import DEVICE_HELP
 from runtime.errors import ToolkitError
 
 
@@ -18,7 +19,7 @@ def serve(
     port: int = typer.Option(8000, help="TCP port."),
     backend: str = typer.Option("onnxruntime", help="onnxruntime | torch"),
     backend_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE for the backend (as in generate)."),
-    device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto | float32 | float16 | bfloat16"),
     max_batch: int = typer.Option(8, help="Images per pipeline call (and per request)."),
     max_wait_ms: float = typer.Option(10.0, help="How long a request waits for others to batch with."),
