@@ -2,7 +2,8 @@
 
     python scripts/bundle_default_model.py --study /work/study/demo --out models [--replace]
 
-- ``models/default``: the LCM-AT student pipeline, what ``toolkit generate`` and ``toolkit export`` use without
+- ``models/default``: the student pipeline named by ``--student`` (the better one measured: plain LCM since
+  docs/results.md part II; ``lcm-at`` rebuilds the earlier bundle), what ``toolkit generate`` and ``toolkit export`` use without
   ``--model``; weights in float16 when that validates (the fp16 copy, run in float32 on a CPU as the runtime does,
   must give the classifier's labels and pixels within the stated tolerance of the float32 original; otherwise the
   float32 weights ship and the card says so);
@@ -29,6 +30,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # runnable from a checkout
 
 from runtime.errors import ToolkitError  # noqa: E402  (after the path: runnable from a checkout)
+from scripts.demo_study import STUDENTS  # noqa: E402
 
 SHARED = ("text_encoder", "vae", "tokenizer")
 PARTS = ("default", "default-teacher", "demo-data")   # what the script writes under --out
@@ -147,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, required=True, help="The demo study directory (repro_demo.py --out).")
     parser.add_argument("--out", type=Path, default=Path("models"), help="Where default/, default-teacher/ go.")
+    parser.add_argument("--student", choices=STUDENTS, default="lcm",
+                        help="Which distilled student of the study to bundle (default: lcm, the better one measured).")
     parser.add_argument("--data-num", type=int, default=1000, help="Captioned images to bundle.")
     parser.add_argument("--recipe", default='{"max_steps": 300, "batch_size": 16, "lr": 1e-4, "w_min": 1.0, '
                         '"w_max": 3.0}', help="JSON: the bundled teacher's default distillation settings.")
@@ -166,12 +170,12 @@ def main(argv: list[str] | None = None) -> int:
 def bundle(args: argparse.Namespace) -> dict:
     from scripts.model_card import write_card
     student, teacher = args.out / "default", args.out / "default-teacher"
-    checks = {"student": bundle_model(args.study / "runs/lcm-at/model", student),
+    checks = {"student": bundle_model(args.study / "runs" / args.student / "model", student),
               "teacher": bundle_model(args.study / "runs/teacher/model", teacher)}
     link_shared(teacher, student)
     bundle_data(args.out / "demo-data", args.data_num)
     write_recipe(teacher, {**json.loads(args.recipe), "data": "../demo-data"})
-    write_card(args.out, args.study, checks)
+    write_card(args.out, args.study, checks, args.student)
     if args.samples:
         write_samples(student, args.samples)
     return checks

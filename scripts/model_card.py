@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+LABELS = {"lcm": "LCM", "lcm-at": "LCM-AT"}   # the demo study's students
 HEADER = """# The bundled demo models
 
 `default/` is the model `toolkit generate` and `toolkit export` use without `--model`; `default-teacher/` is the
@@ -20,7 +21,7 @@ by `python scripts/repro_demo.py --out DIR` and bundled by `python scripts/bundl
 - **Parts** (all diffusers / transformers classes): AutoencoderKL 32x32x3 -> 8x8x4 (`toolkit train vae`), a
   CLIPTextModel (hidden 64, 2 layers) trained jointly with the teacher's UNet2DConditionModel from random init
   (`toolkit train teacher`, 10% caption dropout for classifier-free guidance), the real CLIP BPE tokenizer; the
-  student is the LCM-AT distillation of that teacher (`toolkit train lcm-at`). `default-teacher/` links the
+  student is the {label} distillation of that teacher (`toolkit train {student}`). `default-teacher/` links the
   student's text encoder, VAE and tokenizer (the same frozen weights).
 - **Data and licenses**: Fashion-MNIST (Zalando Research, MIT license), captioned from class names and templates
   (`toolkit train captions`); the CLIP tokenizer vocabulary (OpenAI CLIP, MIT license). `demo-data/` holds the
@@ -44,8 +45,27 @@ def _measured(study: Path) -> list[str]:
     table = study / "report" / "table.md"
     if not table.is_file():
         return ["(the study's evaluation had not finished when these weights were bundled; see docs/results.md)"]
+    # the report's metric tables; its training table is left out: runs copied into a study (a bundled teacher, a
+    # student measured earlier) have no training log there, and the card's header says how each part was trained
+    sections = table.read_text().split("\n### ")
+    kept = [x for x in sections if not x.startswith(("Training", "### Training")) and "(not measured yet)" not in x]
     return ["From the study's report (docs/results.md has the full tables, seeds and commands):", "",
-            *table.read_text().splitlines()]
+            *"\n### ".join(kept).splitlines()]
+
+
+def _winner(study: Path, student: str) -> list[str]:
+    """Which student the study measured better, by how much: classifier FID per step count (the report's means)."""
+    path = study / "report" / "results.json"
+    agg = json.loads(path.read_text())["aggregate"] if path.is_file() else []
+    fid = {(a["model"], a["steps"]): a for a in agg if a["metric"] == "fmnist-classifier" and a["model"] in LABELS}
+    other = next(m for m in LABELS if m != student)
+    steps = sorted(s for m, s in fid if m == student and (other, s) in fid)
+    if not steps:
+        return [f"This model is the {LABELS[student]} student; the study's report compares no other student with it."]
+    gaps = ", ".join(f"{fid[(other, s)]['mean'] - fid[(student, s)]['mean']:+.2f} at {s} step{'s' * (s > 1)}"
+                     for s in steps)
+    return [f"This model is the {LABELS[student]} student. Classifier FID of {LABELS[other]} minus this model's "
+            f"(positive: this model is better; means over the seeds in the table below): {gaps}."]
 
 
 def _linked(root: Path, path: Path) -> bool:
@@ -60,16 +80,17 @@ def _hashes(root: Path) -> list[str]:
     return [f"{sha256_file(p)}  {p.relative_to(root).as_posix()}" for p in files]
 
 
-def write_card(root: Path, study: Path, checks: dict) -> Path:
+def write_card(root: Path, study: Path, checks: dict, student: str) -> Path:
     precision = [f"- `{name}`: {c['precision']} weights; the float16 copy against the float32 original, both run "
                  f"in float32: mean |pixel diff| {c['mean_abs_pixel_diff']:.4f}, max {c['max_abs_pixel_diff']}/255, "
                  f"classifier labels agree on {c['label_agreement']:.0%} of {c['images']} images at {c['steps']} steps"
                  for name, c in checks.items()]
     params = {name: _params(root / d) for name, d in (("student", "default"), ("teacher", "default-teacher"))}
     (root / "default" / "bundle.json").write_text(json.dumps(checks, indent=2) + "\n")
-    lines = [HEADER, "## Precision", "", *precision, "", "## Parameters", "",
+    lines = [HEADER.format(label=LABELS[student], student=student), "## Precision", "", *precision, "", "## Parameters", "",
              *[f"- {name}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in p.items()) for name, p in params.items()],
-             "", "## Measured", "", *_measured(study), "", "## Files (sha256, paths relative to models/; `sha256sum -c` takes this block)",
+             "", "## Measured", "", *_winner(study, student), "",
+             *_measured(study), "", "## Files (sha256, paths relative to models/; `sha256sum -c` takes this block)",
              "", "```", *_hashes(root), "```", ""]
     card = root / "default" / "README.md"
     card.write_text("\n".join(lines))
