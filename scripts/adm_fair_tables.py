@@ -51,9 +51,9 @@ def checks_table(curve: dict) -> list[str]:
 
 def sweep_table(pick: dict) -> list[str]:
     best = pick["best"]
-    lines = _header("sweep run", "held-out FID (train split)", "")
+    lines = _header("sweep run", "held-out FID (train split)")
     for name, fid in sorted(pick["heldout_fid"].items(), key=lambda kv: kv[1]):
-        lines.append(_row(name, f"{fid:.2f}", ""))
+        lines.append(_row(name, f"{fid:.2f}"))
     return lines + ["", f"Pick: {best['variant']}, α = {best['alpha']}, bound {best['bound']}, t sampler "
                         f"{best['timestep_sampler']}; per variant: " +
                     ", ".join(f"{v}: α = {p['alpha']}, bound {p['bound']}" for v, p in pick["best_by_variant"].items())]
