@@ -3,10 +3,10 @@
     python scripts/bundle_default_model.py --study /work/study/demo --out models [--replace]
 
 - ``models/default``: the student pipeline named by ``--student`` (the better one measured: plain LCM since
-  docs/results.md part II; ``lcm-at`` rebuilds the earlier bundle), what ``toolkit generate`` and ``toolkit export`` use without
-  ``--model``; weights in float16 when that validates (the fp16 copy, run in float32 on a CPU as the runtime does,
-  must give the classifier's labels and pixels within the stated tolerance of the float32 original; otherwise the
-  float32 weights ship and the card says so);
+  docs/results.md part II; ``lcm-at`` rebuilds the earlier bundle), what ``toolkit generate`` and ``toolkit
+  export`` use without ``--model``; weights in float16 when that validates (the fp16 copy, run in float32 on a CPU
+  as the runtime does, must give the classifier's labels and pixels within the stated tolerance of the float32
+  original; otherwise the float32 weights ship and the card says so);
 - ``models/default-teacher``: the teacher, what ``toolkit train lcm-at`` distils without ``--teacher``; its text
   encoder, VAE and tokenizer are the student's files (relative symlinks: LCM distillation keeps them frozen), its
   toolkit.json carries the default distillation recipe and names the bundled data;

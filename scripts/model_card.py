@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LABELS = {"lcm": "LCM", "lcm-at": "LCM-AT"}   # the demo study's students
+from scripts.demo_study import STUDENTS
+from scripts.demo_study_report import LABELS
+
 HEADER = """# The bundled demo models
 
 `default/` is the model `toolkit generate` and `toolkit export` use without `--model`; `default-teacher/` is the
@@ -57,8 +59,8 @@ def _winner(study: Path, student: str) -> list[str]:
     """Which student the study measured better, by how much: classifier FID per step count (the report's means)."""
     path = study / "report" / "results.json"
     agg = json.loads(path.read_text())["aggregate"] if path.is_file() else []
-    fid = {(a["model"], a["steps"]): a for a in agg if a["metric"] == "fmnist-classifier" and a["model"] in LABELS}
-    other = next(m for m in LABELS if m != student)
+    fid = {(a["model"], a["steps"]): a for a in agg if a["metric"] == "fmnist-classifier" and a["model"] in STUDENTS}
+    other = next(m for m in STUDENTS if m != student)
     steps = sorted(s for m, s in fid if m == student and (other, s) in fid)
     if not steps:
         return [f"This model is the {LABELS[student]} student; the study's report compares no other student with it."]
@@ -87,7 +89,8 @@ def write_card(root: Path, study: Path, checks: dict, student: str) -> Path:
                  for name, c in checks.items()]
     params = {name: _params(root / d) for name, d in (("student", "default"), ("teacher", "default-teacher"))}
     (root / "default" / "bundle.json").write_text(json.dumps(checks, indent=2) + "\n")
-    lines = [HEADER.format(label=LABELS[student], student=student), "## Precision", "", *precision, "", "## Parameters", "",
+    lines = [HEADER.format(label=LABELS[student], student=student), "## Precision", "", *precision, "",
+             "## Parameters", "",
              *[f"- {name}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in p.items()) for name, p in params.items()],
              "", "## Measured", "", *_winner(study, student), "",
              *_measured(study), "", "## Files (sha256, paths relative to models/; `sha256sum -c` takes this block)",
