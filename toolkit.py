@@ -8,13 +8,13 @@ from typing import Optional
 
 import typer
 
-from runtime.devices import DEVICE_HELP
-from runtime.errors import handles_errors
+from atdiff.runtime.devices import DEVICE_HELP
+from atdiff.runtime.errors import handles_errors
 
 app = typer.Typer(help="Train, export, serve and evaluate few-step diffusion models.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 
-_GROUPS = (("train", "train.cli"), ("export", "export.cli"), ("eval", "eval.cli"))
+_GROUPS = (("train", "atdiff.train.cli"), ("export", "atdiff.export.cli"), ("eval", "atdiff.eval.cli"))
 
 
 def _mount_groups() -> None:
@@ -59,8 +59,8 @@ def generate(
                                                    "never overwritten: the new image gets NAME-seedN-1.png, -2, ..."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
-    from runtime.cli_generate import run_generate, sampler_options
-    from runtime.generation import GenerationOptions
+    from atdiff.runtime.cli_generate import run_generate, sampler_options
+    from atdiff.runtime.generation import GenerationOptions
     labels = (class_label[0] if len(class_label) == 1 else class_label) if class_label else None
     options = GenerationOptions(
         prompts=prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed, sampler=sampler,
@@ -72,7 +72,7 @@ def generate(
 
 
 def _mount_serve() -> None:
-    from runtime.serve.cli import serve
+    from atdiff.runtime.serve.cli import serve
     app.command("serve")(handles_errors(serve))
 
 
@@ -82,7 +82,7 @@ _mount_serve()
 @app.command()
 def doctor() -> None:
     """What is installed and usable: torch + CUDA, ONNX Runtime providers, TensorRT, the GPU."""
-    from runtime.doctor import report
+    from atdiff.runtime.doctor import report
     report()
 
 
@@ -95,11 +95,11 @@ app.add_typer(bench, name="bench")
 
 def _mount_benchmarks() -> None:
     # Each benchmark lives beside the code it measures; their modules import torch only when they run.
-    from export import bench_ort
-    from train import bench_adm_at
+    from atdiff.export import bench_ort
+    from atdiff.train.adm import bench_adm_at
     bench.command("ort")(handles_errors(bench_ort.command))
     bench.command("adm-at")(handles_errors(bench_adm_at.command))
-    from runtime.serve import bench as bench_serve
+    from atdiff.runtime.serve import bench as bench_serve
     bench.command("serve")(handles_errors(bench_serve.command))
 
 

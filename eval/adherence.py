@@ -11,8 +11,8 @@ import time
 
 import numpy as np
 
-from eval.fashion_prompts import class_prompts
-from runtime.errors import ToolkitError
+from atdiff.eval.fashion_prompts import class_prompts
+from atdiff.runtime.errors import ToolkitError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,7 +30,7 @@ class AdherenceConfig:
 
 def run_adherence(config: AdherenceConfig, classifier) -> list[dict]:
     """One row per step count: accuracy (and its standard error), per-class accuracy, seconds."""
-    from runtime.pipeline import Pipeline
+    from atdiff.runtime.pipeline import Pipeline
     if config.per_class < 1:
         raise ToolkitError(f"--per-class must be at least 1, got {config.per_class}")
     prompts = class_prompts()

@@ -22,7 +22,7 @@ import numpy as np
 if TYPE_CHECKING:   # torch is imported lazily, inside the functions that use it
     import torch
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "fmnist-classifier.safetensors"
@@ -62,7 +62,8 @@ def to_input(images) -> "torch.Tensor":
     import torch
     images = np.asarray(images)
     if images.dtype != np.uint8:
-        raise ToolkitError(f"the classifier takes uint8 images, got {images.dtype}; convert with runtime.images.to_uint8")
+        raise ToolkitError(f"the classifier takes uint8 images, got {images.dtype}; "
+                           "convert with atdiff.runtime.images.to_uint8")
     if images.ndim == 4 and images.shape[-1] == 3:
         images = np.rint(images.astype(np.float32) @ np.array([0.299, 0.587, 0.114], np.float32)).astype(np.uint8)
     elif images.ndim == 4 and images.shape[-1] == 1:
@@ -80,14 +81,14 @@ def file_sha256(path: Path) -> str:
 
 
 class FashionClassifierFeatures:
-    """The extractor interface of ``eval.inception.InceptionFeatures``: ``__call__(uint8 images) -> [N, 128]``
+    """The extractor interface of ``atdiff.eval.inception.InceptionFeatures``: ``__call__(uint8 images) -> [N, 128]``
     float32 features and ``describe()``; plus ``predict`` (class indices) for prompt adherence."""
 
     def __init__(self, weights: str | os.PathLike | None = None, *, device: str = "auto", batch_size: int = 500):
         import torch
         from safetensors.torch import load_file
 
-        from runtime.backends.torch_backend import TorchBackend
+        from atdiff.runtime.backends.torch_backend import TorchBackend
         self.path = Path(weights) if weights else DEFAULT_WEIGHTS
         if not self.path.is_file():
             raise ToolkitError(f"classifier weights '{self.path}' do not exist; train them with "
@@ -104,7 +105,7 @@ class FashionClassifierFeatures:
         self._torch = torch
 
     def describe(self) -> dict:
-        # weights_sha1 / resize are the fields eval.measure.check_comparable compares between statistics
+        # weights_sha1 / resize are the fields atdiff.eval.measure.check_comparable compares between statistics
         return {"network": NETWORK, "weights_sha1": self.sha256, "resize": "bicubic-28", "features": FEATURE_DIM}
 
     def _run(self, images) -> tuple[np.ndarray, np.ndarray]:

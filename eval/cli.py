@@ -6,8 +6,8 @@ from typing import Optional
 
 import typer
 
-from runtime.devices import DEVICE_HELP
-from runtime.errors import handles_errors
+from atdiff.runtime.devices import DEVICE_HELP
+from atdiff.runtime.errors import handles_errors
 
 app = typer.Typer(help="FID / KID / CLIP score, sample-FID sweeps and the deployment comparison report.",
                   no_args_is_help=True)
@@ -29,7 +29,7 @@ CLIP_PRETRAINED = typer.Option("openai", help="open_clip pretrained tag (needs i
 
 
 def _extractor(features, inception, device, resize, batch_size=50, engine="auto"):
-    from eval.measure import make_extractor
+    from atdiff.eval.measure import make_extractor
     return make_extractor(features, inception=inception, device=device, resize=resize, batch_size=batch_size,
                           engine=engine)
 
@@ -45,7 +45,7 @@ def fid(gen: str = typer.Argument(..., help="Image folder, .npz stats or dataset
         cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED,
         out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here.")) -> None:
     """FID (and KID) between two image sets / stats files; prints JSON."""
-    from eval.commands import run_fid
+    from atdiff.eval.commands import run_fid
     run_fid(gen, ref, extractor=_extractor(features, inception, device, resize, batch_size, inception_engine), kid=kid, seed=seed, cache=cache,
             chunk_size=chunk_size, out=out, num=num)
 
@@ -59,7 +59,7 @@ def stats(data: str = typer.Argument(..., help="Image folder or dataset name."),
           batch_size: int = typer.Option(50, help="Images per Inception batch."),
           cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED) -> None:
     """Reference FID statistics of a dataset or folder."""
-    from eval.commands import run_stats
+    from atdiff.eval.commands import run_stats
     run_stats(data, out=out, extractor=_extractor(features, inception, device, resize, batch_size, inception_engine), cache=cache,
               chunk_size=chunk_size, num=num)
 
@@ -73,8 +73,8 @@ def clip(images: Path = typer.Argument(..., help="Folder of images (sorted by fi
          batch_size: int = typer.Option(32, help="Images per CLIP batch."), seed: int = SEED,
          out: Optional[Path] = typer.Option(None, help="Also write the result as JSON here.")) -> None:
     """CLIP score (100 x cosine, clipped at 0, averaged) of images against their prompts."""
-    from eval.clip_score import ClipScorer
-    from eval.commands import run_clip
+    from atdiff.eval.clip_score import ClipScorer
+    from atdiff.eval.commands import run_clip
     scorer = ClipScorer(clip_model, clip_pretrained or None, device=device, batch_size=batch_size, seed=seed)
     run_clip(images, prompts_file=prompts, scorer=scorer, out=out)
 
@@ -105,7 +105,7 @@ def sample_fid(model: str = typer.Argument(..., help="Diffusers dir, export dir 
                out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here.")) -> None:
     """Generate NUM samples per NFE in memory (no PNGs) and print FID against REF for each."""
     args = dict(locals())
-    from eval.cli_runs import sample_fid_command
+    from atdiff.eval.cli_runs import sample_fid_command
     sample_fid_command(**args)
 
 
@@ -135,7 +135,7 @@ def compare(model: list[str] = typer.Option(..., help="NAME=PATH (diffusers dir 
             device: str = DEVICE, cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED) -> None:
     """Same seeds through every model x backend x steps: FID / CLIP table, plot, grid and a verdict."""
     args = dict(locals())
-    from eval.cli_runs import compare_command
+    from atdiff.eval.cli_runs import compare_command
     compare_command(**args)
 
 
@@ -151,12 +151,12 @@ def adherence(model: str = typer.Argument(..., help="A text-to-image model train
               device: str = DEVICE, seed: int = SEED,
               out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here.")) -> None:
     """Prompt adherence: how often the shipped Fashion-MNIST classifier sees the class each prompt names."""
-    from eval.adherence import AdherenceConfig, run_adherence
-    from eval.classifier import FashionClassifierFeatures
-    from eval.commands import console
-    from runtime.provenance import versions
-    from eval.generate import parse_int_list
-    from runtime.staging import check_writable, write_json
+    from atdiff.eval.adherence import AdherenceConfig, run_adherence
+    from atdiff.eval.classifier import FashionClassifierFeatures
+    from atdiff.eval.commands import console
+    from atdiff.runtime.provenance import versions
+    from atdiff.eval.generate import parse_int_list
+    from atdiff.runtime.staging import check_writable, write_json
     if out is not None:
         check_writable(out, parent=True)
     config = AdherenceConfig(model=model, steps=tuple(parse_int_list(steps, "steps")), per_class=per_class, seed=seed,
@@ -187,5 +187,5 @@ def exposure_bias(model: str = typer.Argument(..., help="A pixel diffusion model
                                                      "exposure-bias/MODEL-SAMPLER-nfeN).")) -> None:
     """Train/sampling mismatch per step: the sampler's E||x_t||^2/d against q(x_t)'s, and the network's eps error."""
     args = dict(locals())
-    from eval.exposure_bias_cli import exposure_bias_command
+    from atdiff.eval.exposure_bias_cli import exposure_bias_command
     exposure_bias_command(**args)

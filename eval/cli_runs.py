@@ -3,18 +3,18 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from eval.clip_score import ClipScorer, read_prompts
-from eval.compare import CellMetrics, CompareConfig, run_compare, validate
-from eval.compare_report import FORMAT as REPORT_FORMAT, RECORD, write_report
-from eval.generate import as_tuple, parse_int_list
-from eval.measure import make_extractor, source_stats
-from eval.sample_fid import SampleFIDConfig, run_sample_fid
-from runtime.cli_generate import parse_options, sampler_options
-from runtime.errors import ToolkitError
-from runtime.model_spec import model_name
-from runtime.progress import console, progress_bars
-from runtime.provenance import versions
-from runtime.staging import check_target, check_writable, write_json
+from atdiff.eval.clip_score import ClipScorer, read_prompts
+from atdiff.eval.compare import CellMetrics, CompareConfig, run_compare, validate
+from atdiff.eval.compare_report import FORMAT as REPORT_FORMAT, RECORD, write_report
+from atdiff.eval.generate import as_tuple, parse_int_list
+from atdiff.eval.measure import make_extractor, source_stats
+from atdiff.eval.sample_fid import SampleFIDConfig, run_sample_fid
+from atdiff.runtime.cli_generate import parse_options, sampler_options
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_spec import model_name
+from atdiff.runtime.progress import console, progress_bars
+from atdiff.runtime.provenance import versions
+from atdiff.runtime.staging import check_target, check_writable, write_json
 
 
 def parse_pairs(values: list[str] | None, option: str) -> dict[str, str]:

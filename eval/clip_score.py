@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 DEFAULT_MODEL, DEFAULT_PRETRAINED = "ViT-L-14", "openai"
 # a CLIP trained by `toolkit train clip`: its model/ directory holds the open_clip config and the weights
@@ -27,7 +27,7 @@ class ClipScorer:
         import open_clip
         import torch
 
-        from runtime.backends.torch_backend import TorchBackend
+        from atdiff.runtime.backends.torch_backend import TorchBackend
         model, pretrained = _trained_clip(model, pretrained)
         name = _register_config(model)
         self.device = TorchBackend.resolve_device(device)   # auto | cpu | cuda | cuda:N (runtime/devices.py)

@@ -6,16 +6,16 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.clip_score import ClipScorer, read_prompts
-from eval.fid import FeatureStats, fid_from_stats, save_stats
-from eval.inception import InceptionFeatures
-from eval.kid import kernel_inception_distance
-from eval.measure import cache_subdir, check_comparable, source_features, source_stats
-from eval.sources import FolderSource, resolve_source, take
-from runtime.errors import ToolkitError
-from runtime.progress import console, progress_bars
-from runtime.provenance import versions
-from runtime.staging import write_json
+from atdiff.eval.clip_score import ClipScorer, read_prompts
+from atdiff.eval.fid import FeatureStats, fid_from_stats, save_stats
+from atdiff.eval.inception import InceptionFeatures
+from atdiff.eval.kid import kernel_inception_distance
+from atdiff.eval.measure import cache_subdir, check_comparable, source_features, source_stats
+from atdiff.eval.sources import FolderSource, resolve_source, take
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.progress import console, progress_bars
+from atdiff.runtime.provenance import versions
+from atdiff.runtime.staging import write_json
 
 
 def run_fid(gen: str, ref: str, *, extractor: InceptionFeatures, kid: bool, seed: int, cache: Path | None,

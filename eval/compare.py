@@ -19,12 +19,12 @@ from typing import Any
 
 import numpy as np
 
-from eval.features import FeatureCache, chunked_measure
-from eval.fid import FeatureStats, ReferenceFID, fid_from_stats
-from eval.generate import SamplingPlan, sample_producer
-from eval.measure import check_comparable, check_extractor, model_identity
-from runtime.errors import ToolkitError
-from runtime.model_source import MANIFEST
+from atdiff.eval.features import FeatureCache, chunked_measure
+from atdiff.eval.fid import FeatureStats, ReferenceFID, fid_from_stats
+from atdiff.eval.generate import SamplingPlan, sample_producer
+from atdiff.eval.measure import check_comparable, check_extractor, model_identity
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_source import MANIFEST
 
 TORCH = "torch"
 
@@ -137,7 +137,7 @@ class CellMetrics:
 def run_compare(config: CompareConfig, metrics: CellMetrics, *, progress=None, on_row=None) -> tuple[list[dict], dict]:
     """Rows (one per model x backend x steps) and grids {(model, backend, steps): uint8 [K, H, W, 3]}.
     ``progress(label, done, total)`` reports samples; ``on_row(row)`` sees each finished row."""
-    from runtime.pipeline import Pipeline
+    from atdiff.runtime.pipeline import Pipeline
     validate(config)
     if metrics.ref is not None:
         check_extractor(metrics.extractor, metrics.ref)
@@ -160,7 +160,7 @@ def run_compare(config: CompareConfig, metrics: CellMetrics, *, progress=None, o
 
 
 def _run_cell(pipe, config: CompareConfig, metrics: CellMetrics, model: tuple[str, dict], steps: int, tick):
-    """One (model, backend, steps) cell; ``model`` is (name, eval.measure.model_identity)."""
+    """One (model, backend, steps) cell; ``model`` is (name, atdiff.eval.measure.model_identity)."""
     (name, model_id), backend = model, pipe.backend.name
     plan = SamplingPlan(steps=steps, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
                         prompts=config.prompts)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.verdict import METRICS, build_verdict, verdict_lines
-from runtime.staging import staged_directory
+from atdiff.eval.verdict import METRICS, build_verdict, verdict_lines
+from atdiff.runtime.staging import staged_directory
 
 COLUMNS = ["model", "backend", "steps", "fid", "fid_std", "clip", "clip_std", "num", "seconds", "runs_on",
            "model_sha256"]

@@ -33,10 +33,10 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.noise import SeededNoise, StepNoise
-from runtime.samplers import get_sampler
-from runtime.schedule import NoiseSchedule, predict_x0, predict_x0_eps
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.noise import SeededNoise, StepNoise
+from atdiff.runtime.samplers import get_sampler
+from atdiff.runtime.schedule import NoiseSchedule, predict_x0, predict_x0_eps
 
 HOST = SimpleNamespace(from_numpy=lambda a: a, to_numpy=np.asarray)   # numpy in, numpy out
 Q_STREAM = 1            # q-side noise seeds are (seed, Q_STREAM, i): apart from the sampler's seeds seed + i

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.exposure_bias import MeterConfig, measure
-from runtime.errors import ToolkitError
-from runtime.model_spec import model_name
-from runtime.progress import console, progress_bars
-from runtime.provenance import versions
-from runtime.staging import check_target, check_writable, staged_directory, write_json
+from atdiff.eval.exposure_bias import MeterConfig, measure
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_spec import model_name
+from atdiff.runtime.progress import console, progress_bars
+from atdiff.runtime.provenance import versions
+from atdiff.runtime.staging import check_target, check_writable, staged_directory, write_json
 
 RESULT = "exposure_bias.json"   # also what marks --out as this command's: only such a directory is replaced
 PLOT = "exposure_bias.png"
@@ -21,8 +21,8 @@ DATASETS = ("fashion-mnist", "mnist")   # the offline datasets eval/sources.py r
 
 def exposure_bias_command(*, model: str, sampler: str, nfe: int, num: int, data: str, batch_size: int | None,
                           device: str, seed: int, out: Path | None) -> Path:
-    from eval.measure import model_identity
-    from runtime.pipeline import Pipeline
+    from atdiff.eval.measure import model_identity
+    from atdiff.runtime.pipeline import Pipeline
 
     config = MeterConfig(sampler=sampler, nfe=nfe, num=num, seed=seed, batch_size=batch_size)
     config.check()
@@ -62,11 +62,11 @@ def default_out(model: str, sampler: str, nfe: int) -> Path:
 
 
 def reference_dataset(data: str, spec):
-    """``--data`` read and preprocessed exactly as ``toolkit train adm`` does (train/image_data.py), at the
+    """``--data`` read and preprocessed exactly as ``toolkit train adm`` does (train/core/image_data.py), at the
     model's resolution: a dataset name with an optional :train/:test split, or anything ``--data`` of training
     takes (image folder, .npy/.npz, IDX file, CIFAR-10 batches)."""
-    from eval.sources import dataset_labels, dataset_source
-    from train.image_data import ArrayDataset, load_image_dataset
+    from atdiff.eval.sources import dataset_labels, dataset_source
+    from atdiff.train.core.image_data import ArrayDataset, load_image_dataset
     class_cond, resolution = bool(spec.num_class_embeds), spec.default_resolution
     name, _, split = data.partition(":")
     if name in DATASETS:
@@ -93,7 +93,7 @@ def data_subset(dataset, num: int, seed: int, class_cond: bool) -> tuple[np.ndar
 
 def bind_denoiser(pipe):
     """labels -> model(x, t): the pipeline's own conditioning (class labels for class-conditional models)."""
-    from runtime.conditioning import Conditioning
+    from atdiff.runtime.conditioning import Conditioning
     backend = pipe.backend
 
     def bind(labels):

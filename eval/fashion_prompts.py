@@ -1,6 +1,6 @@
 """The words of the Fashion-MNIST text-to-image data: what each class is called in a caption, the caption
 templates, one prompt per class (what prompt adherence is measured on) and the class a caption names.
-Shared by the training data (train/fashion_captions.py) and the evaluation (eval/adherence.py)."""
+Shared by the training data (train/demo/fashion_captions.py) and the evaluation (eval/adherence.py)."""
 from __future__ import annotations
 
 import numpy as np

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.staging import atomic_file
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.staging import atomic_file
 
 DEFAULT_CHUNK = 1000
 Produce = Callable[[int, int], np.ndarray]      # (start, stop) -> uint8 images [stop - start, H, W, C]

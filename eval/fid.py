@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 import scipy.linalg
 
-from runtime.errors import ToolkitError
-from runtime.staging import atomic_file
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.staging import atomic_file
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Generated samples as a chunk producer for ``eval.features.chunked_measure``: sample i always has seed
+"""Generated samples as a chunk producer for ``atdiff.eval.features.chunked_measure``: sample i always has seed
 ``seed + i`` (and prompt ``prompts[i % len(prompts)]``, class ``i % classes`` for class-conditional models),
 so any chunk can be regenerated alone, identically, on any backend — which is what makes caching,
 resuming and cross-backend comparison sound. Images stay in memory; nothing is written to disk."""
@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 StepProgress = Callable[[float], None]   # samples finished so far (fractional inside a chunk)
 

@@ -1,6 +1,6 @@
 """The offline IDX datasets (MNIST, Fashion-MNIST): where their files are and how they are read, one reader for
 ``toolkit eval`` (eval/sources.py: ``fashion-mnist[:test]``) and ``toolkit train --data fashion-mnist``
-(train/image_data.py, which also reads any IDX file given as ``--data``).
+(train/core/image_data.py, which also reads any IDX file given as ``--data``).
 
 Where a dataset is looked for, first match wins (a folder counts when it holds the file asked for, e.g.
 ``train-images-idx3-ubyte``, raw or ``.gz``):
@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 DATASETS_ENV, MNIST_ENV = "TOOLKIT_DATASETS_DIR", "TOOLKIT_MNIST_DIR"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 INPUT_SIZE = 299
 FEATURE_DIM = 2048
@@ -68,7 +68,7 @@ class InceptionFeatures:
         auto (onnxruntime on the CPU for the standard weights when it is installed, else torch)."""
         import torch
 
-        from runtime.backends.torch_backend import TorchBackend
+        from atdiff.runtime.backends.torch_backend import TorchBackend
         if resize not in RESIZE_MODES:
             raise ToolkitError(f"unknown resize mode '{resize}'; choose one of {', '.join(RESIZE_MODES)}")
         if engine not in ENGINES:
@@ -88,7 +88,7 @@ class InceptionFeatures:
         self.engine = _pick_engine(engine, self.device, known=self.sha1 == DEFAULT_1_SHA1)
         self._onnx = None
         if self.engine == "onnxruntime":
-            from eval.inception_onnx import onnx_inception
+            from atdiff.eval.inception_onnx import onnx_inception
             self._onnx = onnx_inception(self.model, self.sha1, torch.get_num_threads())
 
     def describe(self) -> dict:
@@ -133,7 +133,7 @@ def as_rgb_list(images) -> list[np.ndarray]:
         image = np.asarray(image)
         if image.dtype != np.uint8:
             raise ToolkitError(f"FID features need uint8 images, got {image.dtype}; "
-                               "convert with runtime.images.to_uint8")
+                               "convert with atdiff.runtime.images.to_uint8")
         if image.ndim == 2:
             image = image[..., None]
         if image.ndim != 3 or image.shape[-1] not in (1, 3):

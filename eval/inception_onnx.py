@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.staging import atomic_file
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.staging import atomic_file
 
 TOLERANCE = 1e-3   # max |feature difference| accepted between the ONNX graph and the TorchScript network
 

@@ -9,7 +9,7 @@ import dataclasses
 
 import numpy as np
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 
 @dataclasses.dataclass(frozen=True)

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.features import DEFAULT_CHUNK, FeatureCache, Progress, chunked_measure
-from eval.fid import FeatureStats
-from eval.inception import InceptionFeatures
-from eval.sources import resolve_source, take
-from runtime.errors import ToolkitError
-from runtime.provenance import tree_fingerprint
+from atdiff.eval.features import DEFAULT_CHUNK, FeatureCache, Progress, chunked_measure
+from atdiff.eval.fid import FeatureStats
+from atdiff.eval.inception import InceptionFeatures
+from atdiff.eval.sources import resolve_source, take
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.provenance import tree_fingerprint
 
 
 FEATURES = ("inception", "fmnist-classifier")
@@ -25,7 +25,7 @@ def make_extractor(features: str = "inception", *, inception=None, device: str =
     if features == "inception":
         return InceptionFeatures(inception, device=device, resize=resize, batch_size=batch_size, engine=engine)
     if features == "fmnist-classifier":
-        from eval.classifier import FashionClassifierFeatures
+        from atdiff.eval.classifier import FashionClassifierFeatures
         return FashionClassifierFeatures(device=device)
     raise ToolkitError(f"unknown --features {features!r}; use one of {', '.join(FEATURES)}")
 

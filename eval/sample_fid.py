@@ -6,10 +6,10 @@ import dataclasses
 import time
 from pathlib import Path
 
-from eval.features import FeatureCache, chunked_measure
-from eval.fid import FeatureStats, fid_from_stats
-from eval.generate import SamplingPlan, sample_producer
-from eval.measure import cache_subdir, check_comparable, check_extractor, model_identity
+from atdiff.eval.features import FeatureCache, chunked_measure
+from atdiff.eval.fid import FeatureStats, fid_from_stats
+from atdiff.eval.generate import SamplingPlan, sample_producer
+from atdiff.eval.measure import cache_subdir, check_comparable, check_extractor, model_identity
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +34,8 @@ class SampleFIDConfig:
 
 def generated_features(pipe, plan: SamplingPlan, extractor, num: int, *, chunk_size: int,
                        cache_dir: Path | None, model_id: dict | None, progress=None):
-    """Features (``extractor``: eval.measure.make_extractor) of ``num`` samples of ``pipe`` under ``plan`` (cached per chunk when asked)."""
+    """Features (``extractor``: atdiff.eval.measure.make_extractor) of ``num`` samples of ``pipe`` under ``plan``
+    (cached per chunk when asked)."""
     cache = None
     if cache_dir is not None:
         cache = FeatureCache(cache_dir, {"model": model_id, "backend": pipe.backend.describe(), "plan": plan.record(),
@@ -48,7 +49,7 @@ def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor,
                    progress_for=None) -> list[dict]:
     """One row per NFE: {nfe, fid, num, seconds, backend, model_sha256}. ``progress_for(nfe)`` returns a callback
     taking the number of samples done."""
-    from runtime.pipeline import Pipeline
+    from atdiff.runtime.pipeline import Pipeline
     rows = []
     check_extractor(extractor, ref)
     with Pipeline.load(config.model, backend=config.backend, device=config.device, dtype=config.dtype,

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import numpy as np
 
-from eval.fid import FeatureStats, load_stats
-from eval.idx_datasets import DATASETS, dataset_dir, idx_file, read_idx, split_stem
-from runtime.errors import ToolkitError
+from atdiff.eval.fid import FeatureStats, load_stats
+from atdiff.eval.idx_datasets import DATASETS, dataset_dir, idx_file, read_idx, split_stem
+from atdiff.runtime.errors import ToolkitError
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 

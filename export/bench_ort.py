@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import typer
 
-from runtime.errors import ToolkitError, handles_errors
-from runtime.staging import write_json
+from atdiff.runtime.errors import ToolkitError, handles_errors
+from atdiff.runtime.staging import write_json
 
 # SD-1.5's UNet (diffusers' defaults are SD-1.5's) with LCM's guidance embedding, as LCM-Dreamshaper-v7.
 SD_UNET = dict(sample_size=64, cross_attention_dim=768, time_cond_proj_dim=256)
@@ -30,7 +30,7 @@ SIZES = ("sd", "tiny")
 def build_model(root: Path, size: str, seed: int = 0) -> Path:
     import torch
     from diffusers import UNet2DConditionModel
-    from train.tiny_models import build_tiny_text_to_image
+    from atdiff.train.core.tiny_models import build_tiny_text_to_image
     model = build_tiny_text_to_image(root / f"{size}-lcm", seed=seed, lcm=True)
     if size == "sd":  # swap in an SD-size UNet; text encoder / VAE stay tiny (only the UNet is exported)
         torch.manual_seed(seed)
@@ -53,9 +53,9 @@ def time_ort(export_dir: Path, device: str, cuda_graph: bool, iters: int, arrays
              seed: int = 0) -> dict:
     """One UNet call as the pipeline makes it: numpy arrays go host -> device -> host every call; torch
     arrays stay on the device (only the timestep is copied in)."""
-    from runtime.backends.ort_backend import OrtRunner, ort_device
-    from runtime.backends.ort_binding import make_arrays
-    from runtime.export_manifest import read_manifest
+    from atdiff.runtime.backends.ort_backend import OrtRunner, ort_device
+    from atdiff.runtime.backends.ort_binding import make_arrays
+    from atdiff.runtime.export_manifest import read_manifest
     manifest = read_manifest(export_dir)
     kind, device_id = ort_device(device)
     adapter = make_arrays(arrays, kind, device_id)
@@ -91,7 +91,7 @@ def time_torch(model: Path, device: str, feed: dict, iters: int) -> dict:
 def run(out: Path, size: str = "sd", device: str = "auto", iters: int = 30, fp16: bool = True, seed: int = 0) -> dict:
     """Export, validate and time; writes ``out/bench.json`` and returns the results. ``device``: auto (CUDA
     when torch and ONNX Runtime can both use a GPU) | cpu | cuda | cuda:N; the device used is printed."""
-    from export.exporter import ExportSettings, export_device, run_export
+    from atdiff.export.exporter import ExportSettings, export_device, run_export
     if size not in SIZES:
         raise ToolkitError(f"unknown --size '{size}'; choose one of {', '.join(SIZES)}")
     device = export_device(device)

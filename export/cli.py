@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.table import Table
 from typer.core import TyperGroup
 
-from runtime.errors import ToolkitError, handles_errors
+from atdiff.runtime.errors import ToolkitError, handles_errors
 
 console = Console(stderr=True)
 DEFAULT_COMMAND = "run"
@@ -33,7 +33,7 @@ class _DefaultCommandGroup(TyperGroup):
 
 
 def _has_default_model() -> bool:
-    from runtime.default_model import default_model
+    from atdiff.runtime.default_model import default_model
     try:
         default_model()
     except ToolkitError:
@@ -70,10 +70,10 @@ def run(
                                "ONNX Runtime can both use a GPU, else CPU; printed) | cpu | cuda | cuda:N."),
 ) -> None:
     """Export MODEL's networks to ONNX, validate them, and write DIR atomically with a manifest."""
-    from export.exporter import ExportSettings, default_out, run_export
-    from export.validate import ExportValidationError
-    from runtime.default_model import default_model
-    from runtime.model_source import open_model
+    from atdiff.export.exporter import ExportSettings, default_out, run_export
+    from atdiff.export.validate import ExportValidationError
+    from atdiff.runtime.default_model import default_model
+    from atdiff.runtime.model_source import open_model
 
     model = model or default_model()
     out = out or default_out(open_model(model).spec.name, fp16)
@@ -105,8 +105,8 @@ def validate_command(
                                "else CPU; printed) | cpu | cuda | cuda:N."),
 ) -> None:
     """Verify the files' hashes, then compare ONNX Runtime with PyTorch per network and end to end."""
-    from export.validate import validate_export
-    from runtime.backends.ort_backend import OrtBackend
+    from atdiff.export.validate import validate_export
+    from atdiff.runtime.backends.ort_backend import OrtBackend
     device = OrtBackend.resolve_device(device)
     console.print(f"validating on {device} (--device)")
     report = validate_export(export_dir, source=source, seed=seed, device=device)
@@ -128,7 +128,7 @@ def triton_command(
 ) -> None:
     """Write a Triton Inference Server model repository: one ONNX model per network and a Python-backend
     'pipeline' model running the toolkit's sampling loop over them (docs/serving.md)."""
-    from export.triton import write_repository
+    from atdiff.export.triton import write_repository
     repo = write_repository(export_dir, out, kind=kind, max_batch_size=max_batch_size)
     console.print(f"Triton repository written to {repo}: tritonserver --model-repository={repo.resolve()} "
                   f"(see {repo / 'README.md'})")

@@ -6,10 +6,10 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from runtime.contracts import (COMPONENT_ORDER, TEXT_ENCODER, UNET, VAE_DECODER, ExportContract, TensorSpec,
+from atdiff.runtime.contracts import (COMPONENT_ORDER, TEXT_ENCODER, UNET, VAE_DECODER, ExportContract, TensorSpec,
                                Tolerance)
-from runtime.errors import ToolkitError
-from runtime.model_spec import ModelSpec
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_spec import ModelSpec
 
 __all__ = ["ExportShapes", "contracts_for", "select_components"]
 

@@ -13,18 +13,18 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from export.contracts import ExportShapes, contracts_for, select_components
-from export.manifest import build_manifest, write_manifest
-from export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
-from export.validate import ExportValidationError, ValidationReport, validate_export
-from runtime.backends import ort_backend
-from runtime.devices import resolve_device
-from runtime.errors import ToolkitError
-from runtime.export_manifest import FORMAT, read_manifest
-from runtime.provenance import tree_fingerprint
-from runtime.faults import fault_point
-from runtime.model_source import MANIFEST, open_model
-from runtime.staging import check_target, check_writable, staged_directory
+from atdiff.export.contracts import ExportShapes, contracts_for, select_components
+from atdiff.export.manifest import build_manifest, write_manifest
+from atdiff.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
+from atdiff.export.validate import ExportValidationError, ValidationReport, validate_export
+from atdiff.runtime.backends import ort_backend
+from atdiff.runtime.devices import resolve_device
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.export_manifest import FORMAT, read_manifest
+from atdiff.runtime.provenance import tree_fingerprint
+from atdiff.runtime.faults import fault_point
+from atdiff.runtime.model_source import MANIFEST, open_model
+from atdiff.runtime.staging import check_target, check_writable, staged_directory
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +66,7 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
     settings = dataclasses.replace(settings, device=export_device(settings.device, settings.validate))
     log(f"tracing{' and validating' if settings.validate else ''} on {settings.device} (--device)")
 
-    from export.torch_modules import load_networks  # torch: only once the arguments are known good
+    from atdiff.export.torch_modules import load_networks  # torch: only once the arguments are known good
     networks = load_networks(source.path, spec, settings.device)
     # --out is replaced only when it is a previous export (manifest.json of this toolkit's format) holding
     # nothing its manifest does not list: replacing deletes the directory's files
@@ -99,7 +99,7 @@ def export_device(device: str, validate: bool = True) -> str:
     'auto' is CUDA only when both can use a GPU (torch alone with --no-validate), and an explicit cuda that
     either cannot reach is an error naming the fix."""
     def support():
-        from runtime.backends import torch_backend  # torch: only when the answer depends on it
+        from atdiff.runtime.backends import torch_backend  # torch: only when the answer depends on it
         found = torch_backend.device_support()
         return found.both(ort_backend.device_support()) if validate else found
     return resolve_device(device, support)

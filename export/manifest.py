@@ -1,6 +1,6 @@
 """Write an export's ``manifest.json``: what was exported, from what, how, and every file's sha256.
 
-The runtime reads it back with ``runtime.export_manifest`` (no torch needed there). Keys:
+The runtime reads it back with ``atdiff.runtime.export_manifest`` (no torch needed there). Keys:
   format / format_version, created, precision, opset, spec (ModelSpec.to_dict(), including the
   scheduler config), components (file, precision, contract: names, dtypes, shapes, min/opt/max
   profiles, tolerances), files (path -> sha256, bytes), tokenizer_files, source (path, tree sha256),
@@ -14,12 +14,12 @@ import json
 import time
 from pathlib import Path
 
-from runtime.contracts import ExportContract
-from runtime.export_manifest import FORMAT, FORMAT_VERSION
-from runtime.model_source import MANIFEST
-from runtime.model_spec import ModelSpec
-from runtime.staging import atomic_file
-from runtime.provenance import sha256_file, versions
+from atdiff.runtime.contracts import ExportContract
+from atdiff.runtime.export_manifest import FORMAT, FORMAT_VERSION
+from atdiff.runtime.model_source import MANIFEST
+from atdiff.runtime.model_spec import ModelSpec
+from atdiff.runtime.staging import atomic_file
+from atdiff.runtime.provenance import sha256_file, versions
 
 
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import onnx
 import torch
 
-from runtime.contracts import ExportContract
-from export.torch_modules import contract_module, to_torch
+from atdiff.runtime.contracts import ExportContract
+from atdiff.export.torch_modules import contract_module, to_torch
 
 DEFAULT_OPSET = 17
 MIN_OPSET = 14  # scaled_dot_product_attention and the UNets' ops need opset 14+

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from runtime.contracts import TEXT_ENCODER, UNET, VAE_DECODER, ExportContract
-from runtime.backends.torch_backend import TorchBackend
-from runtime.model_spec import ModelSpec
+from atdiff.runtime.contracts import TEXT_ENCODER, UNET, VAE_DECODER, ExportContract
+from atdiff.runtime.backends.torch_backend import TorchBackend
+from atdiff.runtime.model_spec import ModelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
 

@@ -22,14 +22,14 @@ import json
 import shutil
 from pathlib import Path
 
-from runtime.contracts import ExportContract
-from runtime.errors import ToolkitError
-from runtime.export_manifest import folder_files, read_manifest, verify_files
-from runtime.model_source import MANIFEST, TOKENIZER
-from runtime.model_spec import ModelFormatError
-from runtime.staging import staged_directory
-from runtime.tokenizer import vocabulary_file
-from runtime.triton_model import EXPORT_SUBDIR, NETWORK_MODELS_FILE
+from atdiff.runtime.contracts import ExportContract
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.export_manifest import folder_files, read_manifest, verify_files
+from atdiff.runtime.model_source import MANIFEST, TOKENIZER
+from atdiff.runtime.model_spec import ModelFormatError
+from atdiff.runtime.staging import staged_directory
+from atdiff.runtime.tokenizer import vocabulary_file
+from atdiff.runtime.triton_model import EXPORT_SUBDIR, NETWORK_MODELS_FILE
 
 MARKER = "triton-repository.json"   # marks a repository this command wrote (so --out replaces only those)
 FORMAT = "at-diffusion-toolkit/triton-repository"   # the marker's "format": a foreign file of that name is no marker
@@ -38,7 +38,7 @@ README = "README.md"
 KINDS = {"gpu": "KIND_GPU", "cpu": "KIND_CPU"}
 _TYPES = {"float32": "TYPE_FP32", "float16": "TYPE_FP16", "int64": "TYPE_INT64", "int32": "TYPE_INT32"}
 _MODEL_PY = ('"""Triton Python-backend entry point: the toolkit runtime\'s pipeline (runtime/triton_model.py)."""\n'
-             "from runtime.triton_model import TritonPythonModel  # noqa: F401\n")
+             "from atdiff.runtime.triton_model import TritonPythonModel  # noqa: F401\n")
 
 
 def write_repository(export_dir: str | Path, out: str | Path, *, kind: str = "gpu", max_batch_size: int = 8) -> Path:

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.contracts import ExportContract, Tolerance
-from runtime.backends.ort_backend import OrtBackend, OrtRunner, ort_device, session_options
-from runtime.backends.ort_binding import make_arrays
-from runtime.errors import ToolkitError
-from runtime.export_manifest import ExportManifest, read_manifest, verify_files
-from runtime.provenance import tree_fingerprint
+from atdiff.runtime.contracts import ExportContract, Tolerance
+from atdiff.runtime.backends.ort_backend import OrtBackend, OrtRunner, ort_device, session_options
+from atdiff.runtime.backends.ort_binding import make_arrays
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.export_manifest import ExportManifest, read_manifest, verify_files
+from atdiff.runtime.provenance import tree_fingerprint
 
 # Images decoded from fp32 ORT and fp32 torch differ only by rounding (identical in practice); fp16
 # networks move pixel values by a few levels. 30 dB is a mean error of ~8 levels of 255.
@@ -102,7 +102,7 @@ def check_components(manifest: ExportManifest, networks: dict, seed: int = 0, de
 
 def _component_check(name: str, contract: ExportContract, point: str, network, runner: OrtRunner, seed: int) -> Check:
     """ORT vs the float32 torch network on the contract's sample inputs at one profile point."""
-    from export.torch_modules import reference_outputs  # torch: imported only when validating
+    from atdiff.export.torch_modules import reference_outputs  # torch: imported only when validating
     inputs = contract.sample_inputs(point, seed)
     output = contract.output_names()[0]
     tol = contract.tolerance
@@ -116,7 +116,7 @@ def check_tokenizer(manifest: ExportManifest, source: Path) -> list[Check]:
     if not manifest.spec.is_latent:
         return []
     from transformers import AutoTokenizer
-    from runtime.tokenizer import PromptTokenizer
+    from atdiff.runtime.tokenizer import PromptTokenizer
     length = manifest.spec.tokenizer_max_length
     ours = PromptTokenizer(manifest.root / "tokenizer", length)(list(TOKENIZER_PROMPTS))
     theirs = AutoTokenizer.from_pretrained(str(source / "tokenizer"))(
@@ -129,7 +129,7 @@ def check_tokenizer(manifest: ExportManifest, source: Path) -> list[Check]:
 def check_end_to_end(manifest: ExportManifest, source: Path, seed: int = 0, device: str = "cpu",
                      steps: int = 4) -> list[Check]:
     """The same request through the torch pipeline (source, float32) and the ORT pipeline (export)."""
-    from runtime.pipeline import Pipeline
+    from atdiff.runtime.pipeline import Pipeline
     spec, settings = manifest.spec, manifest.data["settings"]
     count = int(settings["batch_sizes"][0])
     request = dict(steps=steps, seed=seed, height=settings["height"], width=settings["width"])
@@ -160,7 +160,7 @@ def validate_export(export_dir: str | Path, *, source: str | Path | None = None,
     verify_files(manifest)
     source_dir = resolve_source(manifest, source)
     if networks is None:
-        from export.torch_modules import load_networks
+        from atdiff.export.torch_modules import load_networks
         networks = load_networks(source_dir, manifest.spec)
     checks = check_components(manifest, networks, seed, device) + check_tokenizer(manifest, source_dir)
     needed = {"unet", "text_encoder", "vae_decoder"} if manifest.spec.is_latent else {"unet"}

@@ -6,15 +6,15 @@ import re
 import warnings
 from pathlib import Path
 
-from runtime.default_model import BUNDLED, default_model
-from runtime.errors import ToolkitError
-from runtime.fingerprint import model_sha256
-from runtime.generation import GenerationOptions
-from runtime.images import reserve_new_path, save_png
-from runtime.pipeline import Pipeline, PromptTruncatedWarning
-from runtime.progress import console, progress_bars
-from runtime.provenance import versions
-from runtime.staging import check_writable
+from atdiff.runtime.default_model import BUNDLED, default_model
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.fingerprint import model_sha256
+from atdiff.runtime.generation import GenerationOptions
+from atdiff.runtime.images import reserve_new_path, save_png
+from atdiff.runtime.pipeline import Pipeline, PromptTruncatedWarning
+from atdiff.runtime.progress import console, progress_bars
+from atdiff.runtime.provenance import versions
+from atdiff.runtime.staging import check_writable
 
 
 def slug(text: str, limit: int = 40) -> str:

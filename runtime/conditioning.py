@@ -5,9 +5,9 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from runtime.generation import GenerationRequest
-from runtime.guidance import classifier_free_guidance, guidance_scale_embedding
-from runtime.model_spec import ModelSpec
+from atdiff.runtime.generation import GenerationRequest
+from atdiff.runtime.guidance import classifier_free_guidance, guidance_scale_embedding
+from atdiff.runtime.model_spec import ModelSpec
 
 
 @dataclasses.dataclass

@@ -14,7 +14,7 @@ import json
 import math
 from pathlib import Path
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 # Bounds on what configs and manifests may ask for. Real models are far inside them (Stable Diffusion: 1000
 # timesteps, 77 tokens, 64x64 latents, 1280 channels); a crafted 1e9 fails here instead of in an allocation.

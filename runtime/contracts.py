@@ -13,9 +13,9 @@ import re
 
 import numpy as np
 
-from runtime.config_checks import MAX_RESOLUTION, MAX_VOCABULARY, REQUIRED, Config, is_int
-from runtime.guidance import guidance_scale_embedding
-from runtime.model_spec import ModelFormatError
+from atdiff.runtime.config_checks import MAX_RESOLUTION, MAX_VOCABULARY, REQUIRED, Config, is_int
+from atdiff.runtime.guidance import guidance_scale_embedding
+from atdiff.runtime.model_spec import ModelFormatError
 
 UNET, TEXT_ENCODER, VAE_DECODER = "unet", "text_encoder", "vae_decoder"
 COMPONENT_ORDER = (TEXT_ENCODER, UNET, VAE_DECODER)

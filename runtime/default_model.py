@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 ENV_VAR = "TOOLKIT_MODEL"
 BUNDLED = Path(__file__).resolve().parent.parent / "models" / "default"
@@ -22,4 +22,4 @@ def default_model() -> str:
         f"no model given and the bundled default model {BUNDLED} is missing; pass one (--model DIR; for 'toolkit export', "
         "the MODEL argument: a diffusers or export directory, or a hub id), set $TOOLKIT_MODEL, or make a "
         "tiny random one with "
-        "'python scripts/make_tiny_model.py models/tiny-lcm'")
+        "'python -m tools.make_tiny_model models/tiny-lcm'")

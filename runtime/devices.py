@@ -15,7 +15,7 @@ import dataclasses
 import re
 from collections.abc import Callable
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 FORMS = "auto, cpu, cuda or cuda:N (N: a GPU index, e.g. cuda:0)"
 DEVICE_HELP = "auto (CUDA when it can run there, else CPU; the device used is printed) | cpu | cuda | cuda:N"

@@ -32,7 +32,7 @@ def _ort_rows() -> list[tuple[str, str, str]]:
         import onnxruntime as ort
     except ImportError:
         return [("onnxruntime", "missing", "pip install onnxruntime (or the [gpu] extra)")]
-    from runtime.backends.ort_backend import GPU_EXTRA_HINT
+    from atdiff.runtime.backends.ort_backend import GPU_EXTRA_HINT
     providers = ort.get_available_providers()
     note = "" if "CUDAExecutionProvider" in providers else f" (CUDA: {GPU_EXTRA_HINT})"
     if _version("onnxruntime") and _version("onnxruntime-gpu"):

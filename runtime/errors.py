@@ -62,7 +62,8 @@ def missing_package(exc: BaseException, command) -> ToolkitError | None:
     package = exc.name.split(".")[0]
     if package not in _PACKAGE_EXTRA:
         return None
-    group = getattr(command, "__module__", "").split(".")[0]
+    parts = getattr(command, "__module__", "").split(".")   # atdiff.train.adm.adm_cli -> train
+    group = parts[1] if parts[0] == "atdiff" and len(parts) > 1 else ""
     extra = group if group in _COMMAND_GROUPS else _PACKAGE_EXTRA[package]
     return ToolkitError(f"this command needs the package '{package}', which this install does not have: "
                         f"pip install 'at-diffusion-toolkit[{extra}]' (in a checkout: pip install -e '.[{extra}]'; "

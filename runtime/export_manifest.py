@@ -19,11 +19,11 @@ import os
 import re
 from pathlib import Path, PurePosixPath
 
-from runtime.config_checks import Config, read_json_object, short_repr
-from runtime.contracts import MAX_PROFILE_DIM, PRECISIONS, ExportContract
-from runtime.model_source import MANIFEST
-from runtime.model_spec import EXPORT_FIX, ModelFormatError, ModelSpec
-from runtime.provenance import sha256_file
+from atdiff.runtime.config_checks import Config, read_json_object, short_repr
+from atdiff.runtime.contracts import MAX_PROFILE_DIM, PRECISIONS, ExportContract
+from atdiff.runtime.model_source import MANIFEST
+from atdiff.runtime.model_spec import EXPORT_FIX, ModelFormatError, ModelSpec
+from atdiff.runtime.provenance import sha256_file
 
 FORMAT = "at-diffusion-toolkit/onnx-export"
 FORMAT_VERSION = 1

@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from runtime.provenance import tree_fingerprint
-from runtime.staging import atomic_file
+from atdiff.runtime.provenance import tree_fingerprint
+from atdiff.runtime.staging import atomic_file
 
 CACHE_FILE = "fingerprints.json"
 MAX_ENTRIES = 256

@@ -13,11 +13,11 @@ from typing import Any
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.model_spec import ModelSpec
-from runtime.noise import seeds_for
-from runtime.samplers import get_sampler
-from runtime.schedule import NoiseSchedule
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_spec import ModelSpec
+from atdiff.runtime.noise import seeds_for
+from atdiff.runtime.samplers import get_sampler
+from atdiff.runtime.schedule import NoiseSchedule
 
 LCM_DEFAULT_GUIDANCE = 8.5   # LCM-Dreamshaper's default w (diffusers' LatentConsistencyModelPipeline)
 CFG_DEFAULT_GUIDANCE = 7.5   # Stable Diffusion's default classifier-free guidance scale
@@ -272,5 +272,5 @@ class GenerationOutput:
 
     @property
     def images(self) -> list:
-        from runtime.images import to_pil
+        from atdiff.runtime.images import to_pil
         return to_pil(self.arrays)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.staging import atomic_file
+from atdiff.runtime.staging import atomic_file
 
 
 def to_uint8(images: np.ndarray) -> np.ndarray:

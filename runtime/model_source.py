@@ -18,8 +18,8 @@ import os
 import re
 from pathlib import Path
 
-from runtime.errors import ToolkitError
-from runtime.model_spec import ModelFormatError, ModelSpec
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_spec import ModelFormatError, ModelSpec
 
 MANIFEST = "manifest.json"
 TOKENIZER = "tokenizer"
@@ -41,7 +41,7 @@ class ModelSource:
         """The tokenizer folder, checked: in an export, every file in it is listed in the manifest and matches
         its sha256 (a diffusers directory was checked whole by ``open_model``)."""
         if self.is_export:
-            from runtime.export_manifest import read_manifest, verified_folder  # imports this module
+            from atdiff.runtime.export_manifest import read_manifest, verified_folder  # imports this module
             return verified_folder(read_manifest(self.path), TOKENIZER)
         return self.path / TOKENIZER
 
@@ -50,12 +50,12 @@ def open_model(model: str | os.PathLike) -> ModelSource:
     path = resolve_model_path(model)
     manifest = path / MANIFEST
     if manifest.exists():   # read whole and checked (runtime/export_manifest.py), not just its spec
-        from runtime.export_manifest import read_manifest  # imports this module
+        from atdiff.runtime.export_manifest import read_manifest  # imports this module
         return ModelSource(path, read_manifest(path).spec, is_export=True)
     check_confined(path)
     spec = ModelSpec.from_diffusers_dir(path)
     if spec.is_latent:   # here, not at the first prompt: 'toolkit export' would copy a useless tokenizer
-        from runtime.tokenizer import vocabulary_file
+        from atdiff.runtime.tokenizer import vocabulary_file
         vocabulary_file(path / TOKENIZER)
     return ModelSource(path, spec, is_export=False)
 

@@ -16,10 +16,10 @@ import math
 from math import gcd as _gcd
 from pathlib import Path
 
-from runtime.config_checks import (MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES, MAX_LAYERS, MAX_RESOLUTION,
+from atdiff.runtime.config_checks import (MAX_BLOCKS, MAX_CHANNELS, MAX_CLASSES, MAX_LAYERS, MAX_RESOLUTION,
                                    MAX_SAMPLE_SIZE, MAX_TOKENS, MAX_VOCABULARY, REQUIRED, Config, ModelFormatError,
                                    json_type, read_json_object)
-from runtime.schedule import check_scheduler_config
+from atdiff.runtime.schedule import check_scheduler_config
 
 TEXT_TO_IMAGE = "text-to-image"
 UNCONDITIONAL = "unconditional"

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from runtime.errors import ToolkitError
+from atdiff.runtime.errors import ToolkitError
 
 # The promise "same seed -> same image" made for batching (docs/serving.md): an image made in a batch of any size
 # or company differs from the one made alone with the same seed (and prompt, steps ...) by at most this many

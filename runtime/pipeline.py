@@ -1,4 +1,4 @@
-"""``runtime.Pipeline``: the embeddable generation API.
+"""``atdiff.runtime.Pipeline``: the embeddable generation API.
 
     pipe = Pipeline.load("models/tiny-lcm", backend="torch", device="auto", dtype="auto")
     out = pipe(["astronaut in a jungle"], steps=4, seed=0)          # text-to-image (latent)
@@ -21,15 +21,15 @@ from typing import Any
 
 import numpy as np
 
-from runtime.backends import Backend, get_backend_class
-from runtime.conditioning import Conditioning, build_conditioning
-from runtime.errors import ToolkitError
-from runtime.generation import GenerationOptions, GenerationOutput, GenerationRequest
-from runtime.images import to_uint8
-from runtime.model_source import ModelSource, open_model
-from runtime.noise import SeededNoise, StepNoise
-from runtime.samplers import eps_scaling, get_sampler
-from runtime.schedule import NoiseSchedule
+from atdiff.runtime.backends import Backend, get_backend_class
+from atdiff.runtime.conditioning import Conditioning, build_conditioning
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.generation import GenerationOptions, GenerationOutput, GenerationRequest
+from atdiff.runtime.images import to_uint8
+from atdiff.runtime.model_source import ModelSource, open_model
+from atdiff.runtime.noise import SeededNoise, StepNoise
+from atdiff.runtime.samplers import eps_scaling, get_sampler
+from atdiff.runtime.schedule import NoiseSchedule
 
 
 class PromptTruncatedWarning(UserWarning):
@@ -157,7 +157,7 @@ class Pipeline:
     # ---- helpers ------------------------------------------------------------------------
     def tokenizer(self):
         if self._tokenizer is None:
-            from runtime.tokenizer import PromptTokenizer
+            from atdiff.runtime.tokenizer import PromptTokenizer
             self._tokenizer = PromptTokenizer(self.source.tokenizer_dir, self.spec.tokenizer_max_length)
         return self._tokenizer
 

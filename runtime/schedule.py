@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
-from runtime.config_checks import MAX_TIMESTEPS, Config, is_number
-from runtime.errors import ToolkitError
+from atdiff.runtime.config_checks import MAX_TIMESTEPS, Config, is_number
+from atdiff.runtime.errors import ToolkitError
 
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

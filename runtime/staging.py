@@ -22,8 +22,8 @@ import tempfile
 import uuid
 from pathlib import Path, PurePosixPath
 
-from runtime.errors import ToolkitError
-from runtime.faults import fault_point
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.faults import fault_point
 
 
 def check_writable(path: str | os.PathLike, option: str = "--out", *, parent: bool = False) -> None:

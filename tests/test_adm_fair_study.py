@@ -1,15 +1,15 @@
-"""The fair AT re-test's phase A logic (scripts/adm_fair_*): the pre-registered convergence criterion, which
+"""The fair AT re-test's phase A logic (studies/adm_fair_*): the pre-registered convergence criterion, which
 segments are skipped after it passes, and which snapshot becomes the arms' base."""
 from __future__ import annotations
 
 import json
 import statistics
 
-from scripts import adm_fair_study as study
-from scripts.adm_fair_report import chosen_base
-from scripts.adm_fair_arms import arm_names, arm_specs
-from scripts.adm_fair_stages import converged_before, grid_cells, judge, pick, train_base
-from scripts.repro_adm_fair import build_jobs
+from studies import adm_fair_study as study
+from studies.adm_fair_report import chosen_base
+from studies.adm_fair_arms import arm_names, arm_specs
+from studies.adm_fair_stages import converged_before, grid_cells, judge, pick, train_base
+from studies.repro_adm_fair import build_jobs
 from tolerance import EPS64
 
 
@@ -135,7 +135,7 @@ def _cells(out, model, fids_by_cell):
 
 
 def test_the_decision_rule_needs_every_training_seed_to_beat_its_control_by_the_larger_spread(tmp_path):
-    from scripts.adm_fair_verdict import decision
+    from studies.adm_fair_verdict import decision
     cfg = study.QUICK                      # decision cells: ddim_gd and dpmpp_2m at NFE 2 and 4, two sampling seeds
     cells = [(s, n) for s in cfg["decision"]["samplers"] for n in cfg["decision"]["nfes"]]
     control = {c: [10.0, 10.2] for c in cells}                       # sampling std 0.141
@@ -161,8 +161,8 @@ def test_the_decision_rule_needs_every_training_seed_to_beat_its_control_by_the_
 
 
 def test_the_tables_show_the_decision_cells_and_verdict_as_measured(tmp_path):
-    from scripts.adm_fair_tables import decision_table, tables_markdown
-    from scripts.adm_fair_verdict import decision
+    from studies.adm_fair_tables import decision_table, tables_markdown
+    from studies.adm_fair_verdict import decision
     cfg = study.QUICK
     cells = [(s, n) for s in cfg["decision"]["samplers"] for n in cfg["decision"]["nfes"]]
     for name, fids in (("ctl-s1", [10.0, 10.2]), ("ctl-s2", [10.1, 10.3]), ("at-full-s1", [9.0, 9.2]),

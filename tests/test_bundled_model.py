@@ -11,7 +11,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from runtime.provenance import tree_fingerprint
+from atdiff.runtime.provenance import tree_fingerprint
 
 ROOT = Path(__file__).resolve().parent.parent
 MODELS = ROOT / "models"

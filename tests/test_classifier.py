@@ -9,10 +9,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import requires_fashion_mnist
-from eval.classifier import DEFAULT_WEIGHTS, FEATURE_DIM, FashionClassifierFeatures, card, file_sha256
-from eval.fid import FeatureStats
-from eval.measure import check_comparable, make_extractor
-from runtime.errors import ToolkitError
+from atdiff.eval.classifier import DEFAULT_WEIGHTS, FEATURE_DIM, FashionClassifierFeatures, card, file_sha256
+from atdiff.eval.fid import FeatureStats
+from atdiff.eval.measure import check_comparable, make_extractor
+from atdiff.runtime.errors import ToolkitError
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +28,7 @@ def test_shipped_weights_match_their_card():
 
 @requires_fashion_mnist
 def test_accuracy_on_the_real_test_split_matches_the_card(classifier):
-    from eval.sources import dataset_labels, dataset_source
+    from atdiff.eval.sources import dataset_labels, dataset_source
     images, labels = dataset_source("fashion-mnist", "test").images[:2000], dataset_labels("fashion-mnist", "test")[:2000]
     accuracy = float((classifier.predict(images) == labels).mean())
     assert abs(accuracy - card()["test_accuracy"]) < 0.03

@@ -27,7 +27,7 @@ def test_generate_writes_pngs_with_their_record(tiny_lcm_dir, tmp_path):
     record = json.loads(image.text["at-diffusion-toolkit"])
     assert record["seed"] == 3 and record["steps"] == 4 and record["sampler"] == "lcm"
     assert record["prompt"] == "astronaut in a jungle" and "torch" in record["versions"]
-    from runtime.provenance import tree_fingerprint
+    from atdiff.runtime.provenance import tree_fingerprint
     assert record["model_sha256"] == tree_fingerprint(tiny_lcm_dir)["sha256"]
 
 
@@ -47,7 +47,7 @@ def test_doctor_reports_components():
 
 def test_doctor_install_hints_keep_their_extras(monkeypatch):
     # rich used to read "[gpu]" / "[tensorrt]" in the hints as markup tags and print them without the extra
-    from runtime import doctor
+    from atdiff.runtime import doctor
     monkeypatch.setattr(doctor, "_plain_rows", lambda: [("tensorrt", "missing", "pip install 'x[tensorrt]'")])
     result = runner.invoke(app, ["doctor"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
@@ -77,12 +77,12 @@ def test_bad_input_is_one_line_and_nonzero(tiny_lcm_dir, tmp_path, args, message
 
 
 def test_missing_model_says_how_to_get_one(tmp_path, monkeypatch):
-    import runtime.default_model as default_model
+    import atdiff.runtime.default_model as default_model
     monkeypatch.delenv("TOOLKIT_MODEL", raising=False)
     monkeypatch.setattr(default_model, "BUNDLED", tmp_path / "no-bundled-model")
     result = _run("generate", "x", "--out", tmp_path)
     assert result.exit_code == 2
-    assert "make_tiny_model.py" in result.stderr
+    assert "python -m tools.make_tiny_model" in result.stderr
 
 
 def test_backend_options_reach_the_backend(tiny_lcm_dir, tmp_path):
@@ -142,16 +142,16 @@ def test_make_tiny_model_refuses_a_non_empty_directory_without_force(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
-    script = Path(__file__).resolve().parent.parent / "scripts/make_tiny_model.py"
+    root = Path(__file__).resolve().parent.parent   # tools/ runs from the checkout's root
+    tool = [sys.executable, "-m", "tools.make_tiny_model"]
     target = tmp_path / "mine"
     target.mkdir()
     (target / "notes.txt").write_text("keep me")
-    refused = subprocess.run([sys.executable, str(script), str(target), "--kind", "unconditional"],
-                             capture_output=True, text=True)
+    refused = subprocess.run([*tool, str(target), "--kind", "unconditional"], cwd=root, capture_output=True, text=True)
     assert refused.returncode == 2 and "--force" in refused.stderr
     assert (target / "notes.txt").read_text() == "keep me"
-    forced = subprocess.run([sys.executable, str(script), str(target), "--kind", "unconditional", "--force"],
-                            capture_output=True, text=True)
+    forced = subprocess.run([*tool, str(target), "--kind", "unconditional", "--force"], cwd=root, capture_output=True,
+                            text=True)
     assert forced.returncode == 0 and (target / "model_index.json").is_file()
 
 

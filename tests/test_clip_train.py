@@ -34,7 +34,7 @@ def test_trained_clip_is_an_open_clip_model_dir(clip_run):
 
 
 def test_eval_clip_reads_the_trained_dir(clip_run, tmp_path):
-    from eval.clip_score import ClipScorer
+    from atdiff.eval.clip_score import ClipScorer
     images = tmp_path / "images"
     images.mkdir()
     rng = np.random.default_rng(0)

@@ -12,13 +12,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from eval.verdict import build_verdict
-from runtime.provenance import tree_fingerprint
+from atdiff.eval.verdict import build_verdict
+from atdiff.runtime.provenance import tree_fingerprint
 from tolerance import fid_rounding_bound
 
 runner = CliRunner()
 HAS_ORT_EXPORT = all(importlib.util.find_spec(m) is not None
-                     for m in ("onnxruntime", "export.exporter", "runtime.backends.ort_backend"))
+                     for m in ("onnxruntime", "atdiff.export.exporter", "atdiff.runtime.backends.ort_backend"))
 
 
 def _invoke(*args):
@@ -177,7 +177,7 @@ def test_sample_fid_sampler_options_reach_the_sampler_and_key_the_cache(tiny_unc
 @pytest.mark.filterwarnings("ignore:Matrix is singular")  # 2 samples of 32 features: FID itself is not checked
 def test_sample_fid_cache_of_a_retrained_model_is_refused(ref_stats, feature_net, tmp_path):
     # the cache used to be keyed on the model's path alone: features of the old weights were reused
-    from train.tiny_models import build_tiny_unconditional
+    from atdiff.train.core.tiny_models import build_tiny_unconditional
     model = build_tiny_unconditional(tmp_path / "model", seed=0)
     args = ("sample-fid", model, "--ref", ref_stats, "--nfe", "1", "--num", "2", "--inception", feature_net,
             "--device", "cpu", "--cache", tmp_path / "cache")
@@ -193,8 +193,8 @@ def test_sample_fid_cache_of_a_retrained_model_is_refused(ref_stats, feature_net
 def two_models_with_exports(tmp_path_factory):
     if not HAS_ORT_EXPORT:
         pytest.skip("export/ or the onnxruntime backend is not available")
-    from export.exporter import ExportSettings, run_export
-    from train.tiny_models import build_tiny_unconditional
+    from atdiff.export.exporter import ExportSettings, run_export
+    from atdiff.train.core.tiny_models import build_tiny_unconditional
     root = tmp_path_factory.mktemp("compare-models")
     paths = {}
     for name, seed in (("base", 0), ("at", 1)):
@@ -249,7 +249,7 @@ def test_compare_names_the_missing_export(tiny_uncond_dir, ref_stats, feature_ne
 
 def test_training_runs_are_named_after_the_run_and_no_clip_is_explained(tmp_path):
     # `--model runs/a/model --model runs/b/model` used to be refused as the name 'model' given twice
-    from eval.cli_runs import parse_pairs
+    from atdiff.eval.cli_runs import parse_pairs
     for run in ("a", "b"):
         (tmp_path / run / "model").mkdir(parents=True)
         (tmp_path / run / "model" / "training.json").write_text("{}")
@@ -271,9 +271,9 @@ def test_compare_never_replaces_a_folder_that_is_not_a_report(tiny_uncond_dir, r
 
 
 def test_feature_cache_of_other_prompts_is_refused(tmp_path):
-    from eval.features import FeatureCache
-    from eval.generate import SamplingPlan
-    from runtime.errors import ToolkitError
+    from atdiff.eval.features import FeatureCache
+    from atdiff.eval.generate import SamplingPlan
+    from atdiff.runtime.errors import ToolkitError
     FeatureCache(tmp_path, {"plan": SamplingPlan(steps=1, prompts=("a red cat", "a dog")).record()})
     with pytest.raises(ToolkitError, match="was made for"):  # same number of prompts, other text
         FeatureCache(tmp_path, {"plan": SamplingPlan(steps=1, prompts=("a red cat", "a cow")).record()})
@@ -328,9 +328,9 @@ def test_compare_scores_clip_for_text_to_image_models_without_a_fid_reference(ti
 
 
 def test_backend_options_are_per_backend_and_must_name_a_running_one(tiny_uncond_dir):
-    from eval.cli_runs import per_backend_options
-    from eval.compare import CompareConfig, validate
-    from runtime.errors import ToolkitError
+    from atdiff.eval.cli_runs import per_backend_options
+    from atdiff.eval.compare import CompareConfig, validate
+    from atdiff.runtime.errors import ToolkitError
     options = per_backend_options(["onnxruntime:cuda_graph=true",
                                    "onnxruntime:intra_op_threads=4",
                                    "torch:compile=false"])

@@ -1,4 +1,4 @@
-"""runtime.Pipeline from many threads: every backend / array option that runs on a CPU gives each thread the
+"""atdiff.runtime.Pipeline from many threads: every backend / array option that runs on a CPU gives each thread the
 image a single-threaded call gives (8 threads x 3 rounds, seeds 0-7). The ONNX Runtime IO-binding paths used
 to share one set of bound buffers between threads and returned 7 wrong images out of 8 (issue 12)."""
 from __future__ import annotations
@@ -8,7 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from runtime import Pipeline
+from atdiff.runtime import Pipeline
 from tolerance import (TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, TINY_VAE_DECODER_LAYERS, assert_close_scaled,
                        network_rel)
 
@@ -51,9 +51,9 @@ def test_eight_threads_get_the_single_threaded_images(case, tiny_lcm_dir, reques
 def test_bound_runner_calls_of_one_shape_from_eight_threads(lcm_export, arrays):
     """The runner level, where the numpy adapter binds too (on CUDA in practice; CPU OrtValues here): eight
     threads with eight different inputs of one shape, each gets the plain run's output for its own input."""
-    from runtime.backends.ort_backend import OrtRunner
-    from runtime.backends.ort_binding import make_arrays
-    from runtime.export_manifest import read_manifest
+    from atdiff.runtime.backends.ort_backend import OrtRunner
+    from atdiff.runtime.backends.ort_binding import make_arrays
+    from atdiff.runtime.export_manifest import read_manifest
     manifest = read_manifest(lcm_export)
     contract = manifest.contract("unet")
     adapter = make_arrays(arrays, "cpu", 0)

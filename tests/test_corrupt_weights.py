@@ -8,7 +8,7 @@ import shutil
 import pytest
 from typer.testing import CliRunner
 
-from runtime.errors import ToolkitError, unreadable_weights
+from atdiff.runtime.errors import ToolkitError, unreadable_weights
 
 
 def truncated_copy(source, target, part: str):

@@ -102,9 +102,9 @@ TRAIN_COMMANDS = {
 
 def fashion_stand_in(monkeypatch, inputs) -> None:
     """``train classifier`` always reads Fashion-MNIST: serve it the 28x28 stand-in."""
-    import train.image_data
-    load = train.image_data.load_image_dataset
-    monkeypatch.setattr(train.image_data, "load_image_dataset",
+    import atdiff.train.core.image_data
+    load = atdiff.train.core.image_data.load_image_dataset
+    monkeypatch.setattr(atdiff.train.core.image_data, "load_image_dataset",
                         lambda data, resolution=None, class_cond=False: load(str(inputs["fashion"]), resolution,
                                                                              class_cond))
 
@@ -167,8 +167,8 @@ def test_latent_cache_in_an_unrelated_folder_is_refused(inputs, tmp_path):
 
 
 def test_caption_shards_go_only_into_a_folder_of_shards(tmp_path):
-    from runtime.errors import ToolkitError
-    from train.fashion_captions import check_shard_folder
+    from atdiff.runtime.errors import ToolkitError
+    from atdiff.train.demo.fashion_captions import check_shard_folder
     shards = tmp_path / "shards"
     shards.mkdir()
     (shards / "fmnist-train-000.tar").write_bytes(b"")
@@ -183,7 +183,7 @@ def test_caption_shards_go_only_into_a_folder_of_shards(tmp_path):
 
 @pytest.fixture(scope="module")
 def previous_export(tiny_uncond_dir, tmp_path_factory):
-    from export.exporter import ExportSettings, run_export
+    from atdiff.export.exporter import ExportSettings, run_export
     out = tmp_path_factory.mktemp("safety-export") / "exp"
     return run_export(ExportSettings(model=str(tiny_uncond_dir), out=out, validate=False), log=lambda m: None).out
 
@@ -207,7 +207,7 @@ def test_export_over_a_previous_export_holding_another_file_is_refused_naming_it
 
 
 def test_a_previous_export_is_replaced(tiny_uncond_dir, previous_export, tmp_path):
-    from runtime.export_manifest import read_manifest, verify_files
+    from atdiff.runtime.export_manifest import read_manifest, verify_files
     out = shutil.copytree(previous_export, tmp_path / "exp")
     before = json.loads((out / "manifest.json").read_text())["created"]
     result = invoke("export", tiny_uncond_dir, "--out", out, "--no-validate", "--seed", "1")
@@ -221,7 +221,7 @@ def test_a_previous_export_is_replaced(tiny_uncond_dir, previous_export, tmp_pat
 # ---- eval compare reports (the same staging, marker record.json) ----------------------------------------------
 
 def write_tiny_report(out: Path) -> Path:
-    from eval.compare_report import write_report
+    from atdiff.eval.compare_report import write_report
     rows = [{"model": "base", "backend": "torch", "steps": 1, "fid": 10.0, "fid_std": 1.0, "clip": None,
              "clip_std": None, "num": 4, "seconds": 0.1, "runs_on": "cpu", "model_sha256": "0" * 64}]
     grids = {("base", "torch", 1): np.zeros((2, 8, 8, 3), np.uint8)}
@@ -229,7 +229,7 @@ def write_tiny_report(out: Path) -> Path:
 
 
 def test_compare_report_replaces_only_its_own_reports(tmp_path):
-    from runtime.errors import ToolkitError
+    from atdiff.runtime.errors import ToolkitError
     out = prefill(tmp_path / "app")   # holds a record.json that is not a report's
     before = snapshot(tmp_path)
     with pytest.raises(ToolkitError, match="not an eval compare report directory"):
@@ -266,7 +266,7 @@ def test_generate_never_overwrites_a_file_and_says_so_in_help(tiny_lcm_dir, tmp_
 
 @pytest.mark.parametrize("replace", [False, True])
 def test_bundle_into_an_unrelated_folder_is_refused_and_keeps_every_byte(tmp_path, capsys, replace):
-    from scripts.bundle_default_model import main
+    from tools.bundle_default_model import main
     out = prefill(tmp_path / "app")
     before = snapshot(tmp_path)
     code = main(["--study", str(tmp_path / "study"), "--out", str(out), *(["--replace"] if replace else [])])
@@ -275,8 +275,8 @@ def test_bundle_into_an_unrelated_folder_is_refused_and_keeps_every_byte(tmp_pat
 
 
 def test_bundle_rebuilds_its_own_bundle_only_with_replace_and_nothing_beside_it(tmp_path, capsys):
-    from runtime.errors import ToolkitError
-    from scripts.bundle_default_model import check_out, main
+    from atdiff.runtime.errors import ToolkitError
+    from tools.bundle_default_model import check_out, main
     models = shutil.copytree(ROOT / "models", tmp_path / "models", symlinks=True)   # the shipped bundle
     check_out(models, replace=True)
     with pytest.raises(ToolkitError, match="pass --replace"):

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import requires_fashion_mnist
-from eval.fashion_prompts import CLASS_PHRASES, caption, class_prompts, labels_of
+from atdiff.eval.fashion_prompts import CLASS_PHRASES, caption, class_prompts, labels_of
 
 
 def test_captions_name_their_class_and_vary_by_index():
@@ -43,7 +43,7 @@ def chain(tmp_path_factory):
 
 @requires_fashion_mnist
 def test_caption_shards_are_reproducible_png_and_text_pairs(chain, tmp_path):
-    from train.fashion_captions import write_shards
+    from atdiff.train.demo.fashion_captions import write_shards
     root, _ = chain
     again = write_shards(tmp_path, num=40)[0]
     assert again.read_bytes() == (root / "data" / again.name).read_bytes()
@@ -67,7 +67,7 @@ def test_vae_and_teacher_export_loadable_diffusers_parts(chain):
 
 @requires_fashion_mnist
 def test_lcm_at_distils_the_trained_teacher_and_generates(chain):
-    from runtime import Pipeline
+    from atdiff.runtime import Pipeline
     root, run = chain
     run("lcm-at", "--teacher", root / "teacher/model", "--data", f"{root / 'data'}/*.tar", "--out", root / "lcm-at",
         "--max-steps", "2", "--batch-size", "4", "--device", "cpu")
@@ -99,19 +99,19 @@ class Oracle:  # stands in for the classifier: 'sees' class 3 in every image
 
 def assert_oracle_rows(rows) -> None:
     """The known answer with Oracle: right for the dress prompt (class 3) only, 2 of 20 images."""
-    from eval.fashion_prompts import class_prompts
+    from atdiff.eval.fashion_prompts import class_prompts
     assert [(r["steps"], r["num"], r["accuracy"]) for r in rows] == [(1, 20, 0.1)]
     assert rows[0]["per_class"] == {p: float(label == 3) for label, p in enumerate(class_prompts())}
 
 
 @requires_fashion_mnist
 def test_adherence_counts_the_classifier_agreeing_with_each_class_prompt(chain, tmp_path, monkeypatch):
-    from eval.adherence import AdherenceConfig, run_adherence
+    from atdiff.eval.adherence import AdherenceConfig, run_adherence
     root, _ = chain
     assert_oracle_rows(run_adherence(AdherenceConfig(model=str(root / "teacher/model"), steps=(1,), per_class=2,
                                                      device="cpu"), Oracle()))
     from toolkit import app
-    monkeypatch.setattr("eval.classifier.FashionClassifierFeatures", Oracle)   # what the CLI loads
+    monkeypatch.setattr("atdiff.eval.classifier.FashionClassifierFeatures", Oracle)   # what the CLI loads
     result = CliRunner().invoke(app, ["eval", "adherence", str(root / "teacher/model"), "--steps", "1",
                                       "--per-class", "2", "--device", "cpu", "--out", str(tmp_path / "a.json")])
     assert result.exit_code == 0, result.output

@@ -12,7 +12,7 @@ import torch
 import typer
 from typer.testing import CliRunner
 
-from runtime.devices import DeviceError, DeviceSupport, gpu_index, parse_device, resolve_device
+from atdiff.runtime.devices import DeviceError, DeviceSupport, gpu_index, parse_device, resolve_device
 
 REFUSED = ["gpu", "GPU", "CUDA", "Cuda:0", "cuda:", "cuda:x", "cuda:-1", "cuda:0:1", "cuda0", "cpu:0", "auto:0",
            " cpu", "cpu ", "", "mps", "tpu", "cuda,cpu"]
@@ -83,9 +83,9 @@ def test_gpu_index():
 
 
 def test_each_backend_resolves_auto_by_what_it_can_reach():
-    from export.exporter import export_device
-    from runtime.backends.ort_backend import CUDA_EP, OrtBackend
-    from runtime.backends.torch_backend import TorchBackend
+    from atdiff.export.exporter import export_device
+    from atdiff.runtime.backends.ort_backend import CUDA_EP, OrtBackend
+    from atdiff.runtime.backends.torch_backend import TorchBackend
     torch_cuda, ort_cuda = torch.cuda.is_available(), CUDA_EP in ort.get_available_providers()
     assert TorchBackend.resolve_device("auto") == ("cuda" if torch_cuda else "cpu")
     assert OrtBackend.resolve_device("auto") == ("cuda" if ort_cuda else "cpu")
@@ -98,13 +98,13 @@ def test_each_backend_resolves_auto_by_what_it_can_reach():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised when torch sees no GPU")
 def test_torch_cuda_without_a_gpu_names_the_fix():
-    from runtime.backends.torch_backend import TorchBackend
+    from atdiff.runtime.backends.torch_backend import TorchBackend
     with pytest.raises(DeviceError, match="torch .* sees no CUDA GPU; install a CUDA build of torch"):
         TorchBackend.resolve_device("cuda:0")
 
 
 def test_importing_the_parser_imports_neither_torch_nor_onnxruntime():
-    code = ("import sys, runtime, runtime.devices, runtime.backends.base\n"
+    code = ("import sys, atdiff.runtime, atdiff.runtime.devices, atdiff.runtime.backends.base\n"
             "heavy = sorted({'torch', 'onnxruntime'} & set(sys.modules))\n"
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -1,12 +1,12 @@
-"""train/distill_defaults.py: what `toolkit train lcm / lcm-at` use for the options left out."""
+"""train/lcm/distill_defaults.py: what `toolkit train lcm / lcm-at` use for the options left out."""
 import json
 from pathlib import Path
 
 import pytest
 
-from runtime.errors import ToolkitError
-from train.distill_defaults import SD_RECIPE, resolve
-from train.lcm_cli import DistillOptions
+from atdiff.runtime.errors import ToolkitError
+from atdiff.train.lcm.distill_defaults import SD_RECIPE, resolve
+from atdiff.train.lcm.lcm_cli import DistillOptions
 
 
 def _teacher(tmp_path: Path, recipe: dict | None) -> Path:

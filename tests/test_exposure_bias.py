@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from eval.exposure_bias import MeterConfig, measure
-from runtime.samplers import get_sampler
-from runtime.schedule import NoiseSchedule
+from atdiff.eval.exposure_bias import MeterConfig, measure
+from atdiff.runtime.samplers import get_sampler
+from atdiff.runtime.schedule import NoiseSchedule
 from toolkit import app
 
 MU, S, SHAPE, N = 0.3, 0.5, (1, 8, 8), 500   # d = 64 dimensions, N trajectories and N data points

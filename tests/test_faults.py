@@ -93,7 +93,7 @@ def test_killed_export_keeps_the_previous_export_and_the_rerun_cleans_up(tiny_un
                                                                          fault):
     import shutil
 
-    from runtime.export_manifest import read_manifest
+    from atdiff.runtime.export_manifest import read_manifest
     out = tmp_path / "exp"
     shutil.copytree(first_export, out)
     before = (out / "manifest.json").read_text()

@@ -1,4 +1,4 @@
-"""scripts/fid_bootstrap.py: FID from a finished cell's per-chunk feature cache equals FID of the same features
+"""studies/fid_bootstrap.py: FID from a finished cell's per-chunk feature cache equals FID of the same features
 computed directly (scipy's sqrtm route), and the bootstrap std is positive and shrinks with more samples."""
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from eval.fid import FeatureStats, fid_from_stats, save_stats
-from runtime.errors import ToolkitError
-from scripts import fid_bootstrap
+from atdiff.eval.fid import FeatureStats, fid_from_stats, save_stats
+from atdiff.runtime.errors import ToolkitError
+from studies import fid_bootstrap
 from tolerance import fid_rounding_bound
 
 

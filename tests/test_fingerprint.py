@@ -6,9 +6,9 @@ import os
 
 import pytest
 
-import runtime.provenance as provenance
-from runtime.provenance import tree_fingerprint
-from runtime.fingerprint import model_sha256
+import atdiff.runtime.provenance as provenance
+from atdiff.runtime.provenance import tree_fingerprint
+from atdiff.runtime.fingerprint import model_sha256
 
 
 @pytest.fixture

@@ -6,8 +6,8 @@ import shutil
 import numpy as np
 import pytest
 
-from runtime import Pipeline
-from runtime.model_spec import ModelFormatError, ModelSpec
+from atdiff.runtime import Pipeline
+from atdiff.runtime.model_spec import ModelFormatError, ModelSpec
 
 
 @pytest.fixture

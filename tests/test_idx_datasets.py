@@ -1,5 +1,5 @@
 """eval/idx_datasets.py: the one IDX reader and dataset lookup behind `toolkit eval` (eval/sources.py) and
-`toolkit train --data mnist|fashion-mnist` (train/image_data.py): truncated files are a clear error, and
+`toolkit train --data mnist|fashion-mnist` (train/core/image_data.py): truncated files are a clear error, and
 $TOOLKIT_DATASETS_DIR/<name>/ and (mnist) $TOOLKIT_MNIST_DIR are honoured, by both commands alike."""
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ import gzip
 import numpy as np
 import pytest
 
-from eval import idx_datasets
-from eval.idx_datasets import dataset_dir, idx_file, read_idx
-from eval.sources import dataset_labels, dataset_source
-from runtime.errors import ToolkitError
-from train.image_data import load_image_dataset
+from atdiff.eval import idx_datasets
+from atdiff.eval.idx_datasets import dataset_dir, idx_file, read_idx
+from atdiff.eval.sources import dataset_labels, dataset_source
+from atdiff.runtime.errors import ToolkitError
+from atdiff.train.core.image_data import load_image_dataset
 
 IMAGES = np.arange(3 * 4 * 4, dtype=np.uint8).reshape(3, 4, 4)
 

@@ -13,11 +13,12 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import requires_cuda
-from runtime.errors import ToolkitError
-from train.adversarial import ascend, init_delta, per_sample_norm, radius_for
-from train.caption_data import CaptionDataset, find_records, open_or_build_cache
-from train.lcm_losses import AdvSettings, ConsistencyDistillation, LCDSettings
-from train.lcm_teacher import DDIMSolver, alphas_cumprod, lcm_scheduler, load_teacher, make_student, teacher_solver_step
+from atdiff.runtime.errors import ToolkitError
+from atdiff.train.core.adversarial import ascend, init_delta, per_sample_norm, radius_for
+from atdiff.train.core.caption_data import CaptionDataset, find_records, open_or_build_cache
+from atdiff.train.lcm.lcm_losses import AdvSettings, ConsistencyDistillation, LCDSettings
+from atdiff.train.lcm.lcm_teacher import (DDIMSolver, alphas_cumprod, lcm_scheduler, load_teacher, make_student,
+                                         teacher_solver_step)
 from tolerance import (EPS16, EPS32, TINY_TEXT_UNET_LAYERS, assert_close_scaled, guidance_amplification, max_abs,
                        network_rel, sampler_ops_rel, schedule_rel)
 
@@ -267,7 +268,7 @@ def test_delta_respects_bound_and_increases_distance_to_first_order(parts):
 def test_resume_continues_bit_for_bit_including_target_network(tiny_sd_dir, tmp_path):
     from safetensors.torch import load_file
 
-    from train.lcm_cli import DistillOptions, distill
+    from atdiff.train.lcm.lcm_cli import DistillOptions, distill
     data = str(_imagefolder(tmp_path / "d"))
     common = dict(teacher=str(tiny_sd_dir), data=data, batch_size=2, device="cpu", resolution=32, progress=False,
                   save_every=0)
@@ -283,8 +284,8 @@ def test_resume_continues_bit_for_bit_including_target_network(tiny_sd_dir, tmp_
 def test_lcm_at_fp16_steps_with_latent_cache_run_on_gpu(tiny_sd_dir, tmp_path):
     """The GPU paths: the cache encoded on the device, per-step generators on CUDA, GradScaler + autocast
     around the teacher, student and target network, and free AT's delta under a scaled loss."""
-    from train.lcm_cli import DistillOptions, distill
-    from train.lcm_losses import AdvSettings
+    from atdiff.train.lcm.lcm_cli import DistillOptions, distill
+    from atdiff.train.lcm.lcm_losses import AdvSettings
     options = DistillOptions(teacher=str(tiny_sd_dir), data=str(_imagefolder(tmp_path / "d")), out=tmp_path / "run",
                              max_steps=2, batch_size=2, device="cuda", mixed_precision="fp16", resolution=32,
                              cache_latents=tmp_path / "cache", progress=False, save_every=1)
@@ -305,7 +306,7 @@ def test_output_loads_in_diffusers_lcm_pipeline_and_generates(lcm_run):
 
 
 def test_output_loads_in_runtime_pipeline_and_generates(lcm_run):
-    from runtime.pipeline import Pipeline
+    from atdiff.runtime.pipeline import Pipeline
     pipe = Pipeline.load(lcm_run / "model", backend="torch", device="cpu", dtype="float32")
     out = pipe(["a red cube"], steps=2, seed=0, height=32, width=32)
     assert out.arrays.shape == (1, 32, 32, 3) and out.arrays.std() > 0
@@ -391,8 +392,8 @@ def _scaled_linear_alphas_cumprod() -> np.ndarray:
 
 
 def test_output_exports_and_runs_on_onnxruntime(lcm_run, tmp_path):
-    from export.exporter import ExportSettings, run_export
-    from runtime.pipeline import Pipeline
+    from atdiff.export.exporter import ExportSettings, run_export
+    from atdiff.runtime.pipeline import Pipeline
     result = run_export(ExportSettings(model=str(lcm_run / "model"), out=tmp_path / "export"), log=lambda m: None)
     assert result.report.passed
     with Pipeline.load(result.out, backend="onnxruntime", device="cpu") as pipe:

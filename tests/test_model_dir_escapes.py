@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import requires_tritonclient
-from runtime.provenance import sha256_file
+from atdiff.runtime.provenance import sha256_file
 
 # ---- crafted exports: each edit gets (export root, manifest dict, a folder outside the export) -----------------
 
@@ -247,8 +247,8 @@ def test_a_model_linking_parts_to_a_sibling_model_exports_with_real_files(tiny_l
 
 
 def test_the_bundled_teacher_opens():
-    from runtime.default_model import BUNDLED_TEACHER
-    from runtime.model_source import open_model
+    from atdiff.runtime.default_model import BUNDLED_TEACHER
+    from atdiff.runtime.model_source import open_model
     if not BUNDLED_TEACHER.is_dir():
         pytest.skip(f"no bundled teacher at {BUNDLED_TEACHER}")
     assert any((BUNDLED_TEACHER / p).is_symlink() for p in ("text_encoder", "tokenizer", "vae"))
@@ -257,7 +257,7 @@ def test_the_bundled_teacher_opens():
 
 def test_a_hugging_face_cache_snapshot_opens(tiny_lcm_dir, tmp_path):
     """huggingface_hub's layout: snapshots/REV/FILE links to ../../blobs/HASH (outside the snapshot folder)."""
-    from runtime.model_source import open_model
+    from atdiff.runtime.model_source import open_model
     repo = tmp_path / "hub" / "models--someone--tiny"
     snapshot_dir, blobs = repo / "snapshots" / "0123abc", repo / "blobs"
     shutil.copytree(tiny_lcm_dir, snapshot_dir)

@@ -14,13 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import requires_cuda
-from export.exporter import ExportSettings, run_export
-from runtime import Pipeline
-from runtime.backends import BackendError, get_backend_class
-from runtime.backends.ort_backend import CUDA_EP, OrtBackend
-from runtime.devices import DeviceError
-from runtime.export_manifest import read_manifest
-from runtime.model_spec import ModelFormatError
+from atdiff.export.exporter import ExportSettings, run_export
+from atdiff.runtime import Pipeline
+from atdiff.runtime.backends import BackendError, get_backend_class
+from atdiff.runtime.backends.ort_backend import CUDA_EP, OrtBackend
+from atdiff.runtime.devices import DeviceError
+from atdiff.runtime.export_manifest import read_manifest
+from atdiff.runtime.model_spec import ModelFormatError
 from tolerance import (EPS16, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, assert_close_scaled,
                        guidance_amplification, network_rel, sampler_ops_rel)
 
@@ -56,7 +56,7 @@ def sd_export(tiny_sd_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def class_export(tmp_path_factory):
-    from train.tiny_models import build_tiny_unconditional
+    from atdiff.train.core.tiny_models import build_tiny_unconditional
     model = build_tiny_unconditional(tmp_path_factory.mktemp("models") / "tiny-class", seed=0, num_class_embeds=3)
     return _export(model, tmp_path_factory.mktemp("ort") / "class")
 
@@ -139,7 +139,7 @@ def test_classifier_free_guidance_model_matches_torch(tiny_sd_dir, sd_export):
 def test_serving_an_export_needs_no_torch(lcm_export):
     # torch/diffusers imports are made to fail: the ORT path must not touch them
     code = ("import sys\nfor m in ('torch', 'diffusers', 'transformers'): sys.modules[m] = None\n"
-            "from runtime import Pipeline\n"
+            "from atdiff.runtime import Pipeline\n"
             f"pipe = Pipeline.load({str(lcm_export)!r}, backend='onnxruntime', device='cpu', dtype='float32')\n"
             "out = pipe(['astronaut in a jungle'], steps=2, seed=0)\n"
             "print(out.arrays.shape, out.backend)\n")
@@ -163,8 +163,8 @@ def test_io_binding_path_matches_plain_run(lcm_export, component, arrays):
     # The CUDA path's buffer logic (one preallocated set per input shape, outputs sized from the
     # contract, e.g. the VAE's 'latent_height*4') run on CPU buffers (OrtValues or torch tensors), so it
     # is tested without a GPU.
-    from runtime.backends.ort_backend import OrtRunner
-    from runtime.backends.ort_binding import make_arrays
+    from atdiff.runtime.backends.ort_backend import OrtRunner
+    from atdiff.runtime.backends.ort_binding import make_arrays
     manifest = read_manifest(lcm_export)
     contract = manifest.contract(component)
     adapter = make_arrays(arrays, "cpu", 0)
@@ -256,7 +256,7 @@ def test_unknown_arrays_is_an_error(uncond_export):
 def test_default_arrays_on_cuda_follow_torch(monkeypatch):
     # the default rule itself (no GPU needed): torch when it can use the GPU, numpy otherwise; an explicit
     # arrays='torch' that torch cannot serve is an error, never a switch to numpy
-    from runtime.backends import ort_binding
+    from atdiff.runtime.backends import ort_binding
     monkeypatch.setattr(ort_binding, "torch_cuda_usable", lambda: False)
     assert ort_binding.make_arrays(None, "cuda", 0).name == "numpy"
     assert ort_binding.make_arrays(None, "cpu", None).name == "numpy"

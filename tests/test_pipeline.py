@@ -1,4 +1,4 @@
-"""runtime.Pipeline end to end on tiny random models: parity with diffusers' own pipelines, seeds,
+"""atdiff.runtime.Pipeline end to end on tiny random models: parity with diffusers' own pipelines, seeds,
 batching, save/load round trip, and bad input."""
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from conftest import requires_cuda
-from runtime import Pipeline
-from runtime.errors import ToolkitError
-from runtime.noise import SeededNoise
-from runtime.schedule import NoiseSchedule
+from atdiff.runtime import Pipeline
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.noise import SeededNoise
+from atdiff.runtime.schedule import NoiseSchedule
 from tolerance import (TINY_PIXEL_UNET_LAYERS, TINY_TEXT_ENCODER_LAYERS, TINY_TEXT_UNET_LAYERS, TINY_VAE_DECODER_LAYERS,
                        assert_close_scaled, clipped_step_growth, guidance_amplification, layer_count, network_rel,
                        sampler_ops_rel, schedule_rel)
@@ -147,7 +147,7 @@ def test_round_trip_through_save_and_load(tiny_lcm_dir, lcm_pipe, tmp_path):
 
 
 def test_class_conditional_model(tmp_path):
-    from train.tiny_models import build_tiny_unconditional
+    from atdiff.train.core.tiny_models import build_tiny_unconditional
     with Pipeline.load(build_tiny_unconditional(tmp_path / "cls", num_class_embeds=4), device="cpu") as pipe:
         a = pipe(num_images=2, class_labels=[0, 3], nfe=2, seed=0)
         b = pipe(num_images=2, class_labels=1, nfe=2, seed=0)
@@ -219,7 +219,7 @@ def test_torch_backend_variants_stay_close_to_fp32(tiny_lcm_dir, lcm_pipe, optio
 def test_fp16_keeps_force_upcast_vaes_in_fp32(tiny_lcm_dir):
     # fp16 needs a GPU, so the rule is checked on its own here (the CUDA test below checks it end to end)
     from pathlib import Path
-    from runtime.backends.torch_backend import TorchBackend
+    from atdiff.runtime.backends.torch_backend import TorchBackend
     backend = TorchBackend.__new__(TorchBackend)
     backend._dtype = torch.float16
     assert backend._vae_dtype(Path(tiny_lcm_dir)) == torch.float32   # diffusers' VAEs default to force_upcast
@@ -246,7 +246,7 @@ def test_torch_backend_auto_on_cuda_is_fp16_and_close_to_cpu(tiny_lcm_dir, tiny_
 def test_a_training_runs_model_is_named_after_the_run(tiny_uncond_dir, tmp_path):
     # runs/NAME/model used to be called 'model', so `toolkit export` wrote every run to exports/model
     import shutil
-    from runtime.model_spec import ModelSpec
+    from atdiff.runtime.model_spec import ModelSpec
     model = tmp_path / "fm-adm-at" / "model"
     shutil.copytree(tiny_uncond_dir, model)
     assert ModelSpec.from_diffusers_dir(model).name == "model"      # not a training output: its own name
@@ -291,7 +291,7 @@ def test_planned_tensorrt_backend_says_it_is_not_built_yet(tiny_lcm_dir):
 def test_default_batch_is_bounded_and_changes_nothing(uncond_pipe):
     """Without batch_size the network sees at most DEFAULT_BATCH_SIZE images at once (a big --num-images
     must not run out of memory); the images equal one batch of all of them."""
-    from runtime.generation import DEFAULT_BATCH_SIZE
+    from atdiff.runtime.generation import DEFAULT_BATCH_SIZE
     calls = []
     out = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, nfe=2, seed=0,
                       progress=lambda done, total: calls.append((done, total)))
@@ -301,7 +301,7 @@ def test_default_batch_is_bounded_and_changes_nothing(uncond_pipe):
 
 
 def test_long_prompts_warn_from_the_python_api(lcm_pipe):
-    from runtime.pipeline import PromptTruncatedWarning
+    from atdiff.runtime.pipeline import PromptTruncatedWarning
     with pytest.warns(PromptTruncatedWarning, match="first 77"):
         out = lcm_pipe([" ".join(["word"] * 100)], steps=1, seed=0)
     assert list(out.request["truncated_prompts"]) == [0]

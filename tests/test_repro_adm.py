@@ -1,4 +1,4 @@
-"""The ADM study script (scripts/repro_adm.py): the job runner's ordering / resume / failure rules, and the
+"""The ADM study script (studies/repro_adm.py): the job runner's ordering / resume / failure rules, and the
 whole study end to end with its --quick budgets (real commands, tiny sizes) on the bundled Fashion-MNIST subset laid
 out as the dataset package (conftest.bundled_datasets_dir), so it runs on any machine; the real package's files are
 read by the same lookup (tests/test_adm_at.py checks them when installed)."""
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED_SHARD, dataset_available, requires_fid_inception
-from scripts.study_runner import Job, run_jobs
+from studies.study_runner import Job, run_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -60,10 +60,10 @@ def test_a_refresh_job_reruns_when_a_dep_finished_after_it(tmp_path):
 
 
 def test_the_bundled_subset_is_found_as_fashion_mnist_by_eval_and_by_training(bundled_datasets_dir, monkeypatch):
-    from eval.fashion_prompts import labels_of
-    from eval.sources import dataset_labels, dataset_source
-    from train.caption_data import find_records
-    from train.image_data import load_image_dataset
+    from atdiff.eval.fashion_prompts import labels_of
+    from atdiff.eval.sources import dataset_labels, dataset_source
+    from atdiff.train.core.caption_data import find_records
+    from atdiff.train.core.image_data import load_image_dataset
     monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir))
     assert dataset_available("fashion-mnist")
     captions = [r.caption for r in find_records(str(BUNDLED_SHARD))]
@@ -82,13 +82,13 @@ def test_the_bundled_subset_is_found_as_fashion_mnist_by_eval_and_by_training(bu
 @requires_fid_inception   # the study's Inception FID column
 def test_quick_study_runs_every_stage_and_resumes(tmp_path, bundled_datasets_dir):
     out = tmp_path / "study"
-    command = [sys.executable, str(ROOT / "scripts/repro_adm.py"), "--out", str(out), "--quick", "--jobs", "2"]
+    command = [sys.executable, "-m", "studies.repro_adm", "--out", str(out), "--quick", "--jobs", "2"]
     env = dict(os.environ, TOOLKIT_DATASETS_DIR=str(bundled_datasets_dir))
     # a guard against a hung job, not a speed check: ~25 core-minutes, and a shared 2-core box can take an hour
     done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=5400)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     results = json.loads((out / "report/results.json").read_text())
-    from scripts import adm_study
+    from studies import adm_study
     cfg = adm_study.QUICK
     cells = {(r["features"], r["model"], r["sampler"], r["nfe"]) for r in results["aggregate"]}
     for model in adm_study.MODELS:

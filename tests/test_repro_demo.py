@@ -1,4 +1,4 @@
-"""scripts/repro_demo.py --quick: every stage of the demo study (captions, VAE, teacher, LCM, LCM-AT, FID, adherence,
+"""studies/repro_demo.py --quick: every stage of the demo study (captions, VAE, teacher, LCM, LCM-AT, FID, adherence,
 exports, compare, the study's own CLIP and CLIP scores, report) runs end to end with tiny budgets, and a rerun has nothing
 left to do. The quick study's data is the captioned subset the repository ships (models/demo-data), so this runs on
 any machine with the dev install, Fashion-MNIST installed or not; only the real dataset's captions command (tested in
@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_fid_inception
-from runtime.errors import ToolkitError
-from scripts import demo_study
-from scripts.demo_study_stages import split_bundled_shard
+from atdiff.runtime.errors import ToolkitError
+from studies import demo_study
+from studies.demo_study_stages import split_bundled_shard
 
 ROOT = Path(__file__).resolve().parent.parent
 BUNDLED = ROOT / demo_study.QUICK["data"]
@@ -40,7 +40,7 @@ def test_the_bundled_shard_splits_into_training_samples_and_unseen_reference_ima
 def test_quick_demo_study_runs_every_stage_and_reports(tmp_path):
     out = tmp_path / "demo"
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, str(ROOT / "scripts" / "repro_demo.py"), "--out", str(out), "--quick", "--jobs", "2",
+    command = [sys.executable, "-m", "studies.repro_demo", "--out", str(out), "--quick", "--jobs", "2",
                "--threads", "1"]
     subprocess.run(command, check=True, env=env, cwd=tmp_path)
     results = json.loads((out / "report" / "results.json").read_text())

@@ -19,9 +19,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler, UNet2DModel
 
-from runtime.errors import ToolkitError
-from runtime.samplers import eps_scaling, get_sampler
-from runtime.schedule import NoiseSchedule
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers import eps_scaling, get_sampler
+from atdiff.runtime.schedule import NoiseSchedule
 from tolerance import EPS32, EPS64, FLOAT32_CUMPROD, assert_close_scaled, max_abs, sampler_ops_rel, scaled_error
 
 SHAPE = (2, 3, 4, 4)
@@ -195,7 +195,7 @@ def test_dpmpp_2m_lambda_min_clipped_matches_dpm_solver_multistep(clip, steps):
 def test_dpmpp_2m_cosine_default_clips_the_start_and_an_explicit_setting_wins():
     """On cosine the default lambda_min_clipped is -5.1: neither grid spends calls where alpha_bar ~ 1e-9.
     A config that sets it (diffusers saves -inf in every DPMSolverMultistepScheduler config) keeps it."""
-    from runtime.samplers.dpmpp_2m import noise_levels
+    from atdiff.runtime.samplers.dpmpp_2m import noise_levels
     cosine = NoiseSchedule.from_config(COSINE)
     assert cosine.lambda_min_clipped == -5.1
     sampler = get_sampler("dpmpp_2m")

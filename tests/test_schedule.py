@@ -6,9 +6,9 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, LCMScheduler
 
-from runtime.errors import ToolkitError
-from runtime.samplers import dpmpp_2m, get_sampler
-from runtime.schedule import NoiseSchedule, predict_x0, predict_x0_eps, spaced_timesteps
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers import dpmpp_2m, get_sampler
+from atdiff.runtime.schedule import NoiseSchedule, predict_x0, predict_x0_eps, spaced_timesteps
 from tolerance import EPS32, EPS64, FLOAT32_CUMPROD, assert_close_scaled, max_abs
 
 BETA_SCHEDULES = ["linear", "scaled_linear", "squaredcos_cap_v2"]

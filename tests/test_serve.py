@@ -23,11 +23,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from runtime import Pipeline
-from runtime.serve.app import create_app
-from runtime.serve.loadtest import LoadResult, TABLE_HEADER, _percentile_ms, run_load
-from runtime.serve.schema import ServeLimits
-from runtime.serve.server import RunningServer
+from atdiff.runtime import Pipeline
+from atdiff.runtime.serve.app import create_app
+from atdiff.runtime.serve.loadtest import LoadResult, TABLE_HEADER, _percentile_ms, run_load
+from atdiff.runtime.serve.schema import ServeLimits
+from atdiff.runtime.serve.server import RunningServer
 from tolerance import assert_same_seed_images
 
 REPO = Path(__file__).resolve().parent.parent
@@ -256,7 +256,7 @@ def test_cli_serves_without_torch_and_sigterm_finishes_the_waiting_request(tiny_
 
 
 def test_unconditional_export_serves_num_images_and_refuses_a_prompt(tiny_uncond_dir, tmp_path_factory):
-    from export.exporter import ExportSettings, run_export
+    from atdiff.export.exporter import ExportSettings, run_export
     export = run_export(ExportSettings(model=str(tiny_uncond_dir), out=tmp_path_factory.mktemp("serve") / "uncond",
                                        validate=False), log=lambda m: None).out
     with Pipeline.load(export, backend="onnxruntime", device="cpu") as uncond, serving(uncond) as running:

@@ -18,11 +18,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from runtime import Pipeline
-from runtime.serve.app import create_app
-from runtime.samplers import available_samplers
-from runtime.serve.schema import MAX_SEED, ServeLimits
-from runtime.serve.server import RunningServer
+from atdiff.runtime import Pipeline
+from atdiff.runtime.serve.app import create_app
+from atdiff.runtime.samplers import available_samplers
+from atdiff.runtime.serve.schema import MAX_SEED, ServeLimits
+from atdiff.runtime.serve.server import RunningServer
 
 FUZZ = settings(max_examples=50, deadline=None, derandomize=True, database=None,
                 suppress_health_check=list(HealthCheck))

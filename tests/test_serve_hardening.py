@@ -21,11 +21,11 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from runtime import Pipeline
-from runtime.serve.app import create_app, model_record
-from runtime.serve.body import BodyLimits
-from runtime.serve.schema import ServeLimits
-from runtime.serve.server import RunningServer
+from atdiff.runtime import Pipeline
+from atdiff.runtime.serve.app import create_app, model_record
+from atdiff.runtime.serve.body import BodyLimits
+from atdiff.runtime.serve.schema import ServeLimits
+from atdiff.runtime.serve.server import RunningServer
 
 READ_TIMEOUT_S = 20   # a reply (or the close) must come long before this; only a broken server waits it out
 
@@ -233,7 +233,8 @@ def test_a_slow_body_does_not_hold_shutdown_and_gets_408(pipe):
 def test_cli_options_reach_the_server_limits(monkeypatch):
     from toolkit import app
     seen = {}
-    monkeypatch.setattr("runtime.serve.cli.run_server", lambda model, limits, **kw: seen.update(limits=limits, **kw))
+    monkeypatch.setattr("atdiff.runtime.serve.cli.run_server",
+                        lambda model, limits, **kw: seen.update(limits=limits, **kw))
     result = CliRunner().invoke(app, ["serve", "some-export", "--body-timeout", "3", "--header-timeout", "4",
                                       "--keep-alive-timeout", "2", "--max-header-bytes", "8192",
                                       "--limit-concurrency", "99", "--shutdown-timeout", "7"])
@@ -271,7 +272,7 @@ def test_odd_json_gets_a_json_4xx_and_the_server_keeps_serving(server, raw, stat
 def test_an_unforeseen_error_is_a_counted_json_500(pipe, monkeypatch):
     def broken(*args):
         raise RuntimeError("a bug")
-    monkeypatch.setattr("runtime.serve.app._response", broken)
+    monkeypatch.setattr("atdiff.runtime.serve.app._response", broken)
     with serving(pipe, max_wait_ms=0) as running:
         assert_json_error(post(running.url, {"prompt": "a", "steps": 1}), 500, "internal error (RuntimeError)")
         assert httpx.get(f"{running.url}/healthz").json() == {"status": "ok"}

@@ -1,5 +1,5 @@
 """Pieces of the study reports on hand-made data: the ADM report's AT-vs-others counts, the versions section."""
-from scripts.adm_study_report import versus_table
+from studies.adm_study_report import versus_table
 
 CLF = "fmnist-classifier"
 
@@ -34,7 +34,7 @@ def test_versus_compares_the_two_at_rows_once():
 
 
 def test_versions_name_the_backends_and_group_runs_trained_with_equal_versions():
-    from scripts.study_report_common import versions_lines
+    from studies.study_report_common import versions_lines
     rows = [{"backend": "torch 2 on cpu"}, {"backend": "torch 2 on cpu"}, {"backend": "onnxruntime 1 on cpu"},
             {"backend": None}]
     training = [{"model": "base", "versions": {"torch": "2"}}, {"model": "ft", "versions": {"torch": "2"}},
@@ -48,8 +48,8 @@ def test_versions_name_the_backends_and_group_runs_trained_with_equal_versions()
 def test_one_seed_cells_get_a_bootstrap_std_computed_once_per_feature_cache(tmp_path, monkeypatch):
     import numpy as np
 
-    from scripts import adm_study_report as report
-    from scripts.fid_bootstrap import cached_features
+    from studies import adm_study_report as report
+    from studies.fid_bootstrap import cached_features
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "ref.npz", mu=np.zeros(4), sigma=np.eye(4), num=np.int64(100))
     monkeypatch.setattr(report.study, "ref_path", lambda out, split, features: tmp_path / "ref.npz")
@@ -61,7 +61,7 @@ def test_one_seed_cells_get_a_bootstrap_std_computed_once_per_feature_cache(tmp_
             for s, lam in (("ddim", None), ("es_ddim", 1.0))]   # the ES cell without scaling reuses DDIM's samples
     agg = {("inception", "base", s, 10): cell(3.0, None) for s in ("ddim", "es_ddim")}
     calls = []
-    monkeypatch.setattr("scripts.fid_bootstrap.cached_features", lambda d: calls.append(d) or cached_features(d))
+    monkeypatch.setattr("studies.fid_bootstrap.cached_features", lambda d: calls.append(d) or cached_features(d))
     first = report.with_bootstrap_noise(tmp_path, agg, rows)
     again = report.with_bootstrap_noise(tmp_path, agg, rows)
     assert len(calls) == 1 and first == again   # both cells read the one cache, and only the first report reads it
@@ -71,7 +71,7 @@ def test_one_seed_cells_get_a_bootstrap_std_computed_once_per_feature_cache(tmp_
 
 
 def test_table_bolds_each_columns_lowest_mean_and_says_when_seed_counts_differ():
-    from scripts.adm_study_report import table_markdown
+    from studies.adm_study_report import table_markdown
     agg = {(CLF, "base", "ddim_gd", 5): cell(11.0, 0.2), (CLF, "ft", "ddim_gd", 5): cell(10.0, 0.3),
            (CLF, "base", "ddim_gd", 50): cell(7.0, None)}   # a column only the base has, at one seed so far
     lines = table_markdown(agg, CLF)
@@ -83,7 +83,7 @@ def test_table_bolds_each_columns_lowest_mean_and_says_when_seed_counts_differ()
 
 
 def test_diffusers_default_ddim_goes_to_its_own_table_and_es_cells_reuse_their_own_ddims_samples():
-    from scripts.adm_study_report import sampled_as, table_markdown
+    from studies.adm_study_report import sampled_as, table_markdown
     agg = {(CLF, "base", "ddim_gd", 5): cell(11.0, 0.2), (CLF, "base", "ddim", 5): cell(19.0, 0.2),
            (CLF, "base", "es_ddim", 5): cell(19.0, 0.2)}
     assert table_markdown(agg, CLF)[:3] == ["| method | DDIM 5 |", "|---|---|", "| ADM (base) | **11.00 ± 0.20** |"]

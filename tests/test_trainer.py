@@ -8,9 +8,9 @@ import signal
 import pytest
 import torch
 
-from runtime.errors import ToolkitError
-from train.batch_order import StepBatchSampler
-from train.trainer import StepContext, Trainer, TrainerConfig, claim_run_dir
+from atdiff.runtime.errors import ToolkitError
+from atdiff.train.core.batch_order import StepBatchSampler
+from atdiff.train.core.trainer import StepContext, Trainer, TrainerConfig, claim_run_dir
 from tolerance import EPS32, assert_close_scaled
 
 

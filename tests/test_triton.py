@@ -26,7 +26,7 @@ ONNX_TO_TRITON = {onnx.TensorProto.FLOAT: "TYPE_FP32", onnx.TensorProto.FLOAT16:
 def model_config_module():
     """Triton's ModelConfig protobuf as ``toolkit export triton`` loads it (one copy in protobuf's descriptor
     pool); present: the callers are marked requires_tritonclient."""
-    from export.triton import model_config_pb2
+    from atdiff.export.triton import model_config_pb2
     return model_config_pb2()
 
 
@@ -43,7 +43,7 @@ def parse(model_dir: Path, pb):
 
 @pytest.fixture(scope="module")
 def repo(tiny_lcm_export, tmp_path_factory):
-    from export.triton import write_repository
+    from atdiff.export.triton import write_repository
     return write_repository(tiny_lcm_export, tmp_path_factory.mktemp("triton") / "repo", kind="cpu", max_batch_size=4)
 
 

@@ -47,7 +47,7 @@ def assert_close_scaled(got, ref, rel: float, scale: float | None = None, what: 
 # size, CPU vs CUDA). Each layer's output rounds once per evaluation on each side (<= EPS apart, relative),
 # and those differences add up over the layers a result passes through, step after step.
 
-# layer_count of train/tiny_models.py's networks (checked in test_pipeline.py; the ONNX tests cannot load them)
+# layer_count of train/core/tiny_models.py's networks (checked in test_pipeline.py; the ONNX tests cannot load them)
 TINY_TEXT_ENCODER_LAYERS = 14        # 2 of them embedding tables
 TINY_TEXT_UNET_LAYERS = 84          # 83 without LCM's guidance embedding (the SD-style model)
 TINY_VAE_DECODER_LAYERS = 26
@@ -117,7 +117,7 @@ def assert_same_seed_images(got, alone, what: str = "") -> None:
     """uint8 images [N, H, W, 3] made in a batch (or served, or by another front end) vs the same seeds made
     alone: at most BATCHED_PIXEL_TOLERANCE levels apart per channel. And the references of different seeds are
     further apart than that, so the comparison could fail (a blank or seed-blind generator would pass it)."""
-    from runtime.noise import BATCHED_PIXEL_TOLERANCE as levels
+    from atdiff.runtime.noise import BATCHED_PIXEL_TOLERANCE as levels
     got, alone = np.asarray(got), np.asarray(alone)
     assert got.dtype == alone.dtype == np.uint8 and got.shape == alone.shape, (got.dtype, got.shape, alone.shape)
     label = f"{what}: " if what else ""

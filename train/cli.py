@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import typer
 
-from train import adm_cli, classifier_cli, clip_cli, fashion_captions, lcm_cli, teacher_cli, vae_cli
+from atdiff.train.adm import adm_cli
+from atdiff.train.demo import classifier_cli, clip_cli, fashion_captions, teacher_cli, vae_cli
+from atdiff.train.lcm import lcm_cli
 
 app = typer.Typer(help="Train ADM-style UNets (plain / AT / IP) and distill LCMs (plain / AT).",
                   no_args_is_help=True)

@@ -1,15 +1,15 @@
-"""Backend registry. Backends are imported by name only when asked for, so `import runtime` needs
+"""Backend registry. Backends are imported by name only when asked for, so `import atdiff.runtime` needs
 neither torch nor onnxruntime: a service serving an exported model installs just its backend."""
 from __future__ import annotations
 
 import importlib
 
-from runtime.backends.base import Backend, BackendError
+from atdiff.runtime.backends.base import Backend, BackendError
 
 # name -> "module:Class"; adding a backend is one line here plus its module.
 _REGISTRY: dict[str, str] = {
-    "torch": "runtime.backends.torch_backend:TorchBackend",
-    "onnxruntime": "runtime.backends.ort_backend:OrtBackend",
+    "torch": "atdiff.runtime.backends.torch_backend:TorchBackend",
+    "onnxruntime": "atdiff.runtime.backends.ort_backend:OrtBackend",
 }
 
 # What to install when a backend's package is missing.

@@ -13,9 +13,9 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from runtime.devices import DeviceSupport, resolve_device
-from runtime.errors import ToolkitError
-from runtime.model_spec import ModelSpec
+from atdiff.runtime.devices import DeviceSupport, resolve_device
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.model_spec import ModelSpec
 
 
 class BackendError(ToolkitError, RuntimeError):

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends.base import Backend, BackendError
-from runtime.backends.ort_binding import BoundBuffers, make_arrays, run_bound
-from runtime.contracts import ExportContract
-from runtime.devices import DeviceSupport, gpu_index, resolve_device
-from runtime.export_manifest import ExportManifest, read_manifest, verify_files
-from runtime.model_spec import ModelSpec
+from atdiff.runtime.backends.base import Backend, BackendError
+from atdiff.runtime.backends.ort_binding import BoundBuffers, make_arrays, run_bound
+from atdiff.runtime.contracts import ExportContract
+from atdiff.runtime.devices import DeviceSupport, gpu_index, resolve_device
+from atdiff.runtime.export_manifest import ExportManifest, read_manifest, verify_files
+from atdiff.runtime.model_spec import ModelSpec
 
 CUDA_EP, CPU_EP = "CUDAExecutionProvider", "CPUExecutionProvider"
 # onnxruntime and onnxruntime-gpu install the same `onnxruntime` module and break each other when both are
@@ -95,7 +95,7 @@ def providers_for(kind: str, device_id: int | None, cuda_graph: bool, cuda_optio
 class OrtRunner:
     """One network's InferenceSession: inputs are cast to the graph's dtypes, float outputs come back as
     float32. ``arrays=None`` is a plain ``session.run`` on host numpy (CPU provider); an array adapter
-    (``runtime.backends.ort_binding``) runs through IO binding on buffers preallocated per input shape on
+    (``atdiff.runtime.backends.ort_binding``) runs through IO binding on buffers preallocated per input shape on
     the adapter's device (required for CUDA graphs; on a CPU it exercises the same path)."""
 
     def __init__(self, path: Path, contract: ExportContract, options: ort.SessionOptions, providers: list,

@@ -24,8 +24,8 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
-from runtime.backends.base import BackendError
-from runtime.contracts import ExportContract, bind_dims, resolve_shape
+from atdiff.runtime.backends.base import BackendError
+from atdiff.runtime.contracts import ExportContract, bind_dims, resolve_shape
 
 TORCH_HINT = "pip install torch (a CUDA build for device cuda, see https://pytorch.org/get-started)"
 

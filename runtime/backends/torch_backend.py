@@ -8,12 +8,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from runtime.backends.base import Backend, BackendError
-from runtime.config_checks import Config, read_json_object
-from runtime.devices import DeviceSupport, resolve_device
-from runtime.errors import unreadable_weights
-from runtime.model_source import MANIFEST
-from runtime.model_spec import MODEL_FIX, ModelSpec
+from atdiff.runtime.backends.base import Backend, BackendError
+from atdiff.runtime.config_checks import Config, read_json_object
+from atdiff.runtime.devices import DeviceSupport, resolve_device
+from atdiff.runtime.errors import unreadable_weights
+from atdiff.runtime.model_source import MANIFEST
+from atdiff.runtime.model_spec import MODEL_FIX, ModelSpec
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 

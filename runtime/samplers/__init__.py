@@ -14,9 +14,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 
-from runtime.errors import ToolkitError
-from runtime.samplers import ddim, dpmpp_2m, iddpm, lcm
-from runtime.samplers.eps_scaling import eps_scaling
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers import ddim, dpmpp_2m, iddpm, lcm
+from atdiff.runtime.samplers.eps_scaling import eps_scaling
 
 
 @dataclasses.dataclass(frozen=True)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.schedule import NoiseSchedule
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.schedule import NoiseSchedule
 
 
 def check_timesteps(timesteps, schedule: NoiseSchedule, strict: bool = True) -> list[int]:

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.samplers._common import check_timesteps, maybe_clip
-from runtime.schedule import NoiseSchedule, predict_x0_eps, spaced_timesteps
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers._common import check_timesteps, maybe_clip
+from atdiff.runtime.schedule import NoiseSchedule, predict_x0_eps, spaced_timesteps
 
 
 def timesteps(schedule: NoiseSchedule, steps: int, *, spacing: str | None = None) -> np.ndarray:

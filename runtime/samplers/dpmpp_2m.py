@@ -5,7 +5,7 @@ Works in sigma = sqrt((1 - alpha_bar) / alpha_bar) with lambda = -log(sigma) (ha
 step is first order; later steps reuse the previous data prediction (multistep, second order).
 Like diffusers' solver, it does not apply the schedule's ``clip_sample``. Both grids start below the
 schedule's ``lambda_min_clipped`` (diffusers' setting of that name; -5.1 by default on the cosine schedule,
-see ``runtime.schedule.default_lambda_min_clipped``): for 'linspace' exactly as diffusers does, and for
+see ``atdiff.runtime.schedule.default_lambda_min_clipped``): for 'linspace' exactly as diffusers does, and for
 'logsnr' by starting the logSNR range there (diffusers' ``use_lu_lambdas`` ignores the setting).
 """
 from __future__ import annotations
@@ -14,9 +14,9 @@ import math
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.samplers._common import check_timesteps
-from runtime.schedule import NoiseSchedule, predict_x0
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers._common import check_timesteps
+from atdiff.runtime.schedule import NoiseSchedule, predict_x0
 
 SPACINGS = ("linspace", "logsnr")
 FINAL_SIGMAS = ("zero", "sigma_min")

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from runtime.errors import ToolkitError
-from runtime.schedule import NoiseSchedule
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.schedule import NoiseSchedule
 
 
 def eps_scaling(model, schedule: NoiseSchedule, factor: float | Callable[[int], float]):

@@ -13,9 +13,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.samplers._common import check_timesteps, maybe_clip
-from runtime.schedule import NoiseSchedule, predict_x0, spaced_timesteps
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers._common import check_timesteps, maybe_clip
+from atdiff.runtime.schedule import NoiseSchedule, predict_x0, spaced_timesteps
 
 VARIANCES = ("fixed_small", "fixed_small_log", "fixed_large")
 

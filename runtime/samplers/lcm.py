@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from runtime.errors import ToolkitError
-from runtime.samplers._common import check_timesteps, maybe_clip
-from runtime.schedule import NoiseSchedule, predict_x0
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.samplers._common import check_timesteps, maybe_clip
+from atdiff.runtime.schedule import NoiseSchedule, predict_x0
 
 SIGMA_DATA = 0.5  # consistency-model boundary scaling constant (Song et al. 2023), fixed in LCMScheduler
 

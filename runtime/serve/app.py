@@ -18,13 +18,13 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
-from runtime.errors import ToolkitError
-from runtime.generation import GenerationOptions, GenerationRequest
-from runtime.images import png_bytes
-from runtime.serve.batcher import DynamicBatcher, QueueFull
-from runtime.serve.body import BodyLimits
-from runtime.serve.metrics import ServeMetrics
-from runtime.serve.schema import MAX_SEED, GenerateBody, ServeLimits, check_resolved_steps, request_schema
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.generation import GenerationOptions, GenerationRequest
+from atdiff.runtime.images import png_bytes
+from atdiff.runtime.serve.batcher import DynamicBatcher, QueueFull
+from atdiff.runtime.serve.body import BodyLimits
+from atdiff.runtime.serve.metrics import ServeMetrics
+from atdiff.runtime.serve.schema import MAX_SEED, GenerateBody, ServeLimits, check_resolved_steps, request_schema
 
 log = logging.getLogger("toolkit.serve")
 MAX_INT_DIGITS = len(str(MAX_SEED))   # no integer field takes more digits than the largest seed
@@ -41,7 +41,7 @@ UNAUTHORIZED = "missing or wrong API key: send 'Authorization: Bearer KEY'"
 
 def create_app(pipe, limits: ServeLimits, *, api_key: str | None = None, record: dict | None = None,
                on_ready=None) -> FastAPI:
-    """``pipe``: a loaded ``runtime.Pipeline`` (the caller closes it). ``record``: what each reply and PNG
+    """``pipe``: a loaded ``atdiff.runtime.Pipeline`` (the caller closes it). ``record``: what each reply and PNG
     generation record says about the model (``model_record``). With ``api_key``, /v1/generate, /metrics and
     /openapi.json need ``Authorization: Bearer KEY``, the browser docs (/docs, /redoc, which cannot send it) are
     off, and the probes stay open. ``on_ready()`` is called once warmed up."""
@@ -76,7 +76,7 @@ def _guard_openapi(app: FastAPI, api_key: str) -> None:
 def model_record(pipe, *, with_path: bool = False) -> dict:
     """What replies and PNG records say about the served model: its name and weights' sha256, and its filesystem
     path only when asked (``toolkit serve --expose-model-path``): a path tells clients about the server's disks."""
-    from runtime.fingerprint import model_sha256
+    from atdiff.runtime.fingerprint import model_sha256
     record = {"model": pipe.spec.name, "model_sha256": model_sha256(pipe.source.path)}
     return {**record, "model_path": str(pipe.source.path)} if with_path else record
 
@@ -101,7 +101,7 @@ class _Service:
     def __init__(self, pipe, limits: ServeLimits, api_key: str | None, record: dict):
         if pipe.spec.num_class_embeds:
             raise ToolkitError("class-conditional models are not served yet (the API has no class labels); "
-                               "use 'toolkit generate --class-label' or embed runtime.Pipeline")
+                               "use 'toolkit generate --class-label' or embed atdiff.runtime.Pipeline")
         self.pipe, self.limits, self.api_key, self.record, self.ready = pipe, limits, api_key, record, False
         self.batcher = DynamicBatcher(lambda request: pipe.run(request).arrays, max_batch=limits.max_batch,
                                       max_wait_ms=limits.max_wait_ms, max_queue=limits.max_queue)

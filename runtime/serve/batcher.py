@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from runtime.generation import GenerationRequest
+from atdiff.runtime.generation import GenerationRequest
 
 
 class QueueFull(Exception):

@@ -14,9 +14,9 @@ from typing import Optional
 
 import typer
 
-from runtime.devices import DEVICE_HELP
-from runtime.errors import ToolkitError
-from runtime.serve.loadtest import TABLE_HEADER
+from atdiff.runtime.devices import DEVICE_HELP
+from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.serve.loadtest import TABLE_HEADER
 
 
 def command(
@@ -34,9 +34,9 @@ def command(
     """Load-test `toolkit serve` on 127.0.0.1: batched vs --max-batch 1, same model, same requests."""
     if clients < 1 or requests < 1 or max_batch < 1:
         raise ToolkitError("--clients, --requests and --max-batch must be at least 1")
-    from runtime.pipeline import Pipeline
-    from runtime.staging import write_json
-    from runtime.provenance import versions
+    from atdiff.runtime.pipeline import Pipeline
+    from atdiff.runtime.staging import write_json
+    from atdiff.runtime.provenance import versions
     with Pipeline.load(model, backend=backend, device=device) as pipe:
         typer.echo(f"load-testing {pipe.spec.name} on {pipe.backend.describe()}", err=True)
         results = [measure(pipe, clients=clients, requests=requests, max_batch=b, max_wait_ms=max_wait_ms,
@@ -57,10 +57,10 @@ def command(
 def measure(pipe, *, clients: int, requests: int, max_batch: int, max_wait_ms: float, steps: int | None,
             seed: int):
     """One configuration: a fresh server around ``pipe`` with these limits, loaded by ``clients`` clients."""
-    from runtime.serve.app import create_app
-    from runtime.serve.loadtest import run_load
-    from runtime.serve.schema import ServeLimits
-    from runtime.serve.server import RunningServer
+    from atdiff.runtime.serve.app import create_app
+    from atdiff.runtime.serve.loadtest import run_load
+    from atdiff.runtime.serve.schema import ServeLimits
+    from atdiff.runtime.serve.server import RunningServer
     limits = ServeLimits(max_batch=max_batch, max_wait_ms=max_wait_ms, max_queue=max(256, 2 * clients),
                          timeout_s=600.0)
     with RunningServer(lambda ready: create_app(pipe, limits, on_ready=ready)) as server:

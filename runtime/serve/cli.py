@@ -9,8 +9,8 @@ from typing import Optional
 
 import typer
 
-from runtime.devices import DEVICE_HELP
-from runtime.errors import ToolkitError
+from atdiff.runtime.devices import DEVICE_HELP
+from atdiff.runtime.errors import ToolkitError
 
 
 def serve(
@@ -42,7 +42,7 @@ def serve(
                                                                 "(default: --timeout + 1)."),
 ) -> None:
     """Serve MODEL over HTTP: POST /v1/generate, GET /healthz, /readyz, /metrics (docs/serving.md)."""
-    from runtime.serve.schema import ServeLimits
+    from atdiff.runtime.serve.schema import ServeLimits
     _port(port)
     limits = ServeLimits(
         max_batch=_at_least(max_batch, 1, "--max-batch"), max_queue=_at_least(max_queue, 1, "--max-queue"),
@@ -64,10 +64,10 @@ def serve(
 
 def run_server(model: str, limits, *, host: str, port: int, api_key: str | None, backend: str, device: str,
                dtype: str, backend_options: list[str], expose_model_path: bool = False) -> None:
-    from runtime.cli_generate import parse_options
-    from runtime.pipeline import Pipeline
-    from runtime.serve.app import create_app, model_record
-    from runtime.serve.server import serve_forever
+    from atdiff.runtime.cli_generate import parse_options
+    from atdiff.runtime.pipeline import Pipeline
+    from atdiff.runtime.serve.app import create_app, model_record
+    from atdiff.runtime.serve.server import serve_forever
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **parse_options(backend_options)) as pipe:
         app = create_app(pipe, limits, api_key=api_key, record=model_record(pipe, with_path=expose_model_path))
         typer.echo(f"serving {pipe.spec.name} ({pipe.source.path}) on {pipe.backend.describe()} at "

@@ -10,7 +10,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from runtime.samplers import available_samplers
+from atdiff.runtime.samplers import available_samplers
 
 MAX_SEED = 2 ** 63 - 1   # the noise (numpy's PCG64) takes any non-negative int; this keeps a seed a signed 64-bit one
 
