@@ -52,6 +52,25 @@ SESSION = dict(
     grid=dict(samplers=("ddim_gd", "dpmpp_2m", "iddpm", "es_ddim_gd"), nfes=(5, 10, 20),
               seeds=(0, 1_000_000, 2_000_000), num=2000),
     decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(5, 10)))
+# Several sessions of the 2-core box (docs/results.md part III, "medium scale"), written 2026-12-04 after the session
+# scale's results and before any medium number: the session scale's model and recipes, with the two things that left
+# it without power repaired. Its fine-tunes (450 steps) were shorter than the arms' EMA horizon (0.999: ~1000 steps),
+# so every arm's EMA model was still mostly the base's: here every check and arm runs 3000 optimizer steps (FT, IP,
+# AT at equal steps 1000 x K = 3, AT at equal data 3000 x 3). Its base was "converged" by the rule only, the curve still
+# falling: here the base trains on to 24,000 steps unless a 3000-step fine-tune stops helping first. Cells: 5000
+# samples (a seed std ~0.63x that of 2000). Its first 6000 base steps are bitwise the session run's
+# (same recipe and seed; resume is exact), so a medium run may start from a copy of that run (the page says so).
+MEDIUM = dict(
+    base=dict(preset="fmnist-small", batch=64, lr=2e-4, ema=0.9995, seed=0), segment=3000, last=24000,
+    finetune=dict(batch=64, lr=1e-4, ema=0.999, seed=1),
+    check=dict(first=12000, every=6000, steps=3000, seeds=(0, 1_000_000, 2_000_000)),
+    curve=dict(nfe=10, num=5000, seed=0), save_every=500, ref_num=None,
+    sweep=dict(batches=400, alphas=(0.025, 0.05, 0.1), bounds=(0.1, 0.002), variants=("full", "detach"),
+               heldout=dict(nfe=10, num=2000, seed=9_000_000)),
+    arms=dict(batches=3000, adv_steps=3, ip_gamma=0.15, train_seeds=(1, 2)),
+    grid=dict(samplers=("ddim_gd", "dpmpp_2m", "iddpm", "es_ddim_gd"), nfes=(5, 10, 20),
+              seeds=(0, 1_000_000, 2_000_000), num=5000),
+    decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(5, 10)))
 QUICK = dict(
     base=dict(preset="fmnist", batch=16, lr=2e-4, ema=0.99, seed=0), segment=8, last=24,
     finetune=dict(batch=16, lr=1e-4, ema=0.9, seed=1),
@@ -64,7 +83,7 @@ QUICK = dict(
     decision=dict(samplers=("ddim_gd", "dpmpp_2m"), nfes=(2, 4)))
 
 
-SCALES = {"full": FULL, "session": SESSION, "quick": QUICK}
+SCALES = {"full": FULL, "session": SESSION, "medium": MEDIUM, "quick": QUICK}
 
 
 def scale_name(scale: str | bool) -> str:

@@ -126,6 +126,26 @@ def test_the_session_scale_trains_the_small_preset_and_passes_its_name_to_every_
     assert train[train.index("--preset") + 1] == "fmnist-small"
 
 
+def test_the_medium_scale_outlasts_the_ema_horizon_and_continues_the_session_base(tmp_path):
+    """What the medium scale was registered to repair (docs/results.md part III): every check and arm runs at least
+    three EMA horizons of optimizer steps, and its base is the session scale's recipe trained on further."""
+    medium, session = study.config_for("medium"), study.config_for("session")
+    horizon = 1 / (1 - medium["finetune"]["ema"])
+    k = medium["arms"]["adv_steps"]
+    point = {"variant": "detach", "alpha": 0.1, "bound": 0.1, "timestep_sampler": "uniform"}
+    by_variant = {"detach": point, "full": dict(point, variant="full")}
+    specs = arm_specs(medium, {"best": point, "best_by_variant": by_variant})
+    steps = {name: batches * (k if kind == "adm-at" else 1) for name, (kind, batches, _, _) in specs.items()}
+    assert min(steps.values()) >= 3 * horizon and medium["check"]["steps"] >= 3 * horizon
+    assert steps["ft-s1"] == medium["arms"]["batches"] == steps["at-detach-s1"] == steps["ctl-s1"]
+    assert steps["at-data-s1"] == k * medium["arms"]["batches"]
+    assert medium["base"] == session["base"] and study.segments(medium)[:2] == [3000, 6000]
+    assert set(study.segments(session)) & set(study.segments(medium)) == {3000, 6000}   # the copyable snapshots
+    jobs = {job.name: job for job in build_jobs(tmp_path, "medium")}
+    assert jobs["segment-9000"].command()[-2:] == ["--scale", "medium"]
+    assert study.check_points(medium) == [12000, 18000, 24000]
+
+
 def _cells(out, model, fids_by_cell):
     for (sampler, nfe), fids in fids_by_cell.items():
         for seed, fid in zip(study.QUICK["grid"]["seeds"], fids):
