@@ -66,12 +66,19 @@ def compare(out, sampler, nfe, seeds, at, ctl, at_names, ctl_names) -> dict | No
     cells = {name: cell(out, name, sampler, nfe, seeds) for name in {at, ctl, *at_names, *ctl_names}}
     if any(c is None for c in cells.values()):
         return None
+    return {"sampler": sampler, "nfe": nfe, **margin_test(cells, at, ctl, at_names, ctl_names)}
+
+
+def margin_test(cells: dict[str, dict], at: str, ctl: str, at_names, ctl_names) -> dict:
+    """One cell of the rule: ``at`` beats ``ctl`` when its mean FID is lower by more than 2x the larger of the
+    sampling spread (the two models' std over sampling seeds) and the training spread (|mean difference| between
+    the training seeds of the same arm, ``at_names`` and ``ctl_names``); ``cells``: name -> ``cell(...)``."""
     sampling = max(cells[at]["std"], cells[ctl]["std"])
     training = max(abs(cells[a]["mean"] - cells[b]["mean"]) for a, b in (at_names, ctl_names))
     diff = cells[at]["mean"] - cells[ctl]["mean"]
     margin = 2 * max(sampling, training)
-    return {"sampler": sampler, "nfe": nfe, "at": cells[at]["mean"], "control": cells[ctl]["mean"],
-            "difference": diff, "sampling_spread": sampling, "training_spread": training, "margin": margin,
+    return {"at": cells[at]["mean"], "control": cells[ctl]["mean"], "difference": diff, "sampling_spread": sampling,
+            "training_spread": training, "margin": margin,
             "spread_used": "sampling" if sampling >= training else "training", "beaten": diff < -margin,
             "measured": True}
 
