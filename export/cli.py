@@ -68,6 +68,9 @@ def run(
     seed: int = typer.Option(0, min=0, help="Seed of the sample inputs and the end-to-end images."),
     device: str = typer.Option("auto", help="Device for tracing and validation: auto (CUDA when torch and "
                                "ONNX Runtime can both use a GPU, else CPU; printed) | cpu | cuda | cuda:N."),
+    external_data_mb: Optional[float] = typer.Option(
+        None, min=0, help="Write a network's weights to model.onnx.data when they exceed this many MB (default and "
+        "most: protobuf's 2 GiB limit with headroom, 1932.7)."),
 ) -> None:
     """Export MODEL's networks to ONNX, validate them, and write DIR atomically with a manifest."""
     from atdiff.export.exporter import ExportSettings, default_out, run_export
@@ -80,7 +83,7 @@ def run(
     settings = ExportSettings(model=model, out=out, fp16=fp16, opset=opset, validate=validate, seed=seed,
                               components=tuple(c.strip() for c in components.split(",")) if components else None,
                               batch_sizes=_int_list(batch_sizes, "--batch-sizes"), height=height, width=width,
-                              device=device)
+                              device=device, external_data_bytes=_external_data_bytes(external_data_mb))
     try:
         result = run_export(settings, log=lambda message: console.print(message))
     except ExportValidationError as exc:
@@ -93,6 +96,16 @@ def run(
     console.print(f"export written to {result.out} ({len(files)} files, {size:.1f} MB, "
                   f"{result.manifest['precision']}{'' if validate else ', NOT validated'})")
     print(result.out)
+
+
+def _external_data_bytes(megabytes: float | None) -> int:
+    from atdiff.export.onnx_export import EXTERNAL_DATA_BYTES
+    if megabytes is None:
+        return EXTERNAL_DATA_BYTES
+    if megabytes * 1e6 > EXTERNAL_DATA_BYTES:
+        raise ToolkitError(f"--external-data-mb {megabytes:g} is above protobuf's 2 GiB limit (with headroom: "
+                           f"{EXTERNAL_DATA_BYTES / 1e6:.1f}); a network that large must use external data")
+    return int(megabytes * 1e6)
 
 
 @app.command("validate")

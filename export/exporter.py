@@ -15,7 +15,7 @@ from pathlib import Path
 
 from atdiff.export.contracts import ExportShapes, contracts_for, select_components
 from atdiff.export.manifest import build_manifest, write_manifest
-from atdiff.export.onnx_export import DEFAULT_OPSET, MIN_OPSET, export_network
+from atdiff.export.onnx_export import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, MIN_OPSET, export_network
 from atdiff.export.validate import ExportValidationError, ValidationReport, validate_export
 from atdiff.runtime.backends import ort_backend
 from atdiff.runtime.devices import resolve_device
@@ -40,6 +40,8 @@ class ExportSettings:
     validate: bool = True
     seed: int = 0
     device: str = "auto"   # auto | cpu | cuda | cuda:N (export_device)
+    # a network whose weights exceed this is written as model.onnx + model.onnx.data (ONNX external data)
+    external_data_bytes: int = EXTERNAL_DATA_BYTES
 
 
 @dataclasses.dataclass
@@ -75,7 +77,7 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
         for name, contract in contracts.items():
             log(f"exporting {name} ({contract.precision}, opset {settings.opset})")
             written = export_network(networks[name], contract, staging / name / "model.onnx", settings.opset,
-                                     settings.seed)
+                                     settings.seed, settings.external_data_bytes)
             files[name] = written[0].relative_to(staging).as_posix()
             fault_point("export:network-written")
         tokenizer_files = copy_tokenizer(source.path, staging) if spec.is_latent else []

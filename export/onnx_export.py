@@ -25,9 +25,9 @@ EXTERNAL_DATA_BYTES = int(0.9 * (2**31 - 1))
 
 
 def export_network(network: torch.nn.Module, contract: ExportContract, path: Path, opset: int,
-                   seed: int = 0) -> list[Path]:
-    """Trace ``network`` on the contract's 'opt' sample inputs and write ``path`` (plus ``path.data`` for
-    large networks); returns the files written. The written model passes onnx.checker."""
+                   seed: int = 0, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """Trace ``network`` on the contract's 'opt' sample inputs and write ``path`` (plus ``path.data`` when its
+    weights exceed ``external_data_bytes``); returns the files written. The written model passes onnx.checker."""
     module = contract_module(network, contract)
     device = next(module.parameters()).device
     args = to_torch(contract.sample_inputs("opt", seed), device)
@@ -43,12 +43,16 @@ def export_network(network: torch.nn.Module, contract: ExportContract, path: Pat
                               output_names=contract.output_names(), dynamic_axes=contract.dynamic_axes(),
                               opset_version=opset, do_constant_folding=True, dynamo=False)
         model = onnx.load(str(traced))  # also pulls in tensors the exporter wrote as external files
-    return save_onnx(model, path)
+    return save_onnx(model, path, external_data_bytes)
 
 
-def save_onnx(model: onnx.ModelProto, path: Path) -> list[Path]:
+def save_onnx(model: onnx.ModelProto, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> list[Path]:
+    """``model`` as one file, or with its weights in ``path.data`` when they exceed ``external_data_bytes``
+    (above ~2 GiB it must: protobuf cannot serialise the message)."""
+    if external_data_bytes > EXTERNAL_DATA_BYTES:
+        raise ValueError(f"external_data_bytes {external_data_bytes} is above protobuf's limit ({EXTERNAL_DATA_BYTES})")
     weights = sum(len(t.raw_data) for t in model.graph.initializer)
-    if weights > EXTERNAL_DATA_BYTES:
+    if weights > external_data_bytes:
         data = path.with_name(path.name + ".data")
         onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,
                         location=data.name, size_threshold=1024)

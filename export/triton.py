@@ -62,7 +62,8 @@ def write_repository(export_dir: str | Path, out: str | Path, *, kind: str = "gp
         names = {}
         for component in manifest.components:
             names[component] = component
-            _copy(manifest.component_path(component), _inside(staging, component, "1", "model.onnx"))
+            for rel in network_files(manifest, component):   # model.onnx [+ model.onnx.data]
+                _copy(manifest.file(rel), _inside(staging, component, "1", rel.rsplit("/", 1)[1]))
             config = network_config(component, manifest.contract(component), kind=KINDS[kind],
                                     max_batch_size=max_batch_size)
             _inside(staging, component, "config.pbtxt").write_text(config)
@@ -81,6 +82,13 @@ def _inside(root: Path, *parts: str) -> Path:
     if not path.resolve().is_relative_to(root.resolve()):
         raise ModelFormatError(f"{'/'.join(parts)} would be written outside the repository; re-run 'toolkit export'")
     return path
+
+
+def network_files(manifest, component: str) -> list[str]:
+    """The listed files of one network: its model.onnx and, for networks saved with ONNX external data, the
+    model.onnx.data beside it (model.onnx names it by that relative location, so they travel together)."""
+    onnx_file = manifest.data["components"][component]["file"]
+    return [onnx_file, *(rel for rel in (onnx_file + ".data",) if rel in manifest.data["files"])]
 
 
 def _copy(source: Path, target: Path) -> None:

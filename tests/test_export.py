@@ -233,9 +233,8 @@ def test_cli_bad_input_is_one_line(tiny_uncond_dir, args, message):
     assert message in result.output and "Traceback" not in result.output
 
 
-def test_large_networks_use_one_external_data_file(tiny_uncond_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr("atdiff.export.onnx_export.EXTERNAL_DATA_BYTES", 0)   # treat the tiny UNet as "over 2 GB"
-    result = _export(tiny_uncond_dir, tmp_path / "external")
+def test_large_networks_use_one_external_data_file(tiny_uncond_dir, tmp_path):
+    result = _export(tiny_uncond_dir, tmp_path / "external", external_data_bytes=0)   # tiny UNet as "over 2 GB"
     assert result.report.passed
     assert {"unet/model.onnx", "unet/model.onnx.data"} <= set(result.manifest["files"])
     assert (result.out / "unet" / "model.onnx").stat().st_size < (result.out / "unet" / "model.onnx.data").stat().st_size
