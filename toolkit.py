@@ -34,7 +34,7 @@ def generate(
     prompt: Optional[list[str]] = typer.Argument(None, help="Prompt(s); omit for unconditional models."),
     model: Optional[str] = typer.Option(None, help="Diffusers dir, export dir or hub id (default: bundled model)."),
     steps: Optional[int] = typer.Option(None, help="Sampling steps (default: 4 for LCM, else 20)."),
-    nfe: Optional[int] = typer.Option(None, help="Network evaluations (same as --steps here)."),
+    nfe: Optional[int] = typer.Option(None, help="Another name for --steps (one network evaluation per step)."),
     sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm (default: from the scheduler)."),
     seed: int = typer.Option(0, help="Image i gets seed+i."),
     num_images: int = typer.Option(1, help="Images per prompt (or in total, for unconditional models)."),
@@ -59,11 +59,11 @@ def generate(
                                                    "never overwritten: the new image gets NAME-seedN-1.png, -2, ..."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
-    from atdiff.runtime.cli_generate import run_generate, sampler_options
+    from atdiff.runtime.cli_generate import one_step_count, run_generate, sampler_options
     from atdiff.runtime.generation import GenerationOptions
     labels = (class_label[0] if len(class_label) == 1 else class_label) if class_label else None
     options = GenerationOptions(
-        prompts=prompt or None, num_images=num_images, steps=steps, nfe=nfe, seed=seed, sampler=sampler,
+        prompts=prompt or None, num_images=num_images, steps=one_step_count(steps, nfe), seed=seed, sampler=sampler,
         guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width,
         class_labels=labels, eps_scale=eps_scale, batch_size=batch_size,
         sampler_options=sampler_options(sampler_option, eta))

@@ -83,8 +83,9 @@ def clip(images: Path = typer.Argument(..., help="Folder of images (sorted by fi
 @handles_errors
 def sample_fid(model: str = typer.Argument(..., help="Diffusers dir, export dir or hub id."),
                ref: str = typer.Option(..., help="Reference: .npz stats, image folder or dataset name."),
-               nfe: str = typer.Option("5,10,20", help="Comma-separated step counts (one network call each)."),
-               num: int = typer.Option(10000, help="Samples per NFE."),
+               steps: str = typer.Option("5,10,20", "--steps", "--nfe", help="Comma-separated step counts (one "
+                                         "network call each; --nfe is another name)."),
+               num: int = typer.Option(10000, help="Samples per step count."),
                sampler: Optional[str] = typer.Option(None, help="lcm | ddim | dpmpp_2m | iddpm (default: the "
                                                      "model's)."),
                sampler_option: Optional[list[str]] = typer.Option(None, help="KEY=VALUE for the sampler, e.g. "
@@ -103,7 +104,7 @@ def sample_fid(model: str = typer.Argument(..., help="Diffusers dir, export dir 
                device: str = DEVICE,
                cache: Optional[Path] = CACHE, chunk_size: int = CHUNK, seed: int = SEED,
                out: Optional[Path] = typer.Option(None, help="Also write the results as JSON here.")) -> None:
-    """Generate NUM samples per NFE in memory (no PNGs) and print FID against REF for each."""
+    """Generate NUM samples per step count in memory (no PNGs) and print FID against REF for each."""
     args = dict(locals())
     from atdiff.eval.cli_runs import sample_fid_command
     sample_fid_command(**args)
@@ -176,7 +177,8 @@ def adherence(model: str = typer.Argument(..., help="A text-to-image model train
 def exposure_bias(model: str = typer.Argument(..., help="A pixel diffusion model (toolkit train adm / adm-at / adm-ip: "
                                               "a diffusers UNet2DModel directory)."),
                   sampler: str = typer.Option(..., help="lcm | ddim | dpmpp_2m | iddpm"),
-                  nfe: int = typer.Option(..., help="Sampling steps (one network call each)."),
+                  steps: int = typer.Option(..., "--steps", "--nfe", help="Sampling steps (one network call each; "
+                                            "--nfe is another name)."),
                   num: int = typer.Option(1000, help="Sampler trajectories (seeds SEED..SEED+NUM-1), and data images."),
                   data: str = typer.Option("fashion-mnist", help="Reference data, preprocessed as training does: "
                                            "fashion-mnist[:train|:test], mnist[:split], or any --data of toolkit train adm."),

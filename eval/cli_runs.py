@@ -49,7 +49,7 @@ def _reference(ref: str, extractor, cache, chunk_size):
                             chunk_size=chunk_size, progress=tracker("reference features", 0))
 
 
-def sample_fid_command(*, model, ref, nfe, num, sampler, sampler_option, backend, backend_option, dtype, batch_size,
+def sample_fid_command(*, model, ref, steps, num, sampler, sampler_option, backend, backend_option, dtype, batch_size,
                        prompts, guidance_scale, eps_scale, resize, inception, features, inception_engine, device, cache,
                        chunk_size, seed, out) -> list[dict]:
     if num < 2:
@@ -57,7 +57,7 @@ def sample_fid_command(*, model, ref, nfe, num, sampler, sampler_option, backend
     if out is not None:
         check_writable(out, parent=True)
     extractor = make_extractor(features, inception=inception, device=device, resize=resize, engine=inception_engine)
-    config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(nfe, "nfe")), num=num, sampler=sampler,
+    config = SampleFIDConfig(model=model, nfes=tuple(parse_int_list(steps, "steps/--nfe")), num=num, sampler=sampler,
                              backend=backend, device=device, dtype=dtype, seed=seed, batch_size=batch_size,
                              chunk_size=chunk_size, prompts=as_tuple(read_prompts(prompts)) if prompts else None,
                              guidance_scale=guidance_scale, eps_scale=eps_scale,

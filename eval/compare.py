@@ -24,6 +24,7 @@ from atdiff.eval.fid import FeatureStats, ReferenceFID, fid_from_stats
 from atdiff.eval.generate import SamplingPlan, sample_producer
 from atdiff.eval.measure import check_comparable, check_extractor, model_identity
 from atdiff.runtime.errors import ToolkitError
+from atdiff.runtime.generation import GenerationOptions
 from atdiff.runtime.model_source import MANIFEST
 
 TORCH = "torch"
@@ -162,8 +163,8 @@ def run_compare(config: CompareConfig, metrics: CellMetrics, *, progress=None, o
 def _run_cell(pipe, config: CompareConfig, metrics: CellMetrics, model: tuple[str, dict], steps: int, tick):
     """One (model, backend, steps) cell; ``model`` is (name, atdiff.eval.measure.model_identity)."""
     (name, model_id), backend = model, pipe.backend.name
-    plan = SamplingPlan(steps=steps, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
-                        prompts=config.prompts)
+    plan = SamplingPlan(GenerationOptions(steps=steps, sampler=config.sampler, seed=config.seed,
+                                          batch_size=config.batch_size, prompts=config.prompts))
     use_clip = metrics.clip is not None and pipe.spec.is_latent
     cache = None
     if config.cache_dir is not None:

@@ -58,7 +58,8 @@ class MeterConfig:
         """The checks that need no model, so bad input fails before anything loads."""
         get_sampler(self.sampler)
         if self.nfe < 1:
-            raise ToolkitError(f"--nfe must be at least 1 (network evaluations = sampling steps), got {self.nfe}")
+            raise ToolkitError(f"--steps/--nfe must be at least 1 (sampling steps = network evaluations), "
+                               f"got {self.nfe}")
         if self.num < 2:
             raise ToolkitError(f"--num must be at least 2 (each mean comes with its standard error), got {self.num}")
         if self.seed < 0:

@@ -19,14 +19,14 @@ PLOT = "exposure_bias.png"
 DATASETS = ("fashion-mnist", "mnist")   # the offline datasets eval/sources.py reads, with their :train/:test splits
 
 
-def exposure_bias_command(*, model: str, sampler: str, nfe: int, num: int, data: str, batch_size: int | None,
+def exposure_bias_command(*, model: str, sampler: str, steps: int, num: int, data: str, batch_size: int | None,
                           device: str, seed: int, out: Path | None) -> Path:
     from atdiff.eval.measure import model_identity
     from atdiff.runtime.pipeline import Pipeline
 
-    config = MeterConfig(sampler=sampler, nfe=nfe, num=num, seed=seed, batch_size=batch_size)
+    config = MeterConfig(sampler=sampler, nfe=steps, num=num, seed=seed, batch_size=batch_size)
     config.check()
-    out = Path(out) if out is not None else default_out(model, sampler, nfe)
+    out = Path(out) if out is not None else default_out(model, sampler, steps)
     check_target(out, RESULT, "exposure-bias")   # a foreign --out or an unwritable place fails before the slow part
     check_writable(out, parent=True)
     with Pipeline.load(model, backend="torch", device=device, dtype="float32") as pipe:

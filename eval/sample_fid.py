@@ -10,6 +10,7 @@ from atdiff.eval.features import FeatureCache, chunked_measure
 from atdiff.eval.fid import FeatureStats, fid_from_stats
 from atdiff.eval.generate import SamplingPlan, sample_producer
 from atdiff.eval.measure import cache_subdir, check_comparable, check_extractor, model_identity
+from atdiff.runtime.generation import GenerationOptions
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,9 +57,10 @@ def run_sample_fid(config: SampleFIDConfig, ref: FeatureStats, extractor,
                        **config.backend_options) as pipe:
         model_id = model_identity(pipe)   # recorded with every row, and the cache key
         for nfe in config.nfes:
-            plan = SamplingPlan(steps=nfe, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
-                                prompts=config.prompts, guidance_scale=config.guidance_scale,
-                                eps_scale=config.eps_scale, sampler_options=config.sampler_options)
+            plan = SamplingPlan(GenerationOptions(
+                steps=nfe, sampler=config.sampler, seed=config.seed, batch_size=config.batch_size,
+                prompts=config.prompts, guidance_scale=config.guidance_scale, eps_scale=config.eps_scale,
+                sampler_options=config.sampler_options))
             started = time.perf_counter()
             feats = generated_features(pipe, plan, extractor, config.num, chunk_size=config.chunk_size,
                                        cache_dir=cache_subdir(config.cache_dir, f"nfe-{nfe}"), model_id=model_id,

@@ -51,6 +51,15 @@ BUNDLED_HINT = ("this is the bundled demo model: it draws 32x32 Fashion-MNIST cl
                 "photographs use --model SimianLuo/LCM_Dreamshaper_v7 (needs network access or a populated HF cache)")
 
 
+def one_step_count(steps: int | None, nfe: int | None) -> int | None:
+    """``--steps``, or ``--nfe``, its other name (every sampler here makes one network evaluation per step); given
+    both, they must agree."""
+    if steps is not None and nfe is not None and steps != nfe:
+        raise ToolkitError(f"--steps {steps} and --nfe {nfe} disagree; --nfe is another name for --steps (one network "
+                           "evaluation per step): pass one of them")
+    return steps if steps is not None else nfe
+
+
 def parse_options(pairs: list[str], flag: str = "--backend-option", example: str = "cuda_graph=true") -> dict:
     """``KEY=VALUE`` strings (given with ``flag``) -> a dict; values read as JSON where they parse (true, 4, 0.5),
     else as text."""

@@ -15,7 +15,7 @@ import numpy as np
 
 from atdiff.runtime.errors import ToolkitError
 from atdiff.runtime.model_spec import ModelSpec
-from atdiff.runtime.noise import seeds_for
+from atdiff.runtime.noise import MIN_SEED, seeds_for
 from atdiff.runtime.samplers import get_sampler
 from atdiff.runtime.schedule import NoiseSchedule
 
@@ -26,16 +26,21 @@ OTHER_DEFAULT_STEPS = 20
 # Images per network batch when the caller does not say: bounded, so --num-images 128 on a real model does
 # not try to hold 128 images' activations at once (results do not depend on the batch size).
 DEFAULT_BATCH_SIZE = 8
+# The least value of each numeric option, checked (once) by ``GenerationOptions.precheck``; the HTTP server publishes
+# them as its request schema's minima. eps_scale has none: it must be above 0.
+MINIMA = {"num_images": 1, "steps": 1, "batch_size": 1, "height": 1, "width": 1, "seed": MIN_SEED,
+          "guidance_scale": 0}
 
 
 @dataclasses.dataclass(frozen=True)
 class GenerationOptions:
     """Everything a caller can ask of one generation call, as given (None: the model's default). The CLI, the HTTP
-    server and ``Pipeline.__call__`` each build one; ``GenerationRequest.build`` checks it against the model."""
+    server, ``Pipeline.__call__`` and eval's ``SamplingPlan`` each build one; ``GenerationRequest.build`` checks it
+    against the model. ``steps``: sampling steps, which are network evaluations here (one per step; the CLI's
+    ``--nfe`` is another name for ``--steps``)."""
     prompts: str | Sequence[str] | None = None
     num_images: int | None = None
     steps: int | None = None
-    nfe: int | None = None
     seed: int | None = 0
     seeds: Sequence[int] | None = None
     sampler: str | None = None
@@ -50,19 +55,19 @@ class GenerationOptions:
 
     def precheck(self) -> None:
         """The checks that need no model (sampler name, counts, seed, scales), so a caller can run them before a
-        model loads; ``GenerationRequest.build`` repeats them with the model's defaults filled in."""
+        model loads; the only place they are written (``GenerationRequest.build`` starts with them)."""
         if self.sampler is not None:
             get_sampler(self.sampler)
-        _steps(self.steps, self.nfe, self.sampler or "ddim")
-        for value, name in ((self.num_images, "num_images"), (self.batch_size, "batch_size"), (self.height, "height"),
-                            (self.width, "width")):  # sizes: the model's multiple is checked once it is known
-            if value is not None:
-                _positive(value, name)
+        for name in ("num_images", "steps", "batch_size", "height", "width"):  # sizes: the model's multiple later
+            if getattr(self, name) is not None:
+                _at_least(getattr(self, name), name)
         seeds_for(1, self.seed)
-        if self.eps_scale is not None and not float(self.eps_scale) > 0:
+        if self.eps_scale is not None and not float(self.eps_scale) > 0:   # also refuses NaN
             raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {self.eps_scale}")
-        if self.guidance_scale is not None and not float(self.guidance_scale) >= 0:
-            raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale), got {self.guidance_scale}")
+        least = MINIMA["guidance_scale"]
+        if self.guidance_scale is not None and not float(self.guidance_scale) >= least:
+            raise ToolkitError(f"guidance_scale must be >= {least} (LCM's w, or the CFG scale; 0-1 turns CFG off), "
+                               f"got {self.guidance_scale}")
 
 
 @dataclasses.dataclass
@@ -109,9 +114,10 @@ class GenerationRequest:
     def build(cls, spec: ModelSpec, schedule: NoiseSchedule, tokenizer, options: GenerationOptions):
         """``options`` checked against the model: ``tokenizer`` (latent models) counts prompt tokens."""
         o = options
+        o.precheck()
         sampler = o.sampler or spec.default_sampler
         sampler_obj = get_sampler(sampler)
-        steps = _steps(o.steps, o.nfe, sampler)
+        steps = DEFAULT_STEPS.get(sampler, OTHER_DEFAULT_STEPS) if o.steps is None else int(o.steps)
         ts_options, fn_options = _split_options(sampler_obj, o.sampler_options or {})
         timesteps = np.asarray(sampler_obj.timesteps(schedule, steps, **ts_options), dtype=np.int64)
         height, width = (_size(v, spec.default_resolution, spec.pixel_multiple, name)
@@ -130,27 +136,13 @@ class GenerationRequest:
                                                 o.class_labels))
             count = fields.pop("count")
         fields["seeds"] = seeds_for(count, o.seed, o.seeds)
-        fields["batch_size"] = _positive(min(count, DEFAULT_BATCH_SIZE) if o.batch_size is None else o.batch_size,
-                                         "batch_size")
+        fields["batch_size"] = min(count, DEFAULT_BATCH_SIZE) if o.batch_size is None else int(o.batch_size)
         return cls(**fields)
 
 
-def _positive(value: int, name: str) -> int:
-    if int(value) < 1:
-        raise ToolkitError(f"{name} must be at least 1, got {value}")
-    return int(value)
-
-
-def _steps(steps: int | None, nfe: int | None, sampler: str) -> int:
-    if steps is not None and nfe is not None and steps != nfe:
-        raise ToolkitError(f"steps={steps} and nfe={nfe} disagree; every sampler here makes one network "
-                           "evaluation per step, so pass only one of them")
-    chosen = steps if steps is not None else nfe
-    if chosen is None:
-        chosen = DEFAULT_STEPS.get(sampler, OTHER_DEFAULT_STEPS)
-    if int(chosen) < 1:
-        raise ToolkitError(f"steps must be at least 1, got {chosen}")
-    return int(chosen)
+def _at_least(value: int, name: str) -> None:
+    if int(value) < MINIMA[name]:
+        raise ToolkitError(f"{name} must be at least {MINIMA[name]}, got {value}")
 
 
 def _split_options(sampler_obj, options: dict) -> tuple[dict, dict]:
@@ -170,16 +162,16 @@ def _split_options(sampler_obj, options: dict) -> tuple[dict, dict]:
 def _size(value: int | None, default: int, multiple: int, name: str) -> int:
     value = default if value is None else int(value)
     if value < multiple or value % multiple:
+        nearest = max(multiple, value // multiple * multiple)
         raise ToolkitError(f"{name} {value} is not a positive multiple of {multiple}, which this model needs "
-                           f"(its default is {default}); pass e.g. --{name} {max(multiple, value // multiple * multiple)}")
+                           f"(its default is {default}); pass e.g. --{name} {nearest}")
     return value
 
 
 def _eps_scale(eps_scale: float | None, prediction_type: str) -> float | None:
+    """``eps_scale`` (checked positive by ``precheck``) for this model; None when it changes nothing."""
     if eps_scale is None or float(eps_scale) == 1.0:
         return None
-    if float(eps_scale) <= 0:
-        raise ToolkitError(f"eps_scale must be positive (about 1.017 for ES sampling), got {eps_scale}")
     if prediction_type != "epsilon":  # checked here too so a bad call fails before any network runs
         raise ToolkitError(f"epsilon scaling needs an epsilon-prediction model; this one predicts "
                            f"'{prediction_type}': drop --eps-scale")
@@ -202,7 +194,7 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
                            'e.g. toolkit generate "astronaut in a jungle"')
     if class_labels is not None:
         raise ToolkitError("class labels are for class-conditional pixel models; this model takes prompts")
-    per_prompt = _positive(1 if num_images is None else num_images, "num_images")
+    per_prompt = 1 if num_images is None else int(num_images)
     negatives = _as_list(negative_prompt, "negative_prompt") or [""]
     if len(negatives) == 1:
         negatives = negatives * len(prompts)
@@ -210,9 +202,6 @@ def _text_fields(spec, prompts, num_images, negative_prompt, guidance_scale, cla
         raise ToolkitError(f"got {len(negatives)} negative prompts for {len(prompts)} prompts; "
                            "pass one negative prompt, or one per prompt")
     expand = lambda items: [p for p in items for _ in range(per_prompt)]  # noqa: E731
-    if guidance_scale is not None and not float(guidance_scale) >= 0:  # also refuses NaN
-        raise ToolkitError(f"guidance_scale must be >= 0 (LCM's w, or the CFG scale; 0-1 turns CFG off), "
-                           f"got {guidance_scale}")
     if guidance_scale is None and spec.default_guidance_scale is not None:
         guidance_scale = spec.default_guidance_scale
     if spec.time_cond_proj_dim:
@@ -238,7 +227,7 @@ def _unconditional_fields(spec, prompts, num_images, guidance_scale, negative_pr
                            "omit it and pass num_images (--num-images)")
     if guidance_scale is not None or negative_prompt is not None:
         raise ToolkitError(f"model '{spec.name}' is unconditional; guidance scale and negative prompts do not apply")
-    count = _positive(1 if num_images is None else num_images, "num_images")
+    count = 1 if num_images is None else int(num_images)
     return dict(count=count, class_labels=_class_labels(spec, class_labels, count))
 
 

@@ -23,6 +23,7 @@ from atdiff.runtime.errors import ToolkitError
 # whose libraries may pick another algorithm per batch size. tests/test_serve.py and tests/test_triton.py
 # assert this bound.
 BATCHED_PIXEL_TOLERANCE = 1
+MIN_SEED = 0   # numpy's PCG64 takes non-negative seeds only (a ValueError deep in sampling)
 
 
 def seeds_for(num: int, seed: int | None = None, seeds: Sequence[int] | None = None) -> list[int]:
@@ -34,8 +35,8 @@ def seeds_for(num: int, seed: int | None = None, seeds: Sequence[int] | None = N
     else:
         base = 0 if seed is None else int(seed)
         seeds = [base + i for i in range(num)]
-    if seeds and min(seeds) < 0:  # numpy's PCG64 takes non-negative seeds only (a ValueError deep in sampling)
-        raise ToolkitError(f"seeds must be non-negative integers, got {min(seeds)}; pass --seed 0 or higher")
+    if seeds and min(seeds) < MIN_SEED:
+        raise ToolkitError(f"seeds must be non-negative integers, got {min(seeds)}; pass --seed {MIN_SEED} or higher")
     return seeds
 
 

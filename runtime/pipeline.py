@@ -2,7 +2,7 @@
 
     pipe = Pipeline.load("models/tiny-lcm", backend="torch", device="auto", dtype="auto")
     out = pipe(["astronaut in a jungle"], steps=4, seed=0)          # text-to-image (latent)
-    out = pipe(num_images=16, sampler="ddim", nfe=10, seed=0)        # unconditional pixel UNet
+    out = pipe(num_images=16, sampler="ddim", steps=10, seed=0)      # unconditional pixel UNet
     out.images, out.arrays, out.samples, out.seeds, out.timings, out.backend
 
 The pipeline owns everything between the user and the networks that is *not* a network: tokenizing,
@@ -73,7 +73,7 @@ class Pipeline:
 
     # ---- generation ---------------------------------------------------------------------
     def __call__(self, prompts: str | Sequence[str] | None = None, *, num_images: int | None = None,
-                 steps: int | None = None, nfe: int | None = None, seed: int | None = 0,
+                 steps: int | None = None, seed: int | None = 0,
                  seeds: Sequence[int] | None = None, sampler: str | None = None,
                  guidance_scale: float | None = None, negative_prompt: str | Sequence[str] | None = None,
                  height: int | None = None, width: int | None = None,
@@ -82,12 +82,12 @@ class Pipeline:
                  progress=None) -> GenerationOutput:
         """Generate images. Text-to-image: ``prompts`` (``num_images`` per prompt, default 1).
         Unconditional: no prompts, ``num_images`` samples (class-conditional models need
-        ``class_labels``). ``steps`` (alias ``nfe``: every sampler here makes one network call per step).
+        ``class_labels``). ``steps``: sampling steps (every sampler here makes one network call per step).
         ``seed=s`` gives image i the seed s+i; ``seeds`` sets them one by one. ``batch_size`` splits the
         work into chunks of that many images (default: up to 8, ``DEFAULT_BATCH_SIZE``); results do not depend on it.
         ``progress(done, total)`` is called after each network evaluation."""
         options = GenerationOptions(
-            prompts=prompts, num_images=num_images, steps=steps, nfe=nfe, seed=seed, seeds=seeds, sampler=sampler,
+            prompts=prompts, num_images=num_images, steps=steps, seed=seed, seeds=seeds, sampler=sampler,
             guidance_scale=guidance_scale, negative_prompt=negative_prompt, height=height, width=width,
             class_labels=class_labels, eps_scale=eps_scale, batch_size=batch_size, sampler_options=sampler_options)
         return self.generate(options, progress=progress)

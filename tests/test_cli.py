@@ -188,6 +188,8 @@ def test_an_unwritable_out_fails_before_any_model_loads(tiny_lcm_dir, tmp_path, 
     (["--num-images", "0"], "num_images must be at least 1"), (["--seed", "-2"], "non-negative"),
     (["--batch-size", "0"], "batch_size must be at least 1"), (["--eps-scale", "-1"], "positive"),
     (["--guidance-scale", "-3"], "guidance_scale must be >= 0"), (["--height", "0"], "height must be at least 1"),
+    (["--nfe", "0"], "steps must be at least 1"),   # --nfe: another name for --steps
+    (["--steps", "2", "--nfe", "3"], "--steps 2 and --nfe 3 disagree"),
 ])
 def test_cheap_arguments_fail_before_the_model_loads(tmp_path, args, message, monkeypatch):
     """The model path does not exist: each bad argument must be reported before anything tries to load it."""

@@ -179,7 +179,7 @@ def test_sample_fid_cache_of_a_retrained_model_is_refused(ref_stats, feature_net
     # the cache used to be keyed on the model's path alone: features of the old weights were reused
     from atdiff.train.core.tiny_models import build_tiny_unconditional
     model = build_tiny_unconditional(tmp_path / "model", seed=0)
-    args = ("sample-fid", model, "--ref", ref_stats, "--nfe", "1", "--num", "2", "--inception", feature_net,
+    args = ("sample-fid", model, "--ref", ref_stats, "--steps", "1", "--num", "2", "--inception", feature_net,
             "--device", "cpu", "--cache", tmp_path / "cache")
     assert _invoke(*args).exit_code == 0
     build_tiny_unconditional(tmp_path / "model", seed=1)   # retrained into the same directory
@@ -274,9 +274,11 @@ def test_feature_cache_of_other_prompts_is_refused(tmp_path):
     from atdiff.eval.features import FeatureCache
     from atdiff.eval.generate import SamplingPlan
     from atdiff.runtime.errors import ToolkitError
-    FeatureCache(tmp_path, {"plan": SamplingPlan(steps=1, prompts=("a red cat", "a dog")).record()})
+    from atdiff.runtime.generation import GenerationOptions
+    plan = lambda prompts: SamplingPlan(GenerationOptions(steps=1, prompts=prompts))  # noqa: E731
+    FeatureCache(tmp_path, {"plan": plan(("a red cat", "a dog")).record()})
     with pytest.raises(ToolkitError, match="was made for"):  # same number of prompts, other text
-        FeatureCache(tmp_path, {"plan": SamplingPlan(steps=1, prompts=("a red cat", "a cow")).record()})
+        FeatureCache(tmp_path, {"plan": plan(("a red cat", "a cow")).record()})
 
 
 def _row(model, backend, steps, fid, std=0.1):

@@ -165,6 +165,7 @@ def test_command_writes_json_and_plot(tiny_uncond_dir, rgb_data, tmp_path):
     (["--sampler", "euler", "--nfe", "4"], "unknown sampler 'euler'"),
     (["--sampler", "ddim", "--nfe", "0"], "--nfe must be at least 1"),
     (["--sampler", "ddim", "--nfe", "-3"], "--nfe must be at least 1"),
+    (["--sampler", "ddim", "--steps", "0"], "--steps/--nfe must be at least 1"),   # --nfe: another name for --steps
     (["--sampler", "ddim", "--nfe", "2", "--num", "1"], "--num must be at least 2"),
 ])
 def test_bad_input_is_one_error_line(tiny_uncond_dir, rgb_data, tmp_path, args, message):

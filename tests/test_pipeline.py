@@ -2,6 +2,8 @@
 batching, save/load round trip, and bad input."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -117,9 +119,9 @@ def test_batch_equals_per_sample_runs(lcm_pipe):
 def test_unconditional_samplers_and_batching(uncond_pipe):
     assert uncond_pipe.default_sampler == "ddim"
     for sampler in ("ddim", "dpmpp_2m", "iddpm"):
-        out = uncond_pipe(num_images=3, sampler=sampler, nfe=4, seed=0)
+        out = uncond_pipe(num_images=3, sampler=sampler, steps=4, seed=0)
         assert out.arrays.shape == (3, 16, 16, 3) and out.request["steps"] == 4
-        one = uncond_pipe(num_images=1, sampler=sampler, nfe=4, seeds=[2])
+        one = uncond_pipe(num_images=1, sampler=sampler, steps=4, seeds=[2])
         # batched conv sums round differently: 4 UNet evaluations' layers, grown by the clipping samplers' steps
         assert_close_scaled(out.samples[2:], one.samples, _pixel_batch_rel(uncond_pipe, out), what=sampler)
         assert np.isfinite(out.samples).all()
@@ -132,9 +134,9 @@ def _pixel_batch_rel(pipe, out) -> float:
 
 
 def test_eps_scaling_changes_output(uncond_pipe):
-    plain = uncond_pipe(num_images=1, nfe=5, seed=0).samples
-    scaled = uncond_pipe(num_images=1, nfe=5, seed=0, eps_scale=1.017).samples
-    same = uncond_pipe(num_images=1, nfe=5, seed=0, eps_scale=1.0).samples
+    plain = uncond_pipe(num_images=1, steps=5, seed=0).samples
+    scaled = uncond_pipe(num_images=1, steps=5, seed=0, eps_scale=1.017).samples
+    same = uncond_pipe(num_images=1, steps=5, seed=0, eps_scale=1.0).samples
     np.testing.assert_array_equal(plain, same)
     assert np.abs(plain - scaled).max() > 1e-4
 
@@ -149,8 +151,8 @@ def test_round_trip_through_save_and_load(tiny_lcm_dir, lcm_pipe, tmp_path):
 def test_class_conditional_model(tmp_path):
     from atdiff.train.core.tiny_models import build_tiny_unconditional
     with Pipeline.load(build_tiny_unconditional(tmp_path / "cls", num_class_embeds=4), device="cpu") as pipe:
-        a = pipe(num_images=2, class_labels=[0, 3], nfe=2, seed=0)
-        b = pipe(num_images=2, class_labels=1, nfe=2, seed=0)
+        a = pipe(num_images=2, class_labels=[0, 3], steps=2, seed=0)
+        b = pipe(num_images=2, class_labels=1, steps=2, seed=0)
         assert a.request["class_labels"] == [0, 3] and b.request["class_labels"] == [1, 1]
         assert np.abs(a.samples - b.samples).max() > 0
         with pytest.raises(ToolkitError, match="class-conditional"):
@@ -165,7 +167,6 @@ def test_class_conditional_model(tmp_path):
     (dict(prompts=PROMPTS, height=60), "multiple of 8"),
     (dict(prompts=PROMPTS, seeds=[1]), "2 images"),
     (dict(prompts=PROMPTS, sampler="euler"), "euler"),
-    (dict(prompts=PROMPTS, steps=2, nfe=3), "disagree"),
     (dict(prompts=PROMPTS, negative_prompt=["a", "b", "c"]), "negative prompts"),
     (dict(prompts=PROMPTS, negative_prompt="blurry"), "embeds the guidance"),   # was silently unused on an LCM
     (dict(prompts=PROMPTS, sampler_options={"bogus": 1}), "bogus"),
@@ -177,6 +178,13 @@ def test_bad_text_to_image_input(lcm_pipe, kwargs, message):
     prompts = kwargs.pop("prompts")
     with pytest.raises(ToolkitError, match=message):
         lcm_pipe(prompts, **kwargs)
+
+
+def test_steps_is_the_one_name_in_the_api(uncond_pipe):
+    from atdiff.runtime.generation import GenerationOptions
+    assert "nfe" not in {field.name for field in dataclasses.fields(GenerationOptions)}
+    with pytest.raises(TypeError, match="nfe"):
+        uncond_pipe(num_images=1, nfe=2)
 
 
 def test_bad_unconditional_input(uncond_pipe):
@@ -232,7 +240,7 @@ def test_fp16_keeps_force_upcast_vaes_in_fp32(tiny_lcm_dir):
 def test_torch_backend_auto_on_cuda_is_fp16_and_close_to_cpu(tiny_lcm_dir, tiny_uncond_dir, model):
     # the GPU path end to end: host noise moved to the device, fp16 casts inside, float32 back at the boundary
     path, request = {"lcm": (tiny_lcm_dir, dict(prompts=PROMPTS, steps=2, seed=1)),
-                     "uncond": (tiny_uncond_dir, dict(num_images=2, nfe=2, seed=1))}[model]
+                     "uncond": (tiny_uncond_dir, dict(num_images=2, steps=2, seed=1))}[model]
     with Pipeline.load(path, device="cpu") as pipe:
         reference = pipe(**request)
     with Pipeline.load(path, device="cuda", dtype="auto") as pipe:
@@ -265,7 +273,7 @@ def test_eps_scaling_on_a_v_prediction_model_fails_before_any_network_runs(tiny_
     with Pipeline.load(model, device="cpu") as pipe:
         pipe.backend.denoise = None   # any network call would now fail with a TypeError, not the message
         with pytest.raises(ToolkitError, match="epsilon-prediction"):
-            pipe(num_images=1, nfe=2, eps_scale=1.017)
+            pipe(num_images=1, steps=2, eps_scale=1.017)
 
 
 def test_lcm_without_w_embedding_samples_without_cfg_by_default(tiny_sd_dir, tmp_path):
@@ -293,10 +301,10 @@ def test_default_batch_is_bounded_and_changes_nothing(uncond_pipe):
     must not run out of memory); the images equal one batch of all of them."""
     from atdiff.runtime.generation import DEFAULT_BATCH_SIZE
     calls = []
-    out = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, nfe=2, seed=0,
+    out = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, steps=2, seed=0,
                       progress=lambda done, total: calls.append((done, total)))
     assert len(calls) == 2 * 2   # two chunks x two steps
-    whole = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, nfe=2, seed=0, batch_size=DEFAULT_BATCH_SIZE + 3)
+    whole = uncond_pipe(num_images=DEFAULT_BATCH_SIZE + 3, steps=2, seed=0, batch_size=DEFAULT_BATCH_SIZE + 3)
     assert_close_scaled(out.samples, whole.samples, _pixel_batch_rel(uncond_pipe, out))
 
 

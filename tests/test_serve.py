@@ -107,7 +107,11 @@ BAD_REQUESTS = [
     (b"{bad", 400, "not valid JSON"),
     (b"", 400, "needs a JSON body"),
     (b"[1, 2]", 422, "must be a JSON object"),
-    ({"prompt": "x", "steps": 0}, 422, "^steps: "),   # the field named; the rest is pydantic's wording
+    # least values: GenerationOptions.precheck's messages, the same as toolkit generate's (written once)
+    ({"prompt": "x", "steps": 0}, 422, "^steps must be at least 1, got 0$"),
+    ({"prompt": "x", "num_images": 0}, 422, "^num_images must be at least 1, got 0$"),
+    ({"prompt": "x", "guidance_scale": -1}, 422, "^guidance_scale must be >= 0 "),
+    ({"prompt": "x", "height": 0}, 422, "^height must be at least 1, got 0$"),
     ({"prompt": "x", "steps": 100}, 422, r"steps 100 is more than this server allows \(8\)"),
     ({"prompt": "x", "steps": "four"}, 422, "^steps: "),
     ({"prompt": "x" * 100_000}, 422, "a prompt has 100000 characters; this server takes at most 2000"),
@@ -118,7 +122,7 @@ BAD_REQUESTS = [
     ({"prompt": "x", "height": 4096}, 422, "height 4096 is larger than this server serves"),
     ({"prompt": "x", "sampler": "euler"}, 422, "unknown sampler 'euler'"),
     ({"steps": 2}, 422, "no prompt given"),
-    ({"prompt": "x", "seed": -1}, 422, "^seed: "),
+    ({"prompt": "x", "seed": -1}, 422, "^seeds must be non-negative integers, got -1"),
 ]
 
 
@@ -268,3 +272,21 @@ def test_unconditional_export_serves_num_images_and_refuses_a_prompt(tiny_uncond
     assert_same_seed_images(np.stack([decode(base64.b64decode(i["png_base64"])) for i in answer.json()["images"]]),
                             expected, "unconditional")
     assert refused.status_code == 422 and "unconditional and takes no prompt" in refused.json()["error"]
+
+
+def test_the_body_maps_onto_generation_options_and_publishes_its_least_values():
+    import dataclasses
+    from atdiff.runtime.generation import MINIMA, GenerationOptions
+    from atdiff.runtime.serve.schema import OPTION_FIELDS, GenerateBody, request_schema
+    assert set(GenerateBody.model_fields) == {*OPTION_FIELDS, "prompt", "prompts", "format"}
+    assert set(OPTION_FIELDS) <= {field.name for field in dataclasses.fields(GenerationOptions)}
+    body = GenerateBody(prompt="a bag", num_images=2, steps=3, seed=5, guidance_scale=2.0, height=16, width=24,
+                        sampler="lcm", format="json")
+    assert body.options() == GenerationOptions(prompts=["a bag"], num_images=2, steps=3, seed=5, guidance_scale=2.0,
+                                               height=16, width=24, sampler="lcm")
+    spec = type("Spec", (), {"default_resolution": 32, "pixel_multiple": 8})()
+    properties = request_schema(ServeLimits(), spec)["properties"]
+    least = {name: [b.get("minimum") for b in properties[name].get("anyOf", [properties[name]]) if "type" in b
+                    and b["type"] != "null"] for name in MINIMA.keys() & properties.keys()}
+    assert least == {name: [MINIMA[name]] for name in ("num_images", "steps", "seed", "guidance_scale", "height",
+                                                       "width")}

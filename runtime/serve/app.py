@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from atdiff.runtime.errors import ToolkitError
-from atdiff.runtime.generation import GenerationOptions, GenerationRequest
+from atdiff.runtime.generation import GenerationRequest
 from atdiff.runtime.images import png_bytes
 from atdiff.runtime.serve.batcher import DynamicBatcher, QueueFull
 from atdiff.runtime.serve.body import BodyLimits
@@ -112,7 +112,7 @@ class _Service:
     async def lifespan(self, on_ready):
         self.batcher.start()
         warm_up = GenerateBody(prompt="warm-up") if self.pipe.spec.is_latent else GenerateBody()
-        await self.batcher.run_alone(self.pipe.request(_options(warm_up)))
+        await self.batcher.run_alone(self.pipe.request(warm_up.options()))
         self.ready = True   # the networks have run once: sessions created, memory allocated
         if on_ready is not None:
             on_ready()
@@ -213,18 +213,13 @@ def _no_constant(name: str):
 
 def _validated(pipe, body: GenerateBody, limits: ServeLimits) -> GenerationRequest:
     try:
+        options = body.options()   # the checks every caller's options get, then this server's limits, then the model's
         body.check_limits(limits, pipe.spec.default_resolution)
-        wanted = pipe.request(_options(body))
+        wanted = pipe.request(options)
         check_resolved_steps(wanted.sampler, wanted.steps, limits)
         return wanted
     except (ValueError, ToolkitError) as exc:
         raise _Rejected(422, str(exc), "validation") from None
-
-
-def _options(body: GenerateBody) -> GenerationOptions:
-    return GenerationOptions(prompts=body.prompt_list(), num_images=body.num_images, steps=body.steps, seed=body.seed,
-                             sampler=body.sampler, guidance_scale=body.guidance_scale,
-                             negative_prompt=body.negative_prompt, height=body.height, width=body.width)
 
 
 async def _generate(batcher: DynamicBatcher, wanted: GenerationRequest, timeout_s: float):

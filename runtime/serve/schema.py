@@ -1,7 +1,8 @@
 """The body of ``POST /v1/generate`` and the server's limits. pydantic checks types (strictly: ``true`` is not a
-step count, ``"2"`` or ``1.5`` is not a seed), ranges and unknown fields; what depends on the model (size multiple,
-guidance kind, prompts for an unconditional model) is checked by ``GenerationRequest.build``, the same code
-``toolkit generate`` uses."""
+step count, ``"2"`` or ``1.5`` is not a seed), the wire's own bounds (a 64-bit seed) and unknown fields; the body
+then becomes a ``GenerationOptions`` (``GenerateBody.options``), checked as every caller's is: its ``precheck``
+(counts, seed, guidance scale), and against the model (size multiple, guidance kind, prompts for an unconditional
+model) by ``GenerationRequest.build``, the same code ``toolkit generate`` uses."""
 from __future__ import annotations
 
 import copy
@@ -10,6 +11,7 @@ from typing import Annotated, Literal, Optional
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
+from atdiff.runtime.generation import MINIMA, GenerationOptions
 from atdiff.runtime.samplers import available_samplers
 
 MAX_SEED = 2 ** 63 - 1   # the noise (numpy's PCG64) takes any non-negative int; this keeps a seed a signed 64-bit one
@@ -68,18 +70,21 @@ Integer = Annotated[int, BeforeValidator(_integral)]
 
 
 class GenerateBody(BaseModel):
+    """The JSON fields: prompt or prompts (``GenerationOptions.prompts``), format (the reply's), and the rest each the
+    ``GenerationOptions`` field of its name (``options()``). Least values are not declared here: ``precheck`` holds
+    them (``request_schema`` publishes them)."""
     model_config = ConfigDict(extra="forbid", strict=True)
 
     prompt: Optional[Text] = Field(None, description="One prompt (text-to-image models).")
     prompts: Optional[list[Text]] = Field(None, min_length=1, description="Several prompts, one image each.")
     negative_prompt: Optional[Text] = Field(None, description="CFG negative prompt (non-LCM text-to-image models).")
-    num_images: Integer = Field(1, ge=1, description="Images per prompt, or in all for unconditional models.")
-    steps: Optional[Integer] = Field(None, ge=1, description="Sampling steps (default: the sampler's, 4 for LCM, 20 "
-                                                          "for the others; either way at most the server's limit).")
-    seed: Integer = Field(0, ge=0, le=MAX_SEED, description="Image i gets seed + i.")
-    guidance_scale: Optional[float] = Field(None, ge=0, le=100, description="LCM's w or the CFG scale.")
-    height: Optional[Integer] = Field(None, ge=1, description="Pixels (default: the model's resolution).")
-    width: Optional[Integer] = Field(None, ge=1, description="Pixels (default: the model's resolution).")
+    num_images: Integer = Field(1, description="Images per prompt, or in all for unconditional models.")
+    steps: Optional[Integer] = Field(None, description="Sampling steps (default: the sampler's, 4 for LCM, 20 "
+                                                    "for the others; either way at most the server's limit).")
+    seed: Integer = Field(0, le=MAX_SEED, description="Image i gets seed + i.")
+    guidance_scale: Optional[float] = Field(None, le=100, description="LCM's w or the CFG scale.")
+    height: Optional[Integer] = Field(None, description="Pixels (default: the model's resolution).")
+    width: Optional[Integer] = Field(None, description="Pixels (default: the model's resolution).")
     sampler: Optional[Text] = Field(None, description="lcm | ddim | dpmpp_2m | iddpm (default: the model's).")
     format: Literal["png", "json"] = Field("png", description="png: one image as image/png; json: base64 PNGs.")
 
@@ -87,6 +92,13 @@ class GenerateBody(BaseModel):
         if self.prompt is not None and self.prompts is not None:
             raise ValueError("give 'prompt' or 'prompts', not both")
         return [self.prompt] if self.prompt is not None else self.prompts
+
+    def options(self) -> GenerationOptions:
+        """The body as the ``GenerationOptions`` every caller builds, prechecked (ToolkitError naming the field)."""
+        named = {name: getattr(self, name) for name in OPTION_FIELDS}
+        options = GenerationOptions(prompts=self.prompt_list(), **named)
+        options.precheck()
+        return options
 
     def check_limits(self, limits: ServeLimits, default_size: int) -> None:
         """Raise ValueError naming the first field outside this server's limits (before the request is built, so
@@ -111,6 +123,9 @@ class GenerateBody(BaseModel):
                 raise ValueError(f"{name} {value} is larger than this server serves ({largest} px; --max-size)")
 
 
+OPTION_FIELDS = tuple(name for name in GenerateBody.model_fields if name not in ("prompt", "prompts", "format"))
+
+
 def check_resolved_steps(sampler: str, steps: int, limits: ServeLimits) -> None:
     """The steps a built request will run against ``--max-steps``. Steps a request names were checked by
     ``check_limits``; this catches the sampler's default: a request naming no steps must not get 20 DDIM steps from
@@ -129,6 +144,9 @@ def request_schema(limits: ServeLimits, spec) -> dict:
     for name, maximum in maxima.items():
         for branch in _typed_branches(schema["properties"][name], "integer"):
             branch["maximum"] = maximum
+    for name in MINIMA.keys() & schema["properties"].keys():
+        for branch in _typed_branches(schema["properties"][name], "integer", "number"):
+            branch["minimum"] = MINIMA[name]
     for name in ("height", "width"):
         for branch in _typed_branches(schema["properties"][name], "integer"):
             branch["multipleOf"] = spec.pixel_multiple
@@ -143,6 +161,6 @@ def request_schema(limits: ServeLimits, spec) -> dict:
     return schema
 
 
-def _typed_branches(prop: dict, json_type: str) -> list[dict]:
-    """The parts of a property's schema that describe ``json_type`` (Optional fields are anyOf [type, null])."""
-    return [branch for branch in prop.get("anyOf", [prop]) if branch.get("type") == json_type]
+def _typed_branches(prop: dict, *json_types: str) -> list[dict]:
+    """The parts of a property's schema that describe ``json_types`` (Optional fields are anyOf [type, null])."""
+    return [branch for branch in prop.get("anyOf", [prop]) if branch.get("type") in json_types]
