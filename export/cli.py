@@ -73,13 +73,11 @@ def run(
         "most: protobuf's 2 GiB limit with headroom, 1932.7)."),
 ) -> None:
     """Export MODEL's networks to ONNX, validate them, and write DIR atomically with a manifest."""
-    from atdiff.export.exporter import ExportSettings, default_out, run_export
+    from atdiff.export.exporter import ExportSettings, run_export
     from atdiff.export.validate import ExportValidationError
     from atdiff.runtime.default_model import default_model
-    from atdiff.runtime.model_source import open_model
 
-    model = model or default_model()
-    out = out or default_out(open_model(model).spec.name, fp16)
+    model = model or default_model()   # run_export opens it, once (out=None: it names the default --out)
     settings = ExportSettings(model=model, out=out, fp16=fp16, opset=opset, validate=validate, seed=seed,
                               components=tuple(c.strip() for c in components.split(",")) if components else None,
                               batch_sizes=_int_list(batch_sizes, "--batch-sizes"), height=height, width=width,

@@ -23,14 +23,14 @@ from atdiff.runtime.errors import ToolkitError
 from atdiff.runtime.export_manifest import FORMAT, read_manifest
 from atdiff.runtime.provenance import tree_fingerprint
 from atdiff.runtime.faults import fault_point
-from atdiff.runtime.model_source import MANIFEST, open_model
+from atdiff.runtime.model_source import MANIFEST, ModelSource, open_model
 from atdiff.runtime.staging import check_target, check_writable, staged_directory
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportSettings:
     model: str
-    out: Path
+    out: Path | None = None   # None: exports/<model name>[-fp16] (default_out), resolved by run_export
     fp16: bool = False
     opset: int = DEFAULT_OPSET
     components: tuple[str, ...] | None = None
@@ -52,24 +52,13 @@ class ExportResult:
 
 
 def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> ExportResult:
+    """Export ``settings.model``. The model is opened once and its networks loaded once (float32, on --device):
+    the same modules are traced, and are the validation's reference per component and end to end."""
     source = open_model(settings.model)
-    if source.is_export:
-        raise ToolkitError(f"{source.path} is already an export; pass the diffusers directory it came from")
-    if settings.opset < MIN_OPSET:
-        raise ToolkitError(f"--opset {settings.opset} is too old for these networks; use {MIN_OPSET} or newer")
-    spec = source.spec
-    shapes = ExportShapes.for_spec(spec, settings.batch_sizes, settings.height, settings.width)
-    contracts = select_components(spec, contracts_for(spec, shapes, _vocab_size(source.path)), settings.components)
-    precision = "float16" if settings.fp16 else "float32"
-    contracts = {name: c.with_precision(precision) for name, c in contracts.items()}
-    check_target(settings.out, MANIFEST, "export", FORMAT)  # before the slow part: a bad --out fails at once
-    check_writable(settings.out, parent=True)
-    # and so does a --device torch cannot trace on or ONNX Runtime cannot validate on; 'auto' is recorded resolved
-    settings = dataclasses.replace(settings, device=export_device(settings.device, settings.validate))
+    settings, shapes, contracts = _plan(settings, source)
     log(f"tracing{' and validating' if settings.validate else ''} on {settings.device} (--device)")
-
     from atdiff.export.torch_modules import load_networks  # torch: only once the arguments are known good
-    networks = load_networks(source.path, spec, settings.device)
+    networks = load_networks(source.path, source.spec, settings.device)
     # --out is replaced only when it is a previous export (manifest.json of this toolkit's format) holding
     # nothing its manifest does not list: replacing deletes the directory's files
     with staged_directory(settings.out, MANIFEST, "export", FORMAT) as staging:
@@ -80,10 +69,10 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
                                      settings.seed, settings.external_data_bytes)
             files[name] = written[0].relative_to(staging).as_posix()
             fault_point("export:network-written")
-        tokenizer_files = copy_tokenizer(source.path, staging) if spec.is_latent else []
+        tokenizer_files = copy_tokenizer(source.path, staging) if source.spec.is_latent else []
         record = {**dataclasses.asdict(settings), "out": str(settings.out), "batch_sizes": list(shapes.batch_sizes),
                   "height": shapes.height, "width": shapes.width, "components": list(contracts)}
-        manifest = build_manifest(staging, spec=spec, precision=precision, contracts=contracts,
+        manifest = build_manifest(staging, spec=source.spec, precision=_precision(settings), contracts=contracts,
                                   component_files=files, opset=settings.opset, source=tree_fingerprint(source.path),
                                   settings=record, tokenizer_files=tokenizer_files)
         write_manifest(staging, manifest)
@@ -94,6 +83,30 @@ def run_export(settings: ExportSettings, log: Callable[[str], None] = print) -> 
             manifest["validation"] = report.to_dict()
             write_manifest(staging, manifest)
     return ExportResult(settings.out, read_manifest(settings.out).data, report)
+
+
+def _plan(settings: ExportSettings, source: ModelSource) -> tuple[ExportSettings, ExportShapes, dict]:
+    """``settings`` checked against the opened model before the slow part (a bad --out or --device fails at
+    once), with --out's default and 'auto' --device resolved; the shapes and the contracts to export."""
+    if source.is_export:
+        raise ToolkitError(f"{source.path} is already an export; pass the diffusers directory it came from")
+    if settings.opset < MIN_OPSET:
+        raise ToolkitError(f"--opset {settings.opset} is too old for these networks; use {MIN_OPSET} or newer")
+    spec = source.spec
+    shapes = ExportShapes.for_spec(spec, settings.batch_sizes, settings.height, settings.width)
+    contracts = select_components(spec, contracts_for(spec, shapes, _vocab_size(source.path)), settings.components)
+    contracts = {name: c.with_precision(_precision(settings)) for name, c in contracts.items()}
+    if settings.out is None:
+        settings = dataclasses.replace(settings, out=default_out(spec.name, settings.fp16))
+    check_target(settings.out, MANIFEST, "export", FORMAT)
+    check_writable(settings.out, parent=True)
+    # and a --device torch cannot trace on or ONNX Runtime cannot validate on; 'auto' is recorded resolved
+    settings = dataclasses.replace(settings, device=export_device(settings.device, settings.validate))
+    return settings, shapes, contracts
+
+
+def _precision(settings: ExportSettings) -> str:
+    return "float16" if settings.fp16 else "float32"
 
 
 def export_device(device: str, validate: bool = True) -> str:
@@ -109,7 +122,9 @@ def export_device(device: str, validate: bool = True) -> str:
 
 def _validate_staged(staging: Path, source: Path, networks: dict, settings: ExportSettings) -> ValidationReport:
     """Validate the staged export; out of tolerance raises, so the staging directory is dropped unswapped."""
-    report = validate_export(staging, source=source, networks=networks, seed=settings.seed, device=settings.device)
+    # the manifest's source fingerprint was computed from ``source`` moments ago: not hashed again
+    report = validate_export(staging, source=source, networks=networks, seed=settings.seed, device=settings.device,
+                             source_verified=True)
     if not report.passed:
         names = ", ".join(sorted({c.name for c in report.failures()}))
         raise ExportValidationError(

@@ -7,8 +7,9 @@ reference run call them identically.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +17,7 @@ import torch
 
 from atdiff.runtime.contracts import TEXT_ENCODER, UNET, VAE_DECODER, ExportContract
 from atdiff.runtime.backends.torch_backend import TorchBackend
+from atdiff.runtime.model_source import ModelSource
 from atdiff.runtime.model_spec import ModelSpec
 
 _TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16}
@@ -46,6 +48,30 @@ def load_networks(source_dir: str | Path, spec: ModelSpec, device: str = "cpu") 
     if spec.is_latent:
         networks.update({TEXT_ENCODER: backend.text_encoder, VAE_DECODER: backend.vae})
     return networks
+
+
+@contextlib.contextmanager
+def reference_pipeline(source: ModelSource, networks: dict[str, torch.nn.Module]) -> Iterator:
+    """The float32 torch ``Pipeline`` on the CPU over ``networks`` (``load_networks``'s, already in memory): what
+    ``Pipeline.load(source.path, backend="torch", device="cpu", dtype="float32")`` builds, without reading the
+    weights again. Networks on another device (an export traced on CUDA) are moved to the CPU for the run and
+    back afterwards, so the reference is the CPU's whatever the export's --device."""
+    from atdiff.runtime.pipeline import Pipeline
+    dtypes = {name: next(net.parameters()).dtype for name, net in networks.items()}
+    if any(dtype != torch.float32 for dtype in dtypes.values()):
+        raise ValueError(f"the end-to-end reference runs float32 networks, not {dtypes}")
+    devices = {name: next(net.parameters()).device for name, net in networks.items()}
+    moved = [name for name, device in devices.items() if device.type != "cpu"]
+    try:
+        for name in moved:
+            networks[name].to("cpu")
+        backend = TorchBackend.from_modules(source.spec, networks[UNET], networks.get(TEXT_ENCODER),
+                                            networks.get(VAE_DECODER))
+        with Pipeline(source, backend) as pipe:
+            yield pipe
+    finally:
+        for name in moved:
+            networks[name].to(devices[name])
 
 
 def contract_module(network: torch.nn.Module, contract: ExportContract) -> ContractModule:

@@ -4,8 +4,9 @@
    distinct profile point (min/opt/max), within the contract's tolerance; any NaN/inf fails.
 2. Tokenizer: the export's tokenizer (read by the runtime without transformers) gives the source
    tokenizer's ids.
-3. End to end: the same prompts and seeds through ``Pipeline`` with the torch backend on the source and
-   the onnxruntime backend on the export; the uint8 images must agree to a minimum PSNR.
+3. End to end: the same prompts and seeds through ``Pipeline`` with the torch backend over the source's
+   networks (the float32 modules of check 1, on the CPU: not loaded again) and the onnxruntime backend on the
+   export; the uint8 images must agree to a minimum PSNR.
 
 The comparison is numpy.allclose's rule written out, because the report needs the numbers (max abs
 diff, worst margin) and not only a verdict; polygraphy's comparator is built around its own runners.
@@ -22,6 +23,7 @@ from atdiff.runtime.backends.ort_backend import OrtBackend, OrtRunner, ort_devic
 from atdiff.runtime.backends.ort_binding import make_arrays
 from atdiff.runtime.errors import ToolkitError
 from atdiff.runtime.export_manifest import ExportManifest, read_manifest, verify_files
+from atdiff.runtime.model_source import ModelSource
 from atdiff.runtime.provenance import tree_fingerprint
 
 # Images decoded from fp32 ORT and fp32 torch differ only by rounding (identical in practice); fp16
@@ -126,10 +128,8 @@ def check_tokenizer(manifest: ExportManifest, source: Path) -> list[Check]:
                   f"{mismatched} ids differ", "0 differ", mismatched == 0)]
 
 
-def check_end_to_end(manifest: ExportManifest, source: Path, seed: int = 0, device: str = "cpu",
-                     steps: int = 4) -> list[Check]:
-    """The same request through the torch pipeline (source, float32) and the ORT pipeline (export)."""
-    from atdiff.runtime.pipeline import Pipeline
+def end_to_end_request(manifest: ExportManifest, seed: int = 0, steps: int = 4) -> dict:
+    """The end-to-end check's request: the export's first batch size, at its height and width."""
     spec, settings = manifest.spec, manifest.data["settings"]
     count = int(settings["batch_sizes"][0])
     request = dict(steps=steps, seed=seed, height=settings["height"], width=settings["width"])
@@ -139,33 +139,54 @@ def check_end_to_end(manifest: ExportManifest, source: Path, seed: int = 0, devi
         request["num_images"] = count
         if spec.num_class_embeds:
             request["class_labels"] = [i % spec.num_class_embeds for i in range(count)]
-    with Pipeline.load(source, backend="torch", device="cpu", dtype="float32") as pipe:
-        reference = pipe(**request).arrays
+    return request
+
+
+def reference_images(manifest: ExportManifest, source: Path, networks: dict, request: dict) -> np.ndarray:
+    """The float32 torch pipeline's uint8 images for ``request``, on the CPU, over the already-loaded source
+    ``networks`` (nothing is read from disk again). ``source`` was checked against the manifest's fingerprint,
+    so the manifest's spec is the source's."""
+    from atdiff.export.torch_modules import reference_pipeline  # torch: imported only when validating
+    with reference_pipeline(ModelSource(source, manifest.spec, is_export=False), networks) as pipe:
+        return pipe(**request).arrays
+
+
+def check_end_to_end(manifest: ExportManifest, source: Path, networks: dict, seed: int = 0, device: str = "cpu",
+                     steps: int = 4) -> list[Check]:
+    """The same request through the torch pipeline (source's float32 ``networks``, on the CPU) and the ORT
+    pipeline (export, on ``device``)."""
+    from atdiff.runtime.pipeline import Pipeline
+    request = end_to_end_request(manifest, seed, steps)
+    reference = reference_images(manifest, source, networks, request)
     with Pipeline.load(manifest.root, backend="onnxruntime", device=device, dtype=manifest.precision,
                        verify=False) as pipe:  # verify_files already ran in validate_export
         actual = pipe(**request).arrays
     score, limit = psnr(reference, actual), E2E_MIN_PSNR[manifest.precision]
     max_abs = float(np.abs(reference.astype(np.int16) - actual.astype(np.int16)).max())
+    count, settings = len(reference), manifest.data["settings"]
     case = f"{count}x{settings['height']}x{settings['width']} {steps} steps"
     return [Check("end-to-end", case, max_abs, f"PSNR {score:.1f} dB", f"PSNR >= {limit:.0f} dB", score >= limit)]
 
 
 def validate_export(export_dir: str | Path, *, source: str | Path | None = None, networks: dict | None = None,
-                    seed: int = 0, device: str = "auto") -> ValidationReport:
+                    seed: int = 0, device: str = "auto", source_verified: bool = False) -> ValidationReport:
     """All checks for an export directory, ONNX Runtime running on ``device`` (auto | cpu | cuda | cuda:N; auto:
     CUDA when ORT has its CUDA provider). ``source`` defaults to the path recorded in the manifest and
-    must still hash to the recorded fingerprint; ``networks`` (float32 torch modules) skips reloading."""
+    must still hash to the recorded fingerprint (``source_verified``: the caller just computed that fingerprint
+    from ``source`` itself, as ``run_export`` does, so it is not hashed again). ``networks`` (the source's float32
+    torch modules) are the reference of every check, per component and end to end; without them the source's
+    networks are loaded from disk, once."""
     device = OrtBackend.resolve_device(device)
     manifest = read_manifest(export_dir)
     verify_files(manifest)
-    source_dir = resolve_source(manifest, source)
+    source_dir = Path(source) if source_verified and source is not None else resolve_source(manifest, source)
     if networks is None:
         from atdiff.export.torch_modules import load_networks
         networks = load_networks(source_dir, manifest.spec)
     checks = check_components(manifest, networks, seed, device) + check_tokenizer(manifest, source_dir)
     needed = {"unet", "text_encoder", "vae_decoder"} if manifest.spec.is_latent else {"unet"}
     if needed <= set(manifest.components):
-        checks += check_end_to_end(manifest, source_dir, seed, device)
+        checks += check_end_to_end(manifest, source_dir, networks, seed, device)
     return ValidationReport(checks, notes=coverage_notes(manifest, device))
 
 

@@ -78,6 +78,24 @@ class TorchBackend(Backend):
         backend._load(Path(source_dir), channels_last, compile)
         return backend
 
+    @classmethod
+    def from_modules(cls, spec: ModelSpec, unet: torch.nn.Module, text_encoder: torch.nn.Module | None = None,
+                     vae: torch.nn.Module | None = None) -> "TorchBackend":
+        """A backend over networks already loaded (another TorchBackend's, or export/torch_modules.py's
+        ``load_networks``), used as they are: not copied, cast or moved, so device and dtype are the UNet's. What
+        ``load`` would do to them (eval mode, no grad) the caller did; ``close`` drops only this backend's
+        references. A latent model needs all three networks."""
+        if spec.is_latent and (text_encoder is None or vae is None):
+            raise BackendError("a text-to-image model's torch backend needs its unet, text_encoder and vae")
+        weight = next(unet.parameters())
+        names = {dtype: name for name, dtype in _DTYPES.items()}
+        if weight.dtype not in names:
+            raise BackendError(f"the torch backend runs {', '.join(_DTYPES)}, not a {weight.dtype} UNet")
+        backend = cls(spec, str(weight.device), names[weight.dtype])
+        backend._device, backend._dtype = weight.device, weight.dtype
+        backend.unet, backend.text_encoder, backend.vae = unet, text_encoder, vae
+        return backend
+
     def _load(self, root: Path, channels_last: bool, compile: bool) -> None:
         from diffusers import AutoencoderKL, UNet2DConditionModel, UNet2DModel
         self._device = torch_device(self.device)
