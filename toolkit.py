@@ -101,6 +101,9 @@ def _mount_benchmarks() -> None:
     bench.command("adm-at")(handles_errors(bench_adm_at.command))
     from atdiff.runtime.serve import bench as bench_serve
     bench.command("serve")(handles_errors(bench_serve.command))
+    from atdiff.export.sd15 import fixture as sd15_fixture, measure as sd15_measure
+    bench.command("sd15-fixture")(handles_errors(sd15_fixture.command))
+    bench.command("sd15")(handles_errors(sd15_measure.command))
 
 
 _mount_benchmarks()

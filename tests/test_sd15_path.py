@@ -1,7 +1,7 @@
-"""Issue 27's path at CI size: the SD-1.5 LCM fixture (tools/sd15) at real depth and reduced width, exported in
+"""Issue 27's path at CI size: the SD-1.5 LCM fixture (export/sd15) at real depth and reduced width, exported in
 fp16 with the external-data threshold forced down so every network takes the >2 GiB route the full size takes (one
 ``model.onnx.data`` beside each ``model.onnx``), validated, generated from, and packaged for Triton. The full size is
-the documented benchmark (docs/performance.md: python -m tools.sd15.measure)."""
+the documented benchmark (docs/performance.md: toolkit bench sd15)."""
 from __future__ import annotations
 
 import json
@@ -16,7 +16,7 @@ from atdiff.export.exporter import ExportSettings, run_export
 from atdiff.runtime.errors import ToolkitError
 from atdiff.runtime.export_manifest import read_manifest
 from atdiff.runtime.model_spec import ModelFormatError
-from tools.sd15.fixture import FIXTURE_FILE, build_pipeline, load_configs
+from atdiff.export.sd15.fixture import FIXTURE_FILE, build_pipeline, load_configs
 from conftest import requires_tritonclient
 
 pytestmark = pytest.mark.slow

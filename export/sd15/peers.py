@@ -7,8 +7,8 @@ the toolkit nor anything outside numpy / torch / diffusers / optimum:
     /work/sd15/venv-optimum/bin/pip install torch==2.14.1 'optimum-onnx[onnxruntime]==0.1.0' optimum==2.1.0 \
         transformers==4.57.3 'huggingface-hub<1.0' diffusers==0.35.2 onnxruntime==1.32.0 onnx==1.23.2
     /work/sd15/venv-optimum/bin/optimum-cli export onnx --model /work/sd15/pipe --task text-to-image /work/sd15/optimum
-    /work/sd15/venv-optimum/bin/python tools/sd15/peers.py optimum /work/sd15/optimum --out /work/sd15/peers
-    python tools/sd15/peers.py diffusers /work/sd15/pipe --out /work/sd15/peers
+    /work/sd15/venv-optimum/bin/python export/sd15/peers.py optimum /work/sd15/optimum --out /work/sd15/peers
+    python export/sd15/peers.py diffusers /work/sd15/pipe --out /work/sd15/peers
 
 Each run makes one 4-step image with the noise the toolkit's runtime draws for the same seed (atdiff.runtime.noise:
 ``numpy.random.Generator(PCG64(seed))``, draw 0 the initial latents, draw i+1 the noise LCM's step i injects), fed to

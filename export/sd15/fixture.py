@@ -1,7 +1,7 @@
 """An SD-1.5-size LCM pipeline with random weights, built offline from the configs in ``configs/`` (issue 27).
 
-    python -m tools.sd15.fixture /work/sd15/pipe                 # full size: 860M UNet, ViT-L/14 text, 84M VAE
-    python -m tools.sd15.fixture /tmp/sd15-ci --width ci         # real depth, reduced width (the CI test's)
+    toolkit bench sd15-fixture /work/sd15/pipe                 # full size: 860M UNet, ViT-L/14 text, 84M VAE
+    toolkit bench sd15-fixture /tmp/sd15-ci --width ci         # real depth, reduced width (the CI test's)
 
 What users deploy (LCM-Dreamshaper-v7) is this architecture with trained weights; no hub is reachable here, so the
 weights are seeded random values: sizes, graphs, file layout and every code path are the real ones, the images are
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import typer
 
-from atdiff.runtime.errors import ToolkitError, handles_errors
+from atdiff.runtime.errors import ToolkitError
 
 CONFIGS = Path(__file__).with_name("configs")
 PARTS = ("unet", "text_encoder", "vae", "scheduler")
@@ -106,6 +106,3 @@ def command(out: Path = typer.Argument(..., help="New directory for the pipeline
     path = build_pipeline(out, seed=seed, width=width)
     print(json.dumps(json.loads((path / FIXTURE_FILE).read_text()), indent=2))
 
-
-if __name__ == "__main__":
-    typer.run(handles_errors(command))
