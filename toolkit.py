@@ -55,8 +55,9 @@ def generate(
                    "cuda_graph=true, intra_op_threads=4 (onnxruntime). Repeatable."),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     dtype: str = typer.Option("auto", help="auto (fp16 on GPU, fp32 on CPU) | float32 | float16 | bfloat16"),
-    out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs (NAME-seedN.png); an existing file is "
-                                                   "never overwritten: the new image gets NAME-seedN-1.png, -2, ..."),
+    out: Path = typer.Option(Path("outputs"), help="Directory for the PNGs (NAME-seedN.png; an existing file is "
+                                                   "never overwritten: the new image gets NAME-seedN-1.png, -2, ...), "
+                                                   "or a new FILE.png for one image."),
 ) -> None:
     """Generate images and write them as PNGs (with their generation record in the PNG metadata)."""
     from atdiff.runtime.cli_generate import one_step_count, run_generate, sampler_options

@@ -25,9 +25,10 @@ def run_generate(options: GenerationOptions, *, model, backend, backend_option, 
     model = model or default_model()
     bundled = Path(model) == BUNDLED
     backend_options = parse_options(backend_option or [])
-    if Path(out).exists() and not Path(out).is_dir():  # fail before the slow part, not when writing
-        raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs")
-    check_writable(out)
+    target = single_png_target(Path(out), options)   # fail before the slow part, not when writing
+    if target is None and Path(out).exists() and not Path(out).is_dir():
+        raise ToolkitError(f"--out {out} is a file; pass a directory for the PNGs, or a new NAME.png for one image")
+    check_writable(target.parent if target else out)
     options.precheck()
     with Pipeline.load(model, backend=backend, device=device, dtype=dtype, **backend_options) as pipe:
         console.print(f"model {pipe.spec.name} ({pipe.spec.kind}, {pipe.source.path}) on {pipe.backend.describe()}")
@@ -37,7 +38,7 @@ def run_generate(options: GenerationOptions, *, model, backend, backend_option, 
         for warning in caught:
             console.print(f"warning: {warning.message}", markup=False, highlight=False)
         source = {"model": str(model), "model_sha256": model_sha256(pipe.source.path)}
-    paths = write_images(output, Path(out), source)
+    paths = write_images(output, Path(out), source, target)
     for path in paths:
         print(path)
     t = output.timings
@@ -83,13 +84,30 @@ def sampler_options(pairs: list[str] | None, eta: float | None = None) -> dict |
     return options or None
 
 
-def write_images(output, out_dir: Path, source: dict) -> list[Path]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+def single_png_target(out: Path, options: GenerationOptions) -> Path | None:
+    """``--out NAME.png`` (not an existing directory): the file of the one image asked for; None: --out is the
+    directory of the PNGs. Never overwrites, and refuses a request for more than one image."""
+    if out.suffix.lower() != ".png" or out.is_dir():
+        return None
+    if out.exists():
+        raise ToolkitError(f"--out {out} exists and is never overwritten: pass a new NAME.png, or a directory")
+    lists = [v for v in (options.prompts, options.seeds, options.class_labels) if v is not None and not
+             isinstance(v, (str, int))]
+    if (options.num_images or 1) > 1 or any(len(v) > 1 for v in lists):
+        raise ToolkitError(f"--out {out} names one PNG but more than one image was asked for; pass a directory")
+    return out
+
+
+def write_images(output, out_dir: Path, source: dict, target: Path | None = None) -> list[Path]:
+    """One PNG per image in ``out_dir`` (NAME-seedN.png, never overwriting), or the one image at ``target``."""
+    (target.parent if target else out_dir).mkdir(parents=True, exist_ok=True)
+    if target is not None and len(output.arrays) != 1:
+        raise ToolkitError(f"--out {target} names one PNG but {len(output.arrays)} images were made")
     prompts = output.prompts or [None] * len(output.seeds)
     paths = []
     for array, seed, text in zip(output.arrays, output.seeds, prompts):
         name = f"{slug(text)}-seed{seed}.png" if text is not None else f"sample-seed{seed}.png"
         record = {"prompt": text, "seed": seed, **source, "backend": output.backend,
                   **output.request, "versions": versions()}
-        paths.append(save_png(array, reserve_new_path(out_dir / name), record))
+        paths.append(save_png(array, reserve_new_path(target or out_dir / name), record))
     return paths

@@ -31,6 +31,20 @@ def test_generate_writes_pngs_with_their_record(tiny_lcm_dir, tmp_path):
     assert record["model_sha256"] == tree_fingerprint(tiny_lcm_dir)["sha256"]
 
 
+def test_generate_out_png_names_the_one_image_and_never_overwrites(tiny_lcm_dir, tmp_path):
+    target = tmp_path / "sub" / "astro.png"
+    args = ("generate", "astronaut", "--steps", "2", "--model", tiny_lcm_dir, "--device", "cpu", "--out", target)
+    result = _run(*args)
+    assert result.exit_code == 0, result.output
+    assert target.is_file() and [p.name for p in tmp_path.rglob("*.png")] == ["astro.png"]
+    assert json.loads(Image.open(target).text["at-diffusion-toolkit"])["prompt"] == "astronaut"
+    before = target.read_bytes()
+    again = _run(*args[:-2], "--seed", "5", "--out", target)
+    assert again.exit_code != 0 and "never overwritten" in again.output and target.read_bytes() == before
+    many = _run(*args[:-2], "--num-images", "2", "--out", tmp_path / "two.png")
+    assert many.exit_code != 0 and "more than one image" in many.output and not (tmp_path / "two.png").exists()
+
+
 def test_generate_unconditional_with_sampler_and_nfe(tiny_uncond_dir, tmp_path):
     result = _run("generate", "--model", tiny_uncond_dir, "--sampler", "dpmpp_2m", "--nfe", "3",
                   "--num-images", "2", "--device", "cpu", "--out", tmp_path)
@@ -121,11 +135,12 @@ def test_help_shows_the_documented_defaults(args, text):
 
 def test_out_that_is_a_file_fails_before_generating(tiny_lcm_dir, tmp_path):
     # used to generate everything, then fail writing with a FileExistsError traceback
-    taken = tmp_path / "taken.png"
-    taken.write_bytes(b"not a directory")
-    result = _run("generate", "x", "--model", str(tiny_lcm_dir), "--device", "cpu", "--out", taken)
-    assert result.exit_code == 2 and "is a file" in result.stderr
-    assert "model " not in result.stderr   # nothing was loaded
+    for name, message in (("taken.bin", "is a file"), ("taken.png", "never overwritten")):
+        taken = tmp_path / name
+        taken.write_bytes(b"not a directory")
+        result = _run("generate", "x", "--model", str(tiny_lcm_dir), "--device", "cpu", "--out", taken)
+        assert result.exit_code == 2 and message in result.stderr, name
+        assert "model " not in result.stderr and taken.read_bytes() == b"not a directory"   # nothing was loaded
 
 
 def test_generate_never_overwrites_an_existing_image(tiny_lcm_dir, tmp_path):
