@@ -60,3 +60,18 @@ def test_other_errors_are_not_mistaken_for_unreadable_weights():
     converted = unreadable_weights(ValueError("Unable to load weights from checkpoint file for 'a/b.safetensors'"))
     assert converted.args[0].startswith("cannot read weights file a/b.safetensors")
     assert isinstance(unreadable_weights(OSError("Error while deserializing header: HeaderTooLarge")), ToolkitError)
+
+
+def test_a_checkpoint_missing_weights_is_refused_not_run_at_random(tiny_lcm_dir, tmp_path, run):
+    # transformers and diffusers start a missing weight at random with only a log line (transformers 4.x reading a
+    # CLIPTextModel saved by transformers 5 misses every weight): the torch backend refuses instead
+    from safetensors.torch import load_file, save_file
+    model = shutil.copytree(tiny_lcm_dir, tmp_path / "model")
+    weights = model / "text_encoder" / "model.safetensors"
+    tensors = load_file(weights)
+    dropped = sorted(k for k in tensors if "final_layer_norm.weight" in k)
+    save_file({k: v for k, v in tensors.items() if k not in dropped}, weights, metadata={"format": "pt"})
+    result = run("generate", "x", "--model", model, "--steps", "1", "--device", "cpu", "--out", tmp_path / "o")
+    assert result.exit_code == 2 and len(dropped) == 1, result.output
+    assert "lacks 1 of CLIPTextModel's weights" in result.stderr and "final_layer_norm.weight" in result.stderr
+    assert not (tmp_path / "o").exists()

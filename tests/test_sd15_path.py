@@ -59,6 +59,9 @@ def test_fixture_is_a_diffusers_lcm_pipeline_with_the_configs_sizes(ci_pipe):
     record = json.loads((ci_pipe / FIXTURE_FILE).read_text())
     assert record["parameters"]["unet"] == sum(p.numel() for p in pipe.unet.parameters())
     assert pipe.tokenizer("astronaut").input_ids[0] == 49406   # the real CLIP BPE: <|startoftext|>
+    from safetensors import safe_open
+    with safe_open(ci_pipe / "text_encoder" / "model.safetensors", "pt") as weights:   # the hub's names, which
+        assert all(k.startswith("text_model.") for k in weights.keys())                 # transformers 4.x reads too
 
 
 def test_fixture_refuses_a_non_empty_directory(ci_pipe):

@@ -66,6 +66,17 @@ def build_parts(configs: dict[str, dict], tokenizer_dir: Path, seed: int) -> dic
                 tokenizer=CLIPTokenizer.from_pretrained(write_clip_tokenizer(tokenizer_dir)))
 
 
+def hub_key_names(weights: Path, prefix: str = "text_model.") -> None:
+    """Rename a CLIPTextModel's tensors to the hub's names (``text_model.embeddings...``, as SD-1.5's and
+    LCM-Dreamshaper-v7's text_encoder/model.safetensors have them). transformers 5 saves them without the prefix,
+    which transformers 4.x (Optimum's venv) cannot map: it would run the peers on a random text encoder. Both
+    read the hub's names to the same weights."""
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(weights)
+    save_file({k if k.startswith(prefix) else prefix + k: v for k, v in tensors.items()}, weights,
+              metadata={"format": "pt"})
+
+
 def build_pipeline(out: str | Path, *, seed: int = 0, width: str = "full") -> Path:
     """Write the random-weight pipeline to ``out`` (refused when ``out`` is a non-empty directory)."""
     from diffusers import LatentConsistencyModelPipeline
@@ -81,6 +92,7 @@ def build_pipeline(out: str | Path, *, seed: int = 0, width: str = "full") -> Pa
         pipe = LatentConsistencyModelPipeline(safety_checker=None, feature_extractor=None,
                                               requires_safety_checker=False, **parts)
         pipe.save_pretrained(staging)
+        hub_key_names(staging / "text_encoder" / "model.safetensors")
         counts = {name: sum(p.numel() for p in parts[name].parameters()) for name in ("unet", "text_encoder", "vae")}
         record = {"seed": seed, "width": width, "parameters": counts, "configs": str(CONFIGS)}
         (staging / FIXTURE_FILE).write_text(json.dumps(record, indent=2) + "\n")

@@ -49,13 +49,28 @@ def _built(network_cls, folder: Path, **kwargs) -> torch.nn.Module:
     """``network_cls.from_pretrained(folder)``, a config that does not build the network being one BackendError
     naming the folder's config.json (unreadable weights pass through: the CLI names the weights file)."""
     try:
-        return network_cls.from_pretrained(folder, **kwargs)
+        network, info = network_cls.from_pretrained(folder, output_loading_info=True, **kwargs)
     except _CONFIG_ERRORS as exc:
         if unreadable_weights(exc) is not None:
             raise
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
         raise BackendError(f"{network_cls.__name__} could not be built from {folder / 'config.json'} "
                            f"({type(exc).__name__}: {first}); {MODEL_FIX}") from None
+    _refuse_missing_weights(network_cls, folder, info)
+    return network
+
+
+def _refuse_missing_weights(network_cls, folder: Path, info: dict) -> None:
+    """transformers and diffusers start a weight the checkpoint lacks at random and only log it; a model that
+    silently runs on random weights is worse than an error. Seen: transformers 5 saves CLIPTextModel without the
+    ``text_model.`` prefix of the hub's checkpoints, and transformers 4.x then loads none of its weights."""
+    missing = list(info.get("missing_keys") or [])
+    if missing:
+        import transformers
+        raise BackendError(f"{folder} lacks {len(missing)} of {network_cls.__name__}'s weights (first: {missing[0]}); "
+                           f"they would run at random. With transformers {transformers.__version__}: a checkpoint "
+                           "saved by transformers >= 5 needs transformers >= 5 (pip install -U transformers), or "
+                           "re-save it with the hub's key names; else the checkpoint is incomplete: re-copy it")
 
 
 class TorchBackend(Backend):
