@@ -15,6 +15,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 # ... and never write into the user's ~/.cache (model hashes cached by `toolkit generate`).
 os.environ.setdefault("TOOLKIT_CACHE_DIR", tempfile.mkdtemp(prefix="toolkit-test-cache-"))
+# ... and one OpenMP / BLAS thread, what studies/study_runner.py gives every job it starts: the study tests run those
+# jobs in this process (tests/study_jobs.py), and on a busy 2-core box OpenBLAS's second thread makes the FIDs' 2048-
+# dimensional sqrtm and eigh ~4x slower in wall time and CPU seconds. Read when numpy and torch load: set first.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 # ---- optional assets: one marker each, found the way the toolkit finds them ------------------------------------

@@ -1,5 +1,9 @@
 """The bundled demo models (models/): their files match the model card's sha256 list, and the three headline
-commands work exactly as typed from any directory, offline (train lcm-at with a small step budget)."""
+commands work exactly as typed from any directory, offline (train lcm-at with a small step budget).
+
+The three headline commands run as a user types them, in a child process: they are the suite's subprocess smoke
+tests of ``toolkit generate``, ``toolkit export`` and ``toolkit train`` (the real entry point, a fresh interpreter,
+the working directory); every other check of the CLI runs in-process (typer's CliRunner)."""
 import hashlib
 import json
 import os
@@ -9,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 from atdiff.runtime.provenance import tree_fingerprint
@@ -23,6 +28,18 @@ def toolkit(*args, cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess
     env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     return subprocess.run([sys.executable, "-m", "toolkit", *args], cwd=cwd, env=env, capture_output=True, text=True,
                           timeout=timeout)
+
+
+def generate_in_process(*args, cwd: Path):
+    """``toolkit generate ARGS`` through typer's CliRunner, from ``cwd`` (relative --out) and without
+    $TOOLKIT_MODEL, as toolkit() runs it; generate's subprocess smoke test is the one above."""
+    from typer.testing import CliRunner
+
+    from toolkit import app
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(cwd)
+        patch.delenv("TOOLKIT_MODEL", raising=False)
+        return CliRunner().invoke(app, ["generate", *args])
 
 
 def test_bundled_files_match_the_model_cards_sha256_list():
@@ -69,7 +86,7 @@ def test_train_lcm_at_as_typed_distils_the_bundled_teacher(tmp_path):
     assert "default-teacher" in result.stdout and "demo-data" in result.stdout
     run = tmp_path / "runs" / "lcm-at"
     assert (run / "model" / "model_index.json").is_file()
-    generated = toolkit("generate", "a photo of a sneaker", "--steps", "2", "--model", str(run), "--out", "imgs",
-                        cwd=tmp_path)  # a run directory is accepted as --model
-    assert generated.returncode == 0, generated.stderr
+    generated = generate_in_process("a photo of a sneaker", "--steps", "2", "--model", str(run), "--out", "imgs",
+                                    cwd=tmp_path)  # a run directory is accepted as --model
+    assert generated.exit_code == 0 and generated.exception is None, (generated.exception, generated.output)
     assert (tmp_path / "imgs" / "a-photo-of-a-sneaker-seed0.png").is_file()

@@ -1,7 +1,10 @@
 """Fault injection (issue 12): training and export killed with SIGKILL at named points (runtime/faults.py), in
 subprocesses, then checked: what was saved before is intact and readable, a resume / rerun gives exactly what an
 uninterrupted run gives, and nothing the killed run left behind stays. Plus one table of bad inputs across the CLI,
-each answered by one `error:` line and exit 2. docs/robustness.md reports the counts."""
+each answered by one `error:` line and exit 2. docs/robustness.md reports the counts.
+
+Only the runs that are killed are subprocesses (the kill would take pytest with it); the uninterrupted runs, the
+resumes and the reruns go through the same CLI in this process (typer's CliRunner)."""
 from __future__ import annotations
 
 import json
@@ -13,19 +16,39 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import Result
 from typer.testing import CliRunner
+
+from atdiff.runtime import faults
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def toolkit(*args, fault: str | None = None) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != "TOOLKIT_FAULT"}
-    env.update(OMP_NUM_THREADS="1", **({"TOOLKIT_FAULT": fault} if fault else {}))
+def killed_toolkit(*args, fault: str) -> subprocess.CompletedProcess:
+    """``toolkit ARGS`` in a child that SIGKILLs itself at ``fault``: a real process, since the point of the test is
+    what a kill -9 leaves behind (no finally, no atexit, no cleanup), and the kill would end pytest in-process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOOLKIT_FAULT=fault)
     return subprocess.run([sys.executable, "-m", "toolkit", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=600)
 
 
-def killed(result) -> bool:
+def toolkit(*args) -> Result:
+    """``toolkit ARGS`` run to the end in this process, with no fault point armed."""
+    from toolkit import app
+    with pytest.MonkeyPatch.context() as patch:
+        patch.delenv(faults.ENV, raising=False)   # read at each fault point: a stray one would kill pytest
+        return CliRunner().invoke(app, list(map(str, args)))
+
+
+def succeeded(result: Result) -> bool:
+    return result.exit_code == 0 and result.exception is None
+
+
+def why(result: Result) -> str:
+    return f"{result.exception!r}\n{result.output[-2000:]}"
+
+
+def killed(result: subprocess.CompletedProcess) -> bool:
     return result.returncode == -signal.SIGKILL
 
 
@@ -36,16 +59,16 @@ def toy_npz(tmp_path_factory):
     return path
 
 
-def train(toy_npz, out, *extra, fault=None):
-    return toolkit("train", "adm-at", "--data", toy_npz, "--preset", "tiny", "--out", out, "--max-steps", 4,
-                   "--batch-size", 4, "--save-every", 1, "--log-every", 1, "--device", "cpu", "--adv-steps", 2,
-                   *extra, fault=fault)
+def train_args(toy_npz, out, *extra) -> list:
+    return ["train", "adm-at", "--data", toy_npz, "--preset", "tiny", "--out", out, "--max-steps", 4,
+            "--batch-size", 4, "--save-every", 1, "--log-every", 1, "--device", "cpu", "--adv-steps", 2, *extra]
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(toy_npz, tmp_path_factory):
     out = tmp_path_factory.mktemp("whole") / "run"
-    assert train(toy_npz, out).returncode == 0
+    result = toolkit(*train_args(toy_npz, out))
+    assert succeeded(result), why(result)
     return out
 
 
@@ -70,11 +93,11 @@ def leftovers(run: Path) -> list[str]:
 ])
 def test_killed_training_resumes_exactly_and_leaves_nothing(toy_npz, tmp_path, uninterrupted, fault, survivor):
     run = tmp_path / "run"
-    assert killed(train(toy_npz, run, fault=fault))
+    assert killed(killed_toolkit(*train_args(toy_npz, run), fault=fault))
     state = json.loads((run / "checkpoints" / survivor / "trainer_state.json").read_text())  # intact, readable
     assert state["step"] == int(survivor.split("-")[1])
-    resumed = train(toy_npz, run, "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    resumed = toolkit(*train_args(toy_npz, run, "--resume"))
+    assert succeeded(resumed), why(resumed)
     assert_same_model(run / "model", uninterrupted / "model")
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4]
@@ -84,7 +107,8 @@ def test_killed_training_resumes_exactly_and_leaves_nothing(toy_npz, tmp_path, u
 @pytest.fixture(scope="module")
 def first_export(tiny_uncond_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "exp"
-    assert toolkit("export", tiny_uncond_dir, "--out", out, "--no-validate").returncode == 0
+    result = toolkit("export", tiny_uncond_dir, "--out", out, "--no-validate")
+    assert succeeded(result), why(result)
     return out
 
 
@@ -97,14 +121,14 @@ def test_killed_export_keeps_the_previous_export_and_the_rerun_cleans_up(tiny_un
     out = tmp_path / "exp"
     shutil.copytree(first_export, out)
     before = (out / "manifest.json").read_text()
-    assert killed(toolkit("export", tiny_uncond_dir, "--out", out, "--no-validate", fault=fault))
+    assert killed(killed_toolkit("export", tiny_uncond_dir, "--out", out, "--no-validate", fault=fault))
     stale = sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".exp."))
     assert stale  # the kill left a partial or a moved-aside previous export
     if out.exists():   # killed mid-export: the previous export is untouched and loads (hashes checked)
         assert (out / "manifest.json").read_text() == before
         read_manifest(out)
     rerun = toolkit("export", tiny_uncond_dir, "--out", out, "--no-validate")
-    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert succeeded(rerun), why(rerun)
     read_manifest(out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exp"]   # nothing left beside it
 

@@ -1,10 +1,13 @@
 """The LCM part of the fair re-test (studies/lcm_fair_*, studies/repro_lcm_fair.py, docs/results.md part III): the
 pre-registered convergence criterion of both phases, which segments it skips, the sweep and its pick, the arms'
-budgets, the decision rule, the tables, and (slow) the whole study end to end with its --quick budgets."""
+budgets, the decision rule, the tables, and (slow) the whole study end to end with its --quick budgets (its jobs in
+this process, tests/study_jobs.py, but the report, which the study's own runner runs as a child)."""
 from __future__ import annotations
 
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_fid_inception
+from study_jobs import run_jobs_in_process
 from studies import demo_study as demo
+from studies import repro_lcm_fair, study_runner
 from studies import lcm_fair_study as study
 from studies.lcm_fair_report import decision, write_report
 from studies.lcm_fair_stages import chosen, converged_by, pick, run_check, segment_command
@@ -169,14 +174,21 @@ def test_the_report_renders_every_table_from_what_was_measured(tmp_path):
 
 @pytest.mark.slow
 @requires_fid_inception   # the arms' Inception FID cell
-def test_quick_study_runs_every_stage_reports_and_resumes(tmp_path, bundled_datasets_dir):
+def test_quick_study_runs_every_stage_reports_and_resumes(tmp_path, bundled_datasets_dir, monkeypatch, capsys):
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "studies.repro_lcm_fair", "--out", str(out), "--quick", "--jobs", "2", "--threads",
-               "1"]
-    env = dict(os.environ, TOOLKIT_DATASETS_DIR=str(bundled_datasets_dir))
-    # a guard against a hung job, not a speed check: a shared 2-core box can take an hour
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=5400)
+    args = ["--out", str(out), "--quick", "--jobs", "2", "--threads", "1"]
+    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir))   # looked up at each call (idx_datasets)
+    with monkeypatch.context() as patch:
+        # the study's own main() and jobs, every job but the report run in this process (tests/study_jobs.py) ...
+        patch.chdir(ROOT)
+        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
+        assert repro_lcm_fair.main(args) == 0
+    # ... and the report by the real runner, the study's subprocess smoke test: `python -m studies.repro_lcm_fair`
+    # finds the others done and runs the one job left as a child; a guard against a hung job, not a speed check
+    command = [sys.executable, "-m", "studies.repro_lcm_fair", *args]
+    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.findall(r"\] start (\S+)", done.stdout) == ["report"], done.stdout
     result = json.loads((out / "report" / "lcm_fair.json").read_text())
     assert result["teacher"]["chosen"]["step"] in study.segments(study.QUICK, "teacher")
     n = result["pick"]["budget"]
@@ -188,6 +200,7 @@ def test_quick_study_runs_every_stage_reports_and_resumes(tmp_path, bundled_data
         assert {(arm, study.CLF, s) for s in study.QUICK["steps"]} | {(arm, "inception", 2), (arm, "adherence", 1),
                                                                        (arm, "clip", 2)} <= metrics
     assert result["decision"]["complete"] and "### Decision rule" in (out / "report" / "tables.md").read_text()
-    listing = subprocess.run(command[:-4] + ["--list"], cwd=ROOT, check=True, env=env, capture_output=True,
-                             text=True).stdout
-    assert all(line.startswith("done") for line in listing.splitlines())
+    capsys.readouterr()
+    assert repro_lcm_fair.main(["--out", str(out), "--quick", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert listing and all(line.startswith("done") for line in listing.splitlines())

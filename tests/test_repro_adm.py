@@ -1,12 +1,15 @@
 """The ADM study script (studies/repro_adm.py): the job runner's ordering / resume / failure rules, and the
 whole study end to end with its --quick budgets (real commands, tiny sizes) on the bundled Fashion-MNIST subset laid
 out as the dataset package (conftest.bundled_datasets_dir), so it runs on any machine; the real package's files are
-read by the same lookup (tests/test_adm_at.py checks them when installed)."""
+read by the same lookup (tests/test_adm_at.py checks them when installed). The whole study's jobs run in this process
+(tests/study_jobs.py) but the report, which the study's own runner runs as a child: one real run of the script."""
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED_SHARD, dataset_available, requires_fid_inception
+from study_jobs import run_jobs_in_process
+from studies import repro_adm, study_runner
 from studies.study_runner import Job, run_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -80,13 +85,21 @@ def test_the_bundled_subset_is_found_as_fashion_mnist_by_eval_and_by_training(bu
 
 @pytest.mark.slow
 @requires_fid_inception   # the study's Inception FID column
-def test_quick_study_runs_every_stage_and_resumes(tmp_path, bundled_datasets_dir):
+def test_quick_study_runs_every_stage_and_resumes(tmp_path, bundled_datasets_dir, monkeypatch, capsys):
     out = tmp_path / "study"
-    command = [sys.executable, "-m", "studies.repro_adm", "--out", str(out), "--quick", "--jobs", "2"]
-    env = dict(os.environ, TOOLKIT_DATASETS_DIR=str(bundled_datasets_dir))
-    # a guard against a hung job, not a speed check: ~25 core-minutes, and a shared 2-core box can take an hour
-    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=5400)
+    args = ["--out", str(out), "--quick", "--jobs", "2"]
+    monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir))   # looked up at each call (idx_datasets)
+    with monkeypatch.context() as patch:
+        # the study's own main() and jobs, every job but the report run in this process (tests/study_jobs.py) ...
+        patch.chdir(ROOT)
+        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
+        assert repro_adm.main(args) == 0
+    # ... and the report by the real runner, the study's subprocess smoke test: `python -m studies.repro_adm` finds
+    # the others done and runs the one job left as a child; a guard against a hung job, not a speed check
+    command = [sys.executable, "-m", "studies.repro_adm", *args]
+    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.findall(r"\] start (\S+)", done.stdout) == ["report"], done.stdout
     results = json.loads((out / "report/results.json").read_text())
     from studies import adm_study
     cfg = adm_study.QUICK
@@ -112,8 +125,10 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path, bundled_datasets_dir
     assert "ADM-AT (full)" in table
     assert "| ADM-AT (detach) | ADM-FT |" in table   # three seeds: the AT rows are compared with the others
     assert "## Versions" in table and results["versions"]["torch"] and results["training"][0]["versions"]["torch"]
-    rerun = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert rerun.returncode == 0 and "start" not in rerun.stdout   # everything was already done
+    capsys.readouterr()
+    assert repro_adm.main(["--out", str(out), "--quick", "--list"]) == 0   # a rerun would start nothing:
+    listing = capsys.readouterr().out                                      # every job is done
+    assert listing and all(line.startswith("done") for line in listing.splitlines())
 
 
 def test_a_job_started_alone_gets_every_core_and_jobs_side_by_side_one(tmp_path):

@@ -1,10 +1,14 @@
 """studies/repro_demo.py --quick: every stage of the demo study (captions, VAE, teacher, LCM, LCM-AT, FID, adherence,
 exports, compare, the study's own CLIP and CLIP scores, report) runs end to end with tiny budgets, and a rerun has nothing
-left to do. The quick study's data is the captioned subset the repository ships (models/demo-data), so this runs on
-any machine with the dev install, Fashion-MNIST installed or not; only the real dataset's captions command (tested in
-tests/test_demo_pipeline.py) and the test split as the reference are left to the full study."""
+left to do. The jobs run in this process (tests/study_jobs.py) except the report, which the study's own runner runs as
+a child: the one real run of ``python -m studies.repro_demo``. The quick study's data is the captioned subset the
+repository ships (models/demo-data), so this runs on any machine with the dev install, Fashion-MNIST installed or not;
+only the real dataset's captions command (tested in tests/test_demo_pipeline.py) and the test split as the reference
+are left to the full study."""
+import functools
 import json
 import os
+import re
 import subprocess
 import sys
 import tarfile
@@ -13,8 +17,9 @@ from pathlib import Path
 import pytest
 
 from conftest import requires_fid_inception
+from study_jobs import run_jobs_in_process
 from atdiff.runtime.errors import ToolkitError
-from studies import demo_study
+from studies import demo_study, repro_demo, study_runner
 from studies.demo_study_stages import split_bundled_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +42,21 @@ def test_the_bundled_shard_splits_into_training_samples_and_unseen_reference_ima
 
 @pytest.mark.slow
 @requires_fid_inception   # the study's Inception FID column
-def test_quick_demo_study_runs_every_stage_and_reports(tmp_path):
+def test_quick_demo_study_runs_every_stage_and_reports(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
+    args = ["--out", str(out), "--quick", "--jobs", "2", "--threads", "1"]
+    with monkeypatch.context() as patch:
+        # the study's own main() and jobs, every job but the report run in this process (tests/study_jobs.py) ...
+        patch.chdir(tmp_path)
+        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
+        assert repro_demo.main(args) == 0
+    # ... and the report by the real runner, the study's subprocess smoke test: `python -m studies.repro_demo` finds
+    # the others done and runs the one job left as a child, `python -m studies.repro_demo _report`
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    command = [sys.executable, "-m", "studies.repro_demo", "--out", str(out), "--quick", "--jobs", "2",
-               "--threads", "1"]
-    subprocess.run(command, check=True, env=env, cwd=tmp_path)
+    rerun = subprocess.run([sys.executable, "-m", "studies.repro_demo", *args], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert re.findall(r"\] start (\S+)", rerun.stdout) == ["report"], rerun.stdout
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = {(r["metric"], r["model"], r["steps"]) for r in results["aggregate"]}
     for model in ("lcm", "lcm-at"):
@@ -58,5 +72,7 @@ def test_quick_demo_study_runs_every_stage_and_reports(tmp_path):
     assert (out / "report" / "compare-classes.png").is_file()   # LCM vs LCM-AT vs the teacher, side by side
     assert (out / "runs" / "lcm-at" / "model" / "toolkit.json").is_file()  # the distilled model's own defaults
     assert json.loads((out / "study.json").read_text())["config"]["data"] == demo_study.BUNDLED_SHARD
-    listing = subprocess.run(command[:-4] + ["--list"], check=True, env=env, capture_output=True, text=True).stdout
-    assert all(line.startswith("done") for line in listing.splitlines())
+    capsys.readouterr()
+    assert repro_demo.main(["--out", str(out), "--quick", "--list"]) == 0
+    listing = capsys.readouterr().out
+    assert listing and all(line.startswith("done") for line in listing.splitlines())
