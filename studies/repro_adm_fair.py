@@ -4,6 +4,8 @@
     python -m studies.repro_adm_fair --out DIR --scale session             # the same stages in one session (~90 min)
     python -m studies.repro_adm_fair --out /tmp/fair-quick --quick         # every stage, tiny budgets (minutes)
     python -m studies.repro_adm_fair --out DIR --list                      # the jobs and whether each is done
+    python -m studies.repro_adm_fair --out DIR --scale medium --publish-base models/B   # phase A's product, to commit
+    python -m studies.repro_adm_fair --out NEW --scale medium --from-base models/B      # phase B, another session
 
 Phase A, converging the base (the criterion is in studies/adm_fair_study.py, written before the run):
 1. reference statistics: classifier features of the Fashion-MNIST test split (the cells' reference) and of the
@@ -24,6 +26,7 @@ Phase B, from the chosen base (studies/adm_fair_arms.py; the design is docs/resu
 """
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
@@ -71,7 +74,34 @@ def main(argv: list[str] | None = None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1].startswith("_"):  # internal stages, run by the jobs
         from studies import adm_fair_stages
         return adm_fair_stages.main(sys.argv[1:])
+    argv, carry = carry_options(sys.argv[1:] if argv is None else argv)
+    if carry.publish_base or carry.from_base:
+        from studies import adm_fair_carry
+        scale = "quick" if carry.quick else carry.scale
+        if carry.publish_base:
+            print(f"phase A published to {adm_fair_carry.publish_base(carry.out.resolve(), carry.publish_base, scale)}")
+            return 0
+        carry.out.mkdir(parents=True, exist_ok=True)
+        base = adm_fair_carry.import_base(carry.from_base.resolve(), carry.out.resolve(), scale)["base"]
+        print(f"phase A from {carry.from_base}: base at step {base['step']} (converged: {base['converged']})")
     return study_main(argv, __doc__.splitlines()[0], build_jobs, study.config_for, tuple(study.SCALES))
+
+
+def carry_options(argv: list[str]) -> tuple[list[str], argparse.Namespace]:
+    """--publish-base DIR / --from-base DIR (studies/adm_fair_carry.py); the rest goes to the shared command line.
+    --out, --scale and --quick are read here too and passed on."""
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("--publish-base", type=Path, help="Write phase A's chosen base and records to a new DIR.")
+    parser.add_argument("--from-base", type=Path, help="Start from a published phase A (DIR from --publish-base).")
+    carry, rest = parser.parse_known_args(argv)
+    shared = argparse.ArgumentParser(add_help=False)
+    shared.add_argument("--out", type=Path)
+    shared.add_argument("--scale", default="full")
+    shared.add_argument("--quick", action="store_true")
+    known, _ = shared.parse_known_args(rest)
+    if (carry.publish_base or carry.from_base) and known.out is None:
+        raise SystemExit("--publish-base / --from-base need --out (the study directory)")
+    return rest, argparse.Namespace(**vars(carry), **vars(known))
 
 
 if __name__ == "__main__":
