@@ -57,8 +57,27 @@ def publish_base(out: Path, to: Path, scale: str) -> Path:
     base = json.loads((out / "base.json").read_text())
     manifest = {"scale": scale, "config": study.config_for(scale), "base": base, "files": files}
     (partial / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    (partial / "README.md").write_text(card(out, scale, to))
     os.replace(partial, to)
     return to
+
+
+def card(out: Path, scale: str, to: Path) -> str:
+    """The published base's README: what it is, phase A's curve and checks as the report tables them."""
+    from studies.adm_fair_report import chosen_base, curve_rows, verdicts
+    from studies.adm_fair_tables import checks_table, curve_table
+    cfg = study.config_for(scale)
+    found = verdicts(out, cfg)
+    curve = {"curve": curve_rows(out, cfg), "checks": found, "base": chosen_base(found, cfg)}
+    return "\n".join([
+        f"# Phase A's base of the fair re-test of adversarial training, {scale} scale", "",
+        f"`{MODEL}` holds the EMA weights ({cfg['base']['preset']} preset) that this scale's phase B (the AT "
+        "strength sweep and the arms) starts from, chosen by phase A's registered convergence criterion "
+        "(docs/results.md part III); the other files are the phase A records that chose it, `manifest.json` their "
+        "sha256 and the design (studies/adm_fair_study.py). Written by `--publish-base`; a later session continues "
+        "with:", "",
+        f"    python -m studies.repro_adm_fair --out DIR --scale {scale} --from-base {to} --jobs 2 --threads 1", "",
+        "## The base's curve", "", *curve_table(curve), "", "## Convergence checks", "", *checks_table(curve), ""])
 
 
 def _job_lines(out: Path) -> list[str]:

@@ -19,8 +19,9 @@ def finished_phase_a(out: Path) -> Path:
     for job in build_jobs(out, "quick"):
         if carry._is_phase_a(job.name) and not job.name.startswith("ref-"):
             job.done.parent.mkdir(parents=True, exist_ok=True)
-            job.done.write_text(json.dumps({"job": job.name}))
-    cell = out / "cells" / "fmnist-classifier" / "base-16" / "ddim_gd-seed0-nfe10.json"
+            step = int(job.name.rsplit("-", 1)[-1]) if job.name[-1].isdigit() else None
+            job.done.write_text(json.dumps({"job": job.name, "step": step, "converged": False, "skipped": True}))
+    cell = out / "cells" / "fmnist-classifier" / "base-16" / "ddim_gd-seed0-nfe4.json"   # quick: NFE 4
     model = out / carry.MODEL
     for path, text in {cell: '{"rows": [{"fid": 40.0}]}', model / "config.json": "{}",
                        model / "diffusion_pytorch_model.safetensors": "weights",
@@ -44,6 +45,8 @@ def test_published_phase_a_makes_every_phase_a_job_done_in_a_fresh_directory(tmp
     assert manifest["base"]["step"] == 24 and manifest["scale"] == "quick"
     assert "runs/base-chosen/model/diffusion_pytorch_model.safetensors" in manifest["files"]
     assert not any(f.startswith(("snapshots/", "heldout/")) or "base-chosen/ddim" in f for f in manifest["files"])
+    card = (published / "README.md").read_text()   # the curve and checks as the report tables them
+    assert "| 16 | 40.00 |" in card and "the arms start from 24" in card and "--from-base" in card
     fresh = tmp_path / "next-session"
     carry.import_base(published, fresh, "quick")
     jobs = build_jobs(fresh, "quick")
