@@ -10,15 +10,35 @@ runner's subprocess rules have their own tests (tests/test_repro_adm.py) and eac
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import json
+import os
+import re
+import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 
+from studies import study_runner
 from studies.study_runner import Job, is_done
+
+
+def run_quick_study(main, module: str, args: list[str], cwd: Path, monkeypatch, *, env: dict | None = None,
+                    timeout: int = 1800) -> None:
+    """A quick study as a test runs it: the study's own ``main(args)`` with every job but the report in this
+    process, then ``python -m MODULE ARGS`` by the real runner, the study's subprocess smoke test: it finds the
+    others done and runs the one job left, the report, as a child (the timeout guards a hung job; no speed check)."""
+    with monkeypatch.context() as patch:
+        patch.chdir(cwd)
+        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
+        assert main(args) == 0
+    done = subprocess.run([sys.executable, "-m", module, *args], cwd=cwd, env=env or dict(os.environ),
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert re.findall(r"\] start (\S+)", done.stdout) == ["report"], done.stdout
 
 
 def run_jobs_in_process(jobs: list[Job], log_dir: Path, *, parallel: int = 2, threads: int = 0,

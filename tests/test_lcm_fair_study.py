@@ -4,20 +4,15 @@ budgets, the decision rule, the tables, and (slow) the whole study end to end wi
 this process, tests/study_jobs.py, but the report, which the study's own runner runs as a child)."""
 from __future__ import annotations
 
-import functools
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from conftest import requires_fid_inception
-from study_jobs import run_jobs_in_process
+from study_jobs import run_quick_study
 from studies import demo_study as demo
-from studies import repro_lcm_fair, study_runner
+from studies import repro_lcm_fair
 from studies import lcm_fair_study as study
 from studies.lcm_fair_report import decision, write_report
 from studies.lcm_fair_stages import chosen, converged_by, pick, run_check, segment_command
@@ -178,17 +173,7 @@ def test_quick_study_runs_every_stage_reports_and_resumes(tmp_path, bundled_data
     out = tmp_path / "study"
     args = ["--out", str(out), "--quick", "--jobs", "2", "--threads", "1"]
     monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir))   # looked up at each call (idx_datasets)
-    with monkeypatch.context() as patch:
-        # the study's own main() and jobs, every job but the report run in this process (tests/study_jobs.py) ...
-        patch.chdir(ROOT)
-        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
-        assert repro_lcm_fair.main(args) == 0
-    # ... and the report by the real runner, the study's subprocess smoke test: `python -m studies.repro_lcm_fair`
-    # finds the others done and runs the one job left as a child; a guard against a hung job, not a speed check
-    command = [sys.executable, "-m", "studies.repro_lcm_fair", *args]
-    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.findall(r"\] start (\S+)", done.stdout) == ["report"], done.stdout
+    run_quick_study(repro_lcm_fair.main, "studies.repro_lcm_fair", args, ROOT, monkeypatch)   # tests/study_jobs.py
     result = json.loads((out / "report" / "lcm_fair.json").read_text())
     assert result["teacher"]["chosen"]["step"] in study.segments(study.QUICK, "teacher")
     n = result["pick"]["budget"]

@@ -5,12 +5,9 @@ read by the same lookup (tests/test_adm_at.py checks them when installed). The w
 (tests/study_jobs.py) but the report, which the study's own runner runs as a child: one real run of the script."""
 from __future__ import annotations
 
-import functools
 import json
 import math
 import os
-import re
-import subprocess
 import sys
 from pathlib import Path
 
@@ -18,8 +15,8 @@ import numpy as np
 import pytest
 
 from conftest import BUNDLED_SHARD, dataset_available, requires_fid_inception
-from study_jobs import run_jobs_in_process
-from studies import repro_adm, study_runner
+from study_jobs import run_quick_study
+from studies import repro_adm
 from studies.study_runner import Job, run_jobs
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -89,17 +86,7 @@ def test_quick_study_runs_every_stage_and_resumes(tmp_path, bundled_datasets_dir
     out = tmp_path / "study"
     args = ["--out", str(out), "--quick", "--jobs", "2"]
     monkeypatch.setenv("TOOLKIT_DATASETS_DIR", str(bundled_datasets_dir))   # looked up at each call (idx_datasets)
-    with monkeypatch.context() as patch:
-        # the study's own main() and jobs, every job but the report run in this process (tests/study_jobs.py) ...
-        patch.chdir(ROOT)
-        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
-        assert repro_adm.main(args) == 0
-    # ... and the report by the real runner, the study's subprocess smoke test: `python -m studies.repro_adm` finds
-    # the others done and runs the one job left as a child; a guard against a hung job, not a speed check
-    command = [sys.executable, "-m", "studies.repro_adm", *args]
-    done = subprocess.run(command, cwd=ROOT, env=dict(os.environ), capture_output=True, text=True, timeout=1800)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert re.findall(r"\] start (\S+)", done.stdout) == ["report"], done.stdout
+    run_quick_study(repro_adm.main, "studies.repro_adm", args, ROOT, monkeypatch)   # tests/study_jobs.py
     results = json.loads((out / "report/results.json").read_text())
     from studies import adm_study
     cfg = adm_study.QUICK

@@ -5,21 +5,17 @@ a child: the one real run of ``python -m studies.repro_demo``. The quick study's
 repository ships (models/demo-data), so this runs on any machine with the dev install, Fashion-MNIST installed or not;
 only the real dataset's captions command (tested in tests/test_demo_pipeline.py) and the test split as the reference
 are left to the full study."""
-import functools
 import json
 import os
-import re
-import subprocess
-import sys
 import tarfile
 from pathlib import Path
 
 import pytest
 
 from conftest import requires_fid_inception
-from study_jobs import run_jobs_in_process
+from study_jobs import run_quick_study
 from atdiff.runtime.errors import ToolkitError
-from studies import demo_study, repro_demo, study_runner
+from studies import demo_study, repro_demo
 from studies.demo_study_stages import split_bundled_shard
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,18 +41,9 @@ def test_the_bundled_shard_splits_into_training_samples_and_unseen_reference_ima
 def test_quick_demo_study_runs_every_stage_and_reports(tmp_path, monkeypatch, capsys):
     out = tmp_path / "demo"
     args = ["--out", str(out), "--quick", "--jobs", "2", "--threads", "1"]
-    with monkeypatch.context() as patch:
-        # the study's own main() and jobs, every job but the report run in this process (tests/study_jobs.py) ...
-        patch.chdir(tmp_path)
-        patch.setattr(study_runner, "run_jobs", functools.partial(run_jobs_in_process, skip=("report",)))
-        assert repro_demo.main(args) == 0
-    # ... and the report by the real runner, the study's subprocess smoke test: `python -m studies.repro_demo` finds
-    # the others done and runs the one job left as a child, `python -m studies.repro_demo _report`
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    rerun = subprocess.run([sys.executable, "-m", "studies.repro_demo", *args], env=env, cwd=tmp_path,
-                           capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
-    assert re.findall(r"\] start (\S+)", rerun.stdout) == ["report"], rerun.stdout
+    # tests/study_jobs.py; the child runs in tmp_path, so it finds the studies package on PYTHONPATH
+    run_quick_study(repro_demo.main, "studies.repro_demo", args, tmp_path, monkeypatch,
+                    env=dict(os.environ, PYTHONPATH=str(ROOT)), timeout=600)
     results = json.loads((out / "report" / "results.json").read_text())
     metrics = {(r["metric"], r["model"], r["steps"]) for r in results["aggregate"]}
     for model in ("lcm", "lcm-at"):
