@@ -84,7 +84,10 @@ def main(argv: list[str] | None = None) -> int:
         carry.out.mkdir(parents=True, exist_ok=True)
         base = adm_fair_carry.import_base(carry.from_base.resolve(), carry.out.resolve(), scale)["base"]
         print(f"phase A from {carry.from_base}: base at step {base['step']} (converged: {base['converged']})")
-    return study_main(argv, __doc__.splitlines()[0], build_jobs, study.config_for, tuple(study.SCALES))
+    return study_main(argv, __doc__.splitlines()[0], build_jobs, study.config_for, tuple(study.SCALES),
+                      epilog="--publish-base DIR: write phase A's chosen base and records to a new DIR (to commit); "
+                             "--from-base DIR: start from one, for phase B in another session "
+                             "(studies/adm_fair_carry.py)")
 
 
 def carry_options(argv: list[str]) -> tuple[list[str], argparse.Namespace]:

@@ -102,10 +102,11 @@ def toolkit(*args) -> list[str]:
 
 
 def study_main(argv: list[str] | None, description: str, build_jobs: Callable[[Path, bool | str], list[Job]],
-               config_for: Callable[[bool | str], dict], scales: tuple[str, ...] = ()) -> int:
+               config_for: Callable[[bool | str], dict], scales: tuple[str, ...] = (),
+               epilog: str | None = None) -> int:
     """The command line every study script shares: --out, --quick, --jobs, --threads, --list; with ``scales``
     also --scale NAME (the first the default; --quick stays the quick one), passed on instead of the flag."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, epilog=epilog)
     parser.add_argument("--out", type=Path, required=True, help="Study directory (runs, caches, report).")
     parser.add_argument("--quick", action="store_true", help="Tiny budgets: every stage, in minutes.")
     if scales:
