@@ -98,3 +98,12 @@ def test_the_study_command_publishes_and_continues_from_a_published_base(tmp_pat
     assert "done  pick" not in listed
     with pytest.raises(SystemExit, match="need --out"):
         repro_adm_fair.main(["--quick", "--from-base", str(tmp_path / "base")])
+
+
+def test_the_committed_medium_base_is_intact_and_matches_the_registered_design():
+    """studies/bases/adm-fair-medium (phase A's product, committed once): every file's sha256 as published, and the
+    medium scale's design in studies/adm_fair_study.py unchanged since, or phase B could not continue from it."""
+    published = Path(__file__).resolve().parent.parent / "studies" / "bases" / "adm-fair-medium"
+    manifest = carry.load_manifest(published, "medium")
+    assert manifest["base"] == {"step": 24000, "converged": False, "all_checks_done": True}
+    assert (published / carry.MODEL / "unet" / "diffusion_pytorch_model.safetensors").is_file()
